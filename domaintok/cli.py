@@ -1,0 +1,82 @@
+"""The `domaintok` console script: a click group whose commands are plugged in by entry point.
+
+Commands live with the code they drive (`batch.*`, `streams.*`) and are found through the
+`domaintok.commands` entry-point group, so this package never imports `batch` or `streams`. A command is
+imported only when it runs (or when the top-level help lists it). Errors a user can act on print one line and
+exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from domaintok.errors import DomaintokError
+
+ENTRY_POINT_GROUP = "domaintok.commands"
+
+
+class PluginGroup(click.Group):
+    """A group whose subcommands are entry points, loaded on first use."""
+
+    def _entry_points(self):
+        return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._entry_points()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        ep = self._entry_points().get(name)
+        if ep is None:
+            return None
+        command = ep.load()
+        if not isinstance(command, click.Command):
+            raise TypeError(f"entry point {ep.value!r} is not a click command")
+        self.add_command(command, name)
+        return command
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="domaintok", prog_name="domaintok")
+def cli():
+    """domaintok: foundation models over domain events.
+
+    Offline: fit a tokenizer on parquet, tokenize, pretrain, fine-tune, embed, evaluate.
+    Online: a Kafka broker, tokenizer and encoder workers, producer and consumer clients, a one-command demo.
+    """
+
+
+def _fail(prog: str, message: str) -> int:
+    # One line, whatever the message carried: a user reads the first line only.
+    line = " ".join(str(message).split())
+    click.echo(f"{prog}: error: {line}", err=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return (and, as a console script, exit with) the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = "domaintok" + (f" {args[0]}" if args and not args[0].startswith("-") else "")
+    try:
+        rv = cli.main(args=args, prog_name="domaintok", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:  # usage errors, bad parameters, missing files
+        return _fail(prog, exc.format_message())
+    except DomaintokError as exc:
+        return _fail(prog, str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

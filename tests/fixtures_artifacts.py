@@ -1,0 +1,1 @@
+"""Fixtures for data and fitted artifacts shared across the suite (real Online Retail data, fitted tokenizers)."""

@@ -1,0 +1,1 @@
+"""Fixtures that start a real Kafka broker for the integration tests."""
