@@ -40,6 +40,21 @@ class PluginGroup(click.Group):
         self.add_command(command, name)
         return command
 
+    def format_commands(self, ctx, formatter):
+        # The top-level help must not die because one plugin fails to import: show why instead.
+        rows = []
+        for name in self.list_commands(ctx):
+            try:
+                command = self.get_command(ctx, name)
+            except Exception as exc:  # noqa: BLE001 - reported in the help text itself
+                rows.append((name, f"(unavailable: {type(exc).__name__}: {exc})"))
+                continue
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="domaintok", prog_name="domaintok")

@@ -1,0 +1,44 @@
+"""The dependency direction of ARCHITECTURE.md, checked on the source: domaintok imports neither streams nor
+batch, and those two never import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"domaintok": {"streams", "batch"}, "streams": {"batch"}, "batch": {"streams"}}
+
+
+def _imported_top_levels(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_dependency_direction(package):
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = _imported_top_levels(path) & FORBIDDEN[package]
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not offenders, offenders
+
+
+def test_no_pickle_in_library_code():
+    # Artifacts load without executing code: nothing in the project may unpickle.
+    offenders = [
+        str(p.relative_to(ROOT))
+        for package in FORBIDDEN
+        for p in (ROOT / package).rglob("*.py")
+        if {"pickle", "dill", "joblib"} & _imported_top_levels(p)
+    ]
+    assert not offenders, offenders
