@@ -1,0 +1,273 @@
+"""The domain transformer: a pre-norm GPT decoder over domain tokens, NoPE by default, SDPA attention.
+
+`DomainTransformerModel` returns hidden states and the user embedding; `DomainTransformerForCausalLM` adds the
+tied LM head and the next-token loss used for pretraining.
+
+Shape legend: B = batch size, T = sequence length (tokens), H = hidden size, N = attention heads,
+D = head dim (H / N), V = vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
+
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, T), True = may attend: causal AND key is a real token.
+
+    Every query may also attend to itself, so a pad query (or an all-pad row) never has an empty softmax row,
+    which SDPA would turn into NaN; real queries are unaffected since their own key is real.
+    """
+    T = attention_mask.shape[-1]
+    positions = torch.arange(T, device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (T, T): key j <= query i
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    diagonal = positions[None, :] == positions[:, None]  # (T, T)
+    return (causal & keys) | diagonal  # (B, 1, T, T)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position (B,) of each row's final real token; 0 for an all-pad row. Works for any padding side."""
+    T = attention_mask.shape[-1]
+    positions = torch.arange(T, device=attention_mask.device)
+    # argmax of position * mask: the largest position holding a real token (a pure tensor op, so it exports).
+    return (positions[None, :] * attention_mask.long()).argmax(dim=-1)
+
+
+class DomainTransformerAttention(nn.Module):
+    """Multi-head causal self-attention through `F.scaled_dot_product_attention` (flash kernels on GPU)."""
+
+    def __init__(self, config: DomainTransformerConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.attention_dropout = config.attention_dropout
+
+    def forward(self, hidden_states: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states)  # (B, T, 3H)
+        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, N, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, N, T, D)
+        dropout = self.attention_dropout if self.training else 0.0
+        if attn_mask is None:
+            # Pure causal: SDPA may pick the flash kernel, which takes no explicit mask.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(B, T, H)  # (B, N, T, D) -> (B, T, H)
+        return self.out_proj(out)
+
+
+class DomainTransformerMLP(nn.Module):
+    def __init__(self, config: DomainTransformerConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.act = _ACTIVATIONS[config.hidden_act]()
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(hidden_states)))  # (B, T, H) -> (B, T, 4H) -> (B, T, H)
+
+
+class DomainTransformerBlock(GradientCheckpointingLayer):
+    """Pre-norm decoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: DomainTransformerConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = DomainTransformerAttention(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = DomainTransformerMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(self.attn(self.attn_norm(hidden_states), attn_mask))
+        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))  # (B, T, H)
+
+
+class DomainTransformerPreTrainedModel(PreTrainedModel):
+    """Weight init, config class and loading conventions shared by the bare model and its heads."""
+
+    config_class = DomainTransformerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DomainTransformerBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # normal(0, initializer_range) for Linear/Embedding, ones/zeros for norms
+        if isinstance(module, (DomainTransformerAttention, DomainTransformerMLP)):
+            # GPT-2 scaled init: two residual additions per block, so the residual stream's variance stays
+            # independent of depth at initialization.
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            projection = module.out_proj if isinstance(module, DomainTransformerAttention) else module.down_proj
+            # transformers' init functions skip tensors already loaded from a checkpoint.
+            init.normal_(projection.weight, mean=0.0, std=std)
+
+
+class DomainTransformerModel(DomainTransformerPreTrainedModel):
+    """The bare decoder: token ids (B, T) -> final-normed hidden states (B, T, H), and the user embedding (B, H)."""
+
+    def __init__(self, config: DomainTransformerConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            # NoPE (Kazemnejad et al. 2023): causal attention alone tells the model the order of the tokens.
+            self.embed_positions = None
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DomainTransformerBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        """Run the decoder.
+
+        `attention_mask` (B, T) marks real tokens with 1. None means no padding, and lets SDPA use its flash
+        kernel. Right padding needs no mask for the real positions (a causal query never sees a later pad key),
+        so callers that only read real positions (the loss, the user embedding) may omit it for speed; with a
+        mask, pad keys are excluded for every padding layout.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        T = input_ids.shape[1]
+        hidden_states = self.embed_tokens(input_ids)  # (B, T, H)
+        if self.embed_positions is not None:
+            if T > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than max_position_embeddings="
+                    f"{self.config.max_position_embeddings} of this learned-position model"
+                )
+            positions = torch.arange(T, device=input_ids.device)
+            hidden_states = hidden_states + self.embed_positions(positions)[None]  # (1, T, H) broadcast over B
+        hidden_states = self.dropout(hidden_states)
+        attn_mask = None if attention_mask is None else causal_padding_mask(attention_mask)  # (B, 1, T, T)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attn_mask)  # positional: gradient checkpointing needs it
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+        hidden_states = self.norm(hidden_states)  # (B, T, H)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden_states) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+    def user_embedding(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The user embedding (B, H): the final real token's last hidden state, LayerNorm'd if configured."""
+        index = last_token_index(attention_mask)  # (B,)
+        batch = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
+        embedding = last_hidden_state[batch, index]  # (B, T, H) -> (B, H)
+        if self.config.embedding_layernorm:
+            embedding = F.layer_norm(embedding, (embedding.shape[-1],), eps=self.config.layer_norm_eps)
+        return embedding
+
+    def embed(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T), right-padded, and their mask -> user embeddings (B, H)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state  # (B, T, H)
+        return self.user_embedding(hidden, attention_mask)
+
+
+class DomainTransformerForCausalLM(DomainTransformerPreTrainedModel):
+    """The decoder plus a tied LM head; returns the next-token loss when `labels` are given (pretraining)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DomainTransformerConfig):
+        super().__init__(config)
+        self.model = DomainTransformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **loss_kwargs,
+    ) -> CausalLMOutput | tuple:
+        """Logits (B, T, V); with `labels` (B, T) the mean next-token cross-entropy.
+
+        Labels equal to -100 and positions where `attention_mask` is 0 are not predicted. `loss_kwargs` takes
+        the Trainer's `num_items_in_batch`, so gradient accumulation averages over tokens, not micro-batches.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, H) -> (B, T, V)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)  # (B, T)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs
+            )
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "DomainTransformerPreTrainedModel",
+    "DomainTransformerModel",
+    "DomainTransformerForCausalLM",
+    "causal_padding_mask",
+    "last_token_index",
+]
