@@ -1,0 +1,190 @@
+"""Joint fusion: forward/backward per task, the user embedding comes from hidden states, LoRA, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from domaintok.errors import ArtifactError, DomaintokError
+from domaintok.models import DomainTransformerConfig, DomainTransformerModel
+from domaintok.models.fusion import (
+    JointFusionConfig,
+    JointFusionModel,
+    encode_tabular,
+    fit_tabular_stats,
+    truncate_window,
+)
+from domaintok.models.padded import PaddedBatch
+
+VOCAB = 40
+PAD, BOS, SEP = 0, 1, 2
+
+
+def _encoder(fingerprint: str = "fp-test") -> DomainTransformerModel:
+    torch.manual_seed(0)
+    config = DomainTransformerConfig.from_preset(
+        "tiny", vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, sep_token_id=SEP,
+        tokenizer_fingerprint=fingerprint, dropout=0.0,
+    )
+    return DomainTransformerModel(config)
+
+
+def _table() -> pa.Table:
+    return pa.table({
+        "recency": [1.0, 30.0, None, 400.0],
+        "frequency": pa.array([3, 1, 7, 0], pa.int64()),
+        "country": ["UK", "France", None, "Peru"],
+    })
+
+
+def _batch() -> PaddedBatch:
+    sequences = [[BOS, 5, 6, SEP, 7, SEP], [BOS, 9, SEP], [BOS, 5, 5, 5, SEP, 8, 8, SEP], [BOS, 3, SEP]]
+    return PaddedBatch.from_sequences(sequences, pad_token_id=PAD)
+
+
+def _model(task: str, **fields) -> tuple[JointFusionModel, torch.Tensor, torch.Tensor]:
+    stats = fit_tabular_stats(_table(), ["recency", "frequency"], ["country"])
+    extra = {"class_names": ["a", "b", "c"]} if task == "multiclass" else {}
+    model = JointFusionModel.from_encoder(_encoder(), task=task, dropout=0.0, **stats, **extra, **fields)
+    numeric, categorical = encode_tabular(model.config, _table())
+    return model, numeric, categorical
+
+
+@pytest.mark.parametrize(
+    ("task", "labels", "width"),
+    [
+        ("binary", torch.tensor([0, 1, 1, 0]), 1),
+        ("multiclass", torch.tensor([0, 2, 1, 2]), 3),
+        ("regression", torch.tensor([0.5, 10.0, -3.0, 2.0]), 1),
+    ],
+)
+def test_forward_backward_per_task(task, labels, width):
+    model, numeric, categorical = _model(task)
+    batch = _batch()
+    out = model(batch.input_ids, batch.attention_mask, numeric, categorical, labels=labels)
+    assert out.logits.shape == (4, width)
+    assert out.user_embedding.shape == (4, 32)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    # End to end: the encoder, PLR, the categorical embeddings and the head all get gradients.
+    for name in ("transformer.layers.0.attn.qkv_proj.weight", "plr.frequencies", "categorical_embeddings.0.weight",
+                 "head.0.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_losses_match_torch_definitions():
+    logits = torch.tensor([[0.3], [-1.0]])
+    model, _, _ = _model("binary")
+    torch.testing.assert_close(
+        model.loss(logits, torch.tensor([1, 0])),
+        torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([0.3, -1.0]), torch.tensor([1.0, 0.0])),
+    )
+    model, _, _ = _model("regression", target_mean=2.0, target_std=4.0)
+    torch.testing.assert_close(model.loss(logits, torch.tensor([3.2, -2.0])), torch.tensor(0.0))
+    torch.testing.assert_close(model.predict(logits), torch.tensor([3.2, -2.0]))
+
+
+def test_user_embedding_is_the_last_real_tokens_hidden_state():
+    model, _, _ = _model("binary", embedding_layernorm=False)
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        got = model.user_embedding(batch.input_ids, batch.attention_mask)
+        for row in range(len(batch)):
+            n = int(batch.lengths[row])
+            alone = model.transformer(batch.input_ids[row : row + 1, :n]).last_hidden_state[0, -1]  # (H,)
+            torch.testing.assert_close(got[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_only_and_tabular_only_models():
+    seq_only = JointFusionModel.from_encoder(_encoder(), task="binary")
+    assert seq_only.dcn is None
+    batch = _batch()
+    assert seq_only(batch.input_ids, batch.attention_mask).logits.shape == (4, 1)
+    stats = fit_tabular_stats(_table(), ["recency"], ["country"])
+    tab_only = JointFusionModel(JointFusionConfig(task="binary", use_sequence=False, **stats))
+    assert tab_only.transformer is None
+    numeric, categorical = encode_tabular(tab_only.config, _table())
+    assert tab_only(numeric=numeric, categorical=categorical).logits.shape == (4, 1)
+
+
+def test_tabular_encoding_standardizes_and_maps_unknowns():
+    stats = fit_tabular_stats(_table(), ["recency", "frequency"], ["country"])
+    config = JointFusionConfig(use_sequence=False, **stats)
+    numeric, categorical = encode_tabular(config, _table())
+    assert numeric.dtype == torch.float32 and numeric.shape == (4, 2)
+    assert numeric[2, 0] == 0.0  # null -> the mean
+    assert abs(float(numeric[[0, 1, 3], 0].mean())) < 1e-5
+    vocabulary = config.categorical_vocabularies[0]
+    assert sorted(vocabulary) == ["France", "Peru", "UK"]
+    test = pa.table({"recency": [1.0], "frequency": [1], "country": ["Atlantis"]})
+    assert encode_tabular(config, test)[1].tolist() == [[0]]  # unseen -> index 0
+    assert encode_tabular(config, _table())[1][:, 0].tolist() == [vocabulary.index("UK") + 1,
+                                                                  vocabulary.index("France") + 1, 0,
+                                                                  vocabulary.index("Peru") + 1]
+    with pytest.raises(DomaintokError, match="missing column"):
+        encode_tabular(config, pa.table({"recency": [1.0]}))
+
+
+def test_lora_trains_only_adapters_and_the_fusion_layers():
+    model, numeric, categorical = _model("binary", lora={"r": 4, "alpha": 8})
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    encoder_trainable = {n for n in trainable if n.startswith("transformer.")}
+    assert encoder_trainable and all("lora_" in n for n in encoder_trainable)
+    assert {"qkv_proj", "out_proj", "up_proj", "down_proj"} <= {n.split(".")[-4] for n in encoder_trainable}
+    assert not any(n.startswith("transformer.") and "lora_" not in n for n in trainable)
+    assert any(n.startswith("head.") for n in trainable) and any(n.startswith("plr.") for n in trainable)
+    batch = _batch()
+    before = model.transformer.embed_tokens.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = model(batch.input_ids, batch.attention_mask, numeric, categorical, labels=torch.tensor([0, 1, 1, 0]))
+    out.loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(model.transformer.embed_tokens.weight, before)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 2, "alpha": 4}])
+def test_save_load_round_trip(tmp_path, lora):
+    model, numeric, categorical = _model("multiclass", lora=lora)
+    # Move the LoRA B matrices off zero so the round trip checks adapter weights too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        expected = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
+    model.save_pretrained(tmp_path / "fused")
+    saved = json.loads((tmp_path / "fused" / "fusion_config.json").read_text())
+    assert saved["numeric_features"] == ["recency", "frequency"]
+    assert saved["categorical_vocabularies"][0] and saved["tokenizer_fingerprint"] == "fp-test"
+    assert saved["transformer_config"]["hidden_size"] == 32
+    loaded = JointFusionModel.from_pretrained(tmp_path / "fused")
+    numeric2, categorical2 = encode_tabular(loaded.config, _table())
+    with torch.no_grad():
+        got = loaded(batch.input_ids, batch.attention_mask, numeric2, categorical2).logits
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        JointFusionModel.from_pretrained(tmp_path / "fused", expected_fingerprint="other")
+
+
+def test_load_refuses_pickle_and_missing_dirs(tmp_path):
+    with pytest.raises(ArtifactError, match="fusion_config.json"):
+        JointFusionModel.from_pretrained(tmp_path)
+    model, _, _ = _model("binary")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(ArtifactError, match="pickle"):
+        JointFusionModel.from_pretrained(tmp_path)
+
+
+def test_truncate_window_keeps_bos_and_whole_recent_events():
+    ids = np.array([BOS, 5, 6, SEP, 7, 8, SEP, 9, SEP])
+    assert truncate_window(ids, 20, SEP).tolist() == ids.tolist()
+    assert truncate_window(ids, 6, SEP).tolist() == [BOS, 9, SEP]
+    assert truncate_window(ids, 7, SEP).tolist() == [BOS, 7, 8, SEP, 9, SEP]
