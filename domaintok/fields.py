@@ -1,0 +1,386 @@
+"""Field encoders, one per field type: fit a small state with DuckDB, then encode whole Arrow columns to token ids.
+
+Every encoder returns a ragged pair (counts int64[n], ids int32[sum(counts)]) for n events, event-major, global ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from domaintok.schema import FieldSpec
+
+Ragged = tuple[np.ndarray, np.ndarray]  # counts int64[n], ids int32[counts.sum()]
+
+# Gap to the user's previous event, in seconds: bin k holds gaps < GAP_EDGES_S[k] (log-spaced, 1 min .. 1 year).
+GAP_EDGES_S = np.array([60, 600, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400])
+CALENDAR_SIZES = {"month": 12, "dow": 7, "dom": 31, "hour": 24, "quarter": 4}
+
+
+def _fixed(ids2d: np.ndarray, valid: np.ndarray | None = None) -> Ragged:
+    """Ragged form of an (n, w) id matrix; where `valid` (n, w) is given only those cells are kept (row-major)."""
+    n, w = ids2d.shape
+    if valid is None:
+        return np.full(n, w, dtype=np.int64), ids2d.astype(np.int32, copy=False).ravel()
+    return valid.sum(axis=1).astype(np.int64), ids2d[valid].astype(np.int32, copy=False)
+
+
+def _as_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _floats(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """float64[n] with nulls as NaN."""
+    arr = _as_array(col)
+    if not pa.types.is_float64(arr.type):
+        arr = arr.cast(pa.float64())
+    return arr.fill_null(np.nan).to_numpy(zero_copy_only=False)
+
+
+def _strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    arr = _as_array(col)
+    return arr if arr.type == pa.string() else arr.cast(pa.string())
+
+
+def ragged_gather(lengths: np.ndarray, flat: np.ndarray, index: np.ndarray) -> Ragged:
+    """Rows `index` of a ragged array given as (lengths[m], flat): returns (lengths[index], their ids concatenated)."""
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    counts = lengths[index].astype(np.int64)
+    total = int(counts.sum())
+    out_starts = np.cumsum(counts) - counts
+    # position of each output element inside its row, then shifted to the row's start in `flat`
+    within = np.arange(total, dtype=np.int64) - np.repeat(out_starts, counts)
+    return counts, flat[np.repeat(starts[index], counts) + within]
+
+
+def stable_hash64(values: pa.Array) -> np.ndarray:
+    """FNV-1a 64 over the UTF-8 bytes, then the splitmix64 finalizer: uint64[n], identical in every process and version.
+
+    Vectorized over byte positions (strings sorted by length so each step touches only strings that long); nulls hash
+    like the empty string (callers mask them).
+    """
+    arr = _strings(values)
+    n = len(arr)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset : arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    order = np.argsort(-lengths, kind="stable")
+    sorted_len = lengths[order]
+    starts = offsets[:-1][order]
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    max_len = int(sorted_len[0]) if n else 0
+    ascending = sorted_len[::-1]
+    for j in range(max_len):
+        k = n - int(np.searchsorted(ascending, j, side="right"))  # strings longer than j come first
+        h[:k] ^= data[starts[:k] + j].astype(np.uint64)
+        h[:k] *= prime
+    # splitmix64 finalizer: FNV's low bits mix poorly, and tokens take bit slices
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    out = np.empty(n, dtype=np.uint64)
+    out[order] = h
+    return out
+
+
+class FieldEncoder:
+    """Base: a field spec, its typed params, its first token id (`base`, set by the tokenizer) and fitted state."""
+
+    sql_type = "DOUBLE"
+    needs_fit = False
+
+    def __init__(self, spec: FieldSpec, state: dict[str, Any] | None = None):
+        self.spec = spec
+        self.params = spec.typed_params()
+        self.prefix = spec.name.upper()
+        self.base = 0
+        self.state: dict[str, Any] = dict(state or {})
+
+    def fit(self, con, view: str, col: str) -> None:  # noqa: D102 - data-free encoders have nothing to fit
+        self.state = {}
+
+    def suffixes(self) -> list[str]:
+        raise NotImplementedError
+
+    def token_names(self) -> list[str]:
+        return [f"[{self.prefix}_{s}]" for s in self.suffixes()]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.suffixes())
+
+    @property
+    def max_tokens_per_event(self) -> int:
+        return 1
+
+    def encode(self, col: pa.Array | pa.ChunkedArray, gap_us: np.ndarray | None = None) -> Ragged:
+        raise NotImplementedError
+
+
+class SignEncoder(FieldEncoder):
+    """[F_NULL] [F_POS] [F_NEG] [F_ZERO]: NaN/null -> NULL, +/-0 -> ZERO, +inf -> POS, -inf -> NEG."""
+
+    def suffixes(self):
+        return ["NULL", "POS", "NEG", "ZERO"]
+
+    def encode(self, col, gap_us=None):
+        x = _floats(col)
+        local = np.where(np.isnan(x), 0, np.where(x > 0, 1, np.where(x < 0, 2, 3)))
+        return _fixed((local + self.base)[:, None])
+
+
+class ContinuousEncoder(FieldEncoder):
+    """[F_NULL] then [F_00]..[F_{n-1}]: quantile bins of |x|; zero falls in bin 0, +/-inf in the top bin, NaN -> NULL."""
+
+    needs_fit = True
+
+    def fit(self, con, view, col):
+        n = self.params.n_bins
+        qs = [i / n for i in range(1, n)]
+        row = con.execute(
+            f'SELECT quantile_cont(abs("{col}"), $qs) FROM {view} WHERE isfinite("{col}")', {"qs": qs}
+        ).fetchone()
+        edges = row[0] if row and row[0] is not None else [0.0] * (n - 1)
+        self.state = {"edges": [float(e) for e in edges]}
+
+    def suffixes(self):
+        return ["NULL", *(f"{i:02d}" for i in range(self.params.n_bins))]
+
+    def encode(self, col, gap_us=None):
+        x = np.abs(_floats(col))
+        edges = np.asarray(self.state["edges"], dtype=np.float64)
+        # side="right": a value equal to an edge goes to the bin above it, so zero (<= every edge) is bin 0 only
+        # when the first edge is > 0; NaN sorts last in searchsorted and is overwritten by NULL below.
+        bins = np.searchsorted(edges, x, side="right")
+        local = np.where(np.isnan(x), 0, bins + 1)
+        return _fixed((local + self.base)[:, None])
+
+
+class DiscreteEncoder(FieldEncoder):
+    """[F_NULL] [F_NEG] [F_OVER] [F_0]..[F_max]: integers (truncated toward zero); negatives -> NEG or their magnitude."""
+
+    def suffixes(self):
+        return ["NULL", "NEG", "OVER", *(str(i) for i in range(self.params.max_value + 1))]
+
+    def encode(self, col, gap_us=None):
+        x = _floats(col)
+        if self.params.negatives == "abs":
+            x = np.abs(x)
+        finite = np.isfinite(x)
+        v = np.trunc(np.where(finite, x, 0.0))
+        local = np.where(v > self.params.max_value, 2, np.where(v < 0, 1, v + 3))
+        local = np.where(np.isnan(x), 0, np.where(np.isposinf(x), 2, np.where(np.isneginf(x), 1, local)))
+        return _fixed((local.astype(np.int64) + self.base)[:, None])
+
+
+class CategoricalEncoder(FieldEncoder):
+    """[F_NULL] [F_UNK] then one token per fitted value (most frequent first, ties by value)."""
+
+    sql_type = "VARCHAR"
+    needs_fit = True
+
+    def fit(self, con, view, col):
+        rows = con.execute(
+            f'SELECT "{col}" AS v, count(*) AS c FROM {view} WHERE "{col}" IS NOT NULL GROUP BY v '
+            f"HAVING count(*) >= $minf ORDER BY c DESC, v LIMIT $maxn",
+            {"minf": self.params.min_frequency, "maxn": self.params.max_size},
+        ).fetchall()
+        self.state = {"values": [r[0] for r in rows]}
+        self._value_set = None
+
+    def suffixes(self):
+        width = max(3, len(str(len(self.state.get("values", [])))))
+        return ["NULL", "UNK", *(f"{i:0{width}d}" for i in range(len(self.state.get("values", []))))]
+
+    def encode(self, col, gap_us=None):
+        arr = _strings(col)
+        if getattr(self, "_value_set", None) is None:
+            self._value_set = pa.array(self.state["values"], type=pa.string())
+        idx = pc.index_in(arr, value_set=self._value_set)
+        local = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 2
+        local = np.where(local == 1, 1, local)  # unseen value -> UNK (index -1 + 2)
+        if arr.null_count:
+            local = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, local)
+        return _fixed((local + self.base)[:, None])
+
+
+class EntityEncoder(FieldEncoder):
+    """[F_NULL] then n_tokens groups of `buckets` tokens [F_j_b]: token j of a value is bits 16j..16j+15 of its hash mod buckets."""
+
+    sql_type = "VARCHAR"
+
+    def suffixes(self):
+        b, k = self.params.buckets, self.params.n_tokens
+        width = len(str(b - 1))
+        return ["NULL", *(f"{j}_{i:0{width}d}" for j in range(k) for i in range(b))]
+
+    @property
+    def max_tokens_per_event(self):
+        return self.params.n_tokens
+
+    def encode(self, col, gap_us=None):
+        arr = _strings(col)
+        b, k = self.params.buckets, self.params.n_tokens
+        # hash each distinct value of the batch once
+        enc = arr.dictionary_encode()
+        h = stable_hash64(enc.dictionary)
+        idx = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        shifts = np.arange(k, dtype=np.uint64) * np.uint64(16)
+        parts = ((h[:, None] >> shifts[None, :]) & np.uint64(0xFFFF)) % np.uint64(b)  # (m, k)
+        ids2d = parts.astype(np.int64)[idx] + 1 + np.arange(k) * b + self.base  # (n, k)
+        if not arr.null_count:
+            return _fixed(ids2d)
+        null = arr.is_null().to_numpy(zero_copy_only=False)
+        ids2d[null, 0] = self.base
+        valid = np.ones_like(ids2d, dtype=bool)
+        valid[null, 1:] = False
+        return _fixed(ids2d, valid)
+
+
+class TemporalEncoder(FieldEncoder):
+    """[F_NULL], calendar part tokens in the schema timezone ([F_MON_01].., [F_DOW_0] Monday.., [F_DOM_01]..,
+    [F_HOUR_00].., [F_Q1].., [F_YEAR_BEFORE] [F_YEAR_yyyy].. [F_YEAR_AFTER]), then [F_GAP_FIRST] [F_GAP_00]..[F_GAP_10]."""
+
+    sql_type = "TIMESTAMPTZ"
+
+    @property
+    def needs_fit(self):
+        return "year" in self.params.parts
+
+    def fit(self, con, view, col):
+        self.state = {}
+        if "year" in self.params.parts:
+            lo, hi = con.execute(f'SELECT min(year("{col}")), max(year("{col}")) FROM {view}').fetchone()
+            lo = int(lo) if lo is not None else 2000
+            hi = int(hi) if hi is not None else lo
+            self.state = {"year_min": lo, "year_max": hi}
+
+    def _part_suffixes(self, part: str) -> list[str]:
+        if part == "month":
+            return [f"MON_{i:02d}" for i in range(1, 13)]
+        if part == "dow":
+            return [f"DOW_{i}" for i in range(7)]
+        if part == "dom":
+            return [f"DOM_{i:02d}" for i in range(1, 32)]
+        if part == "hour":
+            return [f"HOUR_{i:02d}" for i in range(24)]
+        if part == "quarter":
+            return [f"Q{i}" for i in range(1, 5)]
+        years = range(self.state["year_min"], self.state["year_max"] + 1)
+        return ["YEAR_BEFORE", *(f"YEAR_{y}" for y in years), "YEAR_AFTER"]
+
+    def suffixes(self):
+        out = ["NULL"]
+        for part in self.params.parts:
+            out += self._part_suffixes(part)
+        if self.params.time_since_previous:
+            out += ["GAP_FIRST", *(f"GAP_{i:02d}" for i in range(len(GAP_EDGES_S) + 1))]
+        return out
+
+    @property
+    def max_tokens_per_event(self):
+        return len(self.params.parts) + int(self.params.time_since_previous)
+
+    def encode(self, col, gap_us=None):
+        arr = _as_array(col)
+        n = len(arr)
+        cols = []
+        offset = self.base + 1
+        for part in self.params.parts:
+            if part == "month":
+                local = pc.month(arr).to_numpy(zero_copy_only=False) - 1
+            elif part == "dow":
+                local = pc.day_of_week(arr).to_numpy(zero_copy_only=False)  # Monday = 0
+            elif part == "dom":
+                local = pc.day(arr).to_numpy(zero_copy_only=False) - 1
+            elif part == "hour":
+                local = pc.hour(arr).to_numpy(zero_copy_only=False)
+            elif part == "quarter":
+                local = pc.quarter(arr).to_numpy(zero_copy_only=False) - 1
+            else:
+                year = pc.year(arr).to_numpy(zero_copy_only=False)
+                lo, hi = self.state["year_min"], self.state["year_max"]
+                local = np.clip(year - lo + 1, 0, hi - lo + 2)
+            if arr.null_count:
+                local = np.nan_to_num(local, nan=0)
+            cols.append(np.asarray(local, dtype=np.int64) + offset)
+            offset += len(self._part_suffixes(part))
+        if self.params.time_since_previous:
+            if gap_us is None:
+                raise ValueError(f"field {self.spec.name!r}: time_since_previous needs the gap to the previous event")
+            gap_bin = np.searchsorted(GAP_EDGES_S * 1_000_000, gap_us, side="right") + 1
+            cols.append(np.where(gap_us < 0, 0, gap_bin).astype(np.int64) + offset)
+        ids2d = np.stack(cols, axis=1) if cols else np.zeros((n, 0), np.int64)
+        if not arr.null_count:
+            return _fixed(ids2d)
+        null = arr.is_null().to_numpy(zero_copy_only=False)
+        ids2d = np.concatenate([np.full((n, 1), self.base, np.int64), ids2d], axis=1)
+        valid = np.zeros_like(ids2d, dtype=bool)
+        valid[null, 0] = True
+        valid[~null, 1:] = True
+        return _fixed(ids2d, valid)
+
+
+class TextEncoder(FieldEncoder):
+    """[F_NULL] for null/blank text; otherwise the shared byte-level BPE pieces of the trimmed text, first max_tokens."""
+
+    sql_type = "VARCHAR"
+    needs_fit = True  # contributes to the shared BPE corpus (trained by the tokenizer)
+
+    def __init__(self, spec, state=None):
+        super().__init__(spec, state)
+        self.bpe = None  # tokenizers.Tokenizer shared by the schema's text fields (set by the tokenizer)
+        self.bpe_base = 0  # global id of BPE piece 0
+
+    def fit(self, con, view, col):
+        self.state = {}
+
+    def suffixes(self):
+        return ["NULL"]
+
+    @property
+    def max_tokens_per_event(self):
+        return self.params.max_tokens
+
+    def normalize(self, col) -> pa.Array:
+        arr = pc.utf8_trim_whitespace(_strings(col))
+        return pc.utf8_lower(arr) if self.params.lowercase else arr
+
+    def encode(self, col, gap_us=None):
+        arr = self.normalize(col)
+        enc = arr.dictionary_encode()  # BPE runs once per distinct text of the batch
+        texts = enc.dictionary.to_pylist()
+        m = len(texts)
+        encode_batch = getattr(self.bpe, "encode_batch_fast", self.bpe.encode_batch)
+        pieces = [e.ids[: self.params.max_tokens] for e in encode_batch(texts, add_special_tokens=False)] if m else []
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=m)
+        flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=int(lengths.sum()))
+        # blank texts and nulls (an extra row m) become the single NULL token
+        row_lengths = np.append(np.maximum(lengths, 1), 1)
+        table = np.full(int(row_lengths.sum()), self.base, dtype=np.int32)
+        table[np.repeat(np.append(lengths > 0, False), row_lengths)] = flat + self.bpe_base
+        index = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
+        return ragged_gather(row_lengths, table, index)
+
+
+ENCODERS: dict[str, type[FieldEncoder]] = {
+    "sign": SignEncoder,
+    "numerical_continuous": ContinuousEncoder,
+    "numerical_discrete": DiscreteEncoder,
+    "categorical_fixed": CategoricalEncoder,
+    "categorical_entity": EntityEncoder,
+    "temporal": TemporalEncoder,
+    "text": TextEncoder,
+}
+
+
+def make_encoder(spec: FieldSpec, state: dict[str, Any] | None = None) -> FieldEncoder:
+    return ENCODERS[spec.type](spec, state)

@@ -1,0 +1,768 @@
+"""DomainTokenizer: fit a schema's field encoders with DuckDB, tokenize parquet/Arrow into per-user sequences
+(streaming, vectorized), encode online micro-batches with the same SQL and encoders, save as JSON + HF files.
+
+Token ids: [PAD]=0 [UNK]=1 [BOS]=2 [EOS]=3 [SEP]=4 [MASK]=5, then each field's tokens in schema order, then the BPE
+pieces shared by all text fields. A sequence is [BOS] e1 [SEP] e2 [SEP] ... en [SEP] (events by time, ties by input).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from domaintok.errors import ArtifactError, DomaintokError, SchemaError
+from domaintok.fields import FieldEncoder, TextEncoder, make_encoder
+from domaintok.schema import (
+    SQL_TYPE_BY_COLUMN,
+    SQL_TYPE_BY_FIELD,
+    DomainSchema,
+    load_schema,
+    schema_from_dict,
+)
+from domaintok.window import keep_newest_events
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]"]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID, MASK_ID = range(6)
+DEFAULT_MAX_LENGTH = 1024
+ARTIFACT_FILE = "domaintok_tokenizer.json"
+BPE_FILE = "domaintok_bpe.json"
+FORMAT_VERSION = 1
+
+# The sequences table (tokenize() output and sequences.parquet), declared once.
+SEQUENCES_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("n_events", pa.int64(), nullable=False),
+        pa.field("last_event_ts", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+_ARROW_TYPE_BY_COLUMN = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+_PY_TYPE_BY_COLUMN = {"string": str, "int": int, "float": float, "timestamp": dt.datetime, "bool": bool}
+
+DataLike = str | os.PathLike | Sequence[str | os.PathLike] | pa.Table
+
+
+@dataclass(frozen=True)
+class EventTokens:
+    """Token ids of n raw events, in input order: event i is ids[offsets[i]:offsets[i+1]] (ends with [SEP]).
+
+    Rows that cannot be tokenized (null user id, null/unparseable event time, excluded by the schema filter, bad
+    types) have zero tokens and a reason in `errors[i]` (None for good rows).
+    """
+
+    user_ids: list[str | None]
+    event_ts: np.ndarray  # int64[n] microseconds since epoch UTC (0 where errors[i])
+    offsets: np.ndarray  # int64[n + 1]
+    ids: np.ndarray  # int32[offsets[-1]]
+    errors: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    def event(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+
+def _q(name: str) -> str:
+    """Quote an identifier taken from the declared schema or an input file's own column list."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class DomainTokenizer:
+    """A fitted schema: field encoders with their state, the shared text BPE, the token layout and max_length."""
+
+    def __init__(self, schema: DomainSchema, encoders: list[FieldEncoder], bpe: Any | None, max_length: int):
+        self.schema = schema
+        self.encoders = encoders
+        self.bpe = bpe
+        self.max_length = int(max_length)
+        next_id = len(SPECIAL_TOKENS)
+        for enc in encoders:
+            enc.base = next_id
+            next_id += enc.n_tokens
+        self.bpe_base = next_id
+        for enc in encoders:
+            if isinstance(enc, TextEncoder):
+                enc.bpe, enc.bpe_base = bpe, self.bpe_base
+        self.vocab_size = next_id + (bpe.get_vocab_size() if bpe is not None else 0)
+        names = self.domain_token_names()
+        if len(set(names)) != len(names):
+            dupes = sorted({t for t in names if names.count(t) > 1})
+            raise SchemaError(f"schema {schema.name}: fields produce the same token names {dupes[:5]}: rename a field")
+        self.max_event_length = 1 + sum(enc.max_tokens_per_event for enc in encoders)
+        self._local = threading.local()
+        self._event_struct = None
+        self._canonical = {c.name for c in schema.columns}
+        self._alias_of = {a: c.name for c in schema.columns for a in c.aliases}
+        self.fingerprint = self._compute_fingerprint()
+
+    # ---------------------------------------------------------------- ids
+    pad_token_id = PAD_ID
+    unk_token_id = UNK_ID
+    bos_token_id = BOS_ID
+    eos_token_id = EOS_ID
+    sep_token_id = SEP_ID
+    mask_token_id = MASK_ID
+
+    def domain_token_names(self) -> list[str]:
+        """Special tokens then every field's tokens, in id order (BPE pieces excluded)."""
+        out = list(SPECIAL_TOKENS)
+        for enc in self.encoders:
+            out += enc.token_names()
+        return out
+
+    def token_names(self) -> list[str]:
+        """Every token string in id order (BPE pieces in their byte-level spelling)."""
+        out = self.domain_token_names()
+        if self.bpe is not None:
+            inv = {i: t for t, i in self.bpe.get_vocab().items()}
+            out += [inv[i] for i in range(self.bpe.get_vocab_size())]
+        return out
+
+    def decode_tokens(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        names = self.token_names()
+        return [names[int(i)] for i in ids]
+
+    # ---------------------------------------------------------------- fit
+    @classmethod
+    def fit(
+        cls,
+        schema: DomainSchema | str | os.PathLike,
+        data: DataLike,
+        *,
+        bpe_vocab_size: int | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        progress: Callable[[str], None] | None = None,
+    ) -> DomainTokenizer:
+        """Fit quantile edges, vocabularies, calendar year range and the shared text BPE over all of `data`
+        (parquet path(s) or an Arrow table) with DuckDB queries; nothing is loaded into Python row by row."""
+        if not isinstance(schema, DomainSchema):
+            schema = load_schema(schema)
+        if max_length < 2:
+            raise DomaintokError(f"max_length must be >= 2, got {max_length}")
+        report = progress or (lambda step: None)
+        con = _connect(schema)
+        view = _create_events_view(con, schema, data)
+        con.execute(f"CREATE TEMP VIEW __fit AS SELECT * FROM {view} WHERE {_KEEP}")
+        encoders = [make_encoder(spec) for spec in schema.fields]
+        for i, enc in enumerate(encoders):
+            report(f"fit {enc.spec.name} ({enc.spec.type})")
+            enc.fit(con, "__fit", f"__f{i}")
+        texts = [(i, enc) for i, enc in enumerate(encoders) if isinstance(enc, TextEncoder)]
+        bpe = None
+        if texts:
+            report("train BPE on " + ", ".join(enc.spec.name for _, enc in texts))
+            size = bpe_vocab_size or max(enc.params.bpe_vocab_size for _, enc in texts)
+            bpe = _train_bpe(con, texts, size)
+        con.close()
+        return cls(schema, encoders, bpe, max_length)
+
+    # ---------------------------------------------------------------- save / load
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": "domaintok-tokenizer",
+            "format_version": FORMAT_VERSION,
+            "schema": msgspec.to_builtins(self.schema),
+            "fields": {enc.spec.name: enc.state for enc in self.encoders},
+            "max_length": self.max_length,
+            "special_tokens": SPECIAL_TOKENS,
+        }
+
+    def _compute_fingerprint(self) -> str:
+        state = self._state()
+        state.pop("max_length")  # the window length does not change any token id
+        h = hashlib.sha256(msgspec.json.encode(state, order="sorted"))
+        if self.bpe is not None:
+            h.update(self.bpe.to_str().encode())
+        return f"{self.schema.fingerprint[:12]}-{h.hexdigest()[:12]}"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the fitted state (JSON), the BPE (tokenizers JSON) and the HF tokenizer files into `directory`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        state["fingerprint"] = self.fingerprint
+        state["vocab_size"] = self.vocab_size
+        (out / ARTIFACT_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(state), indent=2))
+        if self.bpe is not None:
+            (out / BPE_FILE).write_text(self.bpe.to_str(pretty=True))
+        elif (out / BPE_FILE).exists():
+            (out / BPE_FILE).unlink()
+        self.to_hf().save_pretrained(str(out))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> DomainTokenizer:
+        """Load a tokenizer saved by save_pretrained; ArtifactError when files are missing or do not match."""
+        from tokenizers import Tokenizer
+
+        path = Path(directory)
+        if not (path / ARTIFACT_FILE).is_file():
+            raise ArtifactError(f"tokenizer dir {str(path)!r}: no {ARTIFACT_FILE} (not a fitted domaintok tokenizer)")
+        try:
+            state = msgspec.json.decode((path / ARTIFACT_FILE).read_bytes())
+        except msgspec.DecodeError as exc:
+            raise ArtifactError(f"tokenizer dir {str(path)!r}: {ARTIFACT_FILE} is not valid JSON: {exc}") from None
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"tokenizer dir {str(path)!r}: format_version {state.get('format_version')} != {FORMAT_VERSION}")
+        schema = schema_from_dict(state["schema"], origin=str(path / ARTIFACT_FILE))
+        encoders = [make_encoder(spec, state["fields"].get(spec.name)) for spec in schema.fields]
+        bpe = None
+        if any(isinstance(e, TextEncoder) for e in encoders):
+            if not (path / BPE_FILE).is_file():
+                raise ArtifactError(f"tokenizer dir {str(path)!r}: schema has text fields but {BPE_FILE} is missing")
+            bpe = Tokenizer.from_file(str(path / BPE_FILE))
+        tok = cls(schema, encoders, bpe, state["max_length"])
+        if state.get("fingerprint") != tok.fingerprint:
+            raise ArtifactError(
+                f"tokenizer dir {str(path)!r}: fingerprint {state.get('fingerprint')} does not match its content ({tok.fingerprint})"
+            )
+        return tok
+
+    def to_hf(self):
+        """A transformers PreTrainedTokenizerFast with the same ids: specials and domain tokens are special added
+        tokens; the model is the byte-level BPE (pieces at their global ids) or a WordLevel when there is no text."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        domain = self.domain_token_names()
+        vocab = {t: i for i, t in enumerate(domain)}
+        if self.bpe is not None:
+            bpe_state = json.loads(self.bpe.to_str())["model"]
+            for piece, i in bpe_state["vocab"].items():
+                if piece in vocab:
+                    raise ArtifactError(f"BPE piece {piece!r} collides with a domain token")
+                vocab[piece] = i + self.bpe_base
+            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in bpe_state["merges"]]
+            core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
+            core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+            core.decoder = decoders.ByteLevel()
+        else:
+            core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+            core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in domain])
+        for t in SPECIAL_TOKENS:
+            if core.token_to_id(t) != SPECIAL_TOKENS.index(t):
+                raise ArtifactError(f"special token {t} did not keep its id")
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=core,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            bos_token="[BOS]",
+            eos_token="[EOS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_max_length=self.max_length,
+        )
+        hf.init_kwargs["domaintok_fingerprint"] = self.fingerprint
+        return hf
+
+    # ---------------------------------------------------------------- offline tokenize
+    def iter_tokenize(
+        self,
+        data: DataLike,
+        max_length: int | None = None,
+        *,
+        batch_size: int = 65536,
+        on_rows: Callable[[int], None] | None = None,
+        memory_limit: str | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Yield SEQUENCES_SCHEMA record batches, one row per user, streaming sorted DuckDB batches so memory stays flat.
+
+        DuckDB orders events by (user, event time, input, input row); each batch is encoded at once and a user whose
+        events straddle a batch boundary is carried (already truncated) into the next batch.
+        """
+        max_length = self._check_max_length(max_length)
+        con = _connect(self.schema, memory_limit=memory_limit)
+        view = _create_events_view(con, self.schema, data)
+        cols = ", ".join(f"__f{i}" for i in range(len(self.encoders)))
+        reader = con.sql(
+            f"SELECT __user, __ts, {cols} FROM {view} WHERE {_KEEP} ORDER BY __user, __ts, __input, __row"
+        ).to_arrow_reader(batch_size)
+        try:
+            yield from self._sequences(reader, max_length, on_rows)
+        finally:
+            reader.close() if hasattr(reader, "close") else None
+            con.close()
+
+    def tokenize(self, data: DataLike, max_length: int | None = None, **kwargs: Any) -> pa.Table:
+        """One row per user: user_id, input_ids ([BOS] e1 [SEP] ... en [SEP], newest whole events that fit
+        max_length), n_events (all events of the user), last_event_ts (UTC)."""
+        return pa.Table.from_batches(list(self.iter_tokenize(data, max_length, **kwargs)), schema=SEQUENCES_SCHEMA)
+
+    def tokenize_to_parquet(
+        self,
+        data: DataLike,
+        out_path: str | os.PathLike,
+        max_length: int | None = None,
+        *,
+        on_rows: Callable[[int], None] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Stream sequences into a parquet file (written to a temp file beside it, then renamed); returns counts."""
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        users = tokens = events = kept_events = 0
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            with pq.ParquetWriter(tmp, SEQUENCES_SCHEMA, compression="zstd") as writer:
+                for batch in self.iter_tokenize(data, max_length, on_rows=on_rows, **kwargs):
+                    writer.write_batch(batch)
+                    users += batch.num_rows
+                    events += int(pc.sum(batch.column("n_events")).as_py() or 0)
+                    lengths = pc.list_value_length(batch.column("input_ids")).to_numpy()
+                    tokens += int(lengths.sum())
+                    kept_events += 0
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return {"users": users, "events": events, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+    def _check_max_length(self, max_length: int | None) -> int:
+        max_length = self.max_length if max_length is None else int(max_length)
+        if max_length < 2:
+            raise DomaintokError(f"max_length must be >= 2, got {max_length}")
+        return max_length
+
+    def _sequences(self, reader, max_length: int, on_rows) -> Iterator[pa.RecordBatch]:
+        needs_gap = self._needs_gap
+        # the last user of the previous batch: events kept so far (truncated), all-time count, last event time
+        p_user: str | None = None
+        p_lengths = np.zeros(0, np.int64)
+        p_ids = np.zeros(0, np.int32)
+        p_n = 0
+        p_last = 0
+        for batch in reader:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            if on_rows is not None:
+                on_rows(n)
+            users = batch.column(0)
+            ts = _ts_micros(batch.column(1))
+            denc = users.dictionary_encode()
+            uidx = denc.indices.to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.concatenate([[True], uidx[1:] != uidx[:-1]]))
+            group_users = denc.dictionary.take(pa.array(uidx[starts]))
+            continues = p_user is not None and group_users[0].as_py() == p_user
+            gap = None
+            if needs_gap:
+                prev = np.concatenate([[p_last if continues else 0], ts[:-1]])
+                first = np.zeros(n, bool)
+                first[starts] = True
+                if continues:
+                    first[0] = False
+                gap = np.where(first, -1, ts - prev)
+            lengths, flat = self._encode_columns([batch.column(2 + i) for i in range(len(self.encoders))], n, gap)
+            # prepend the carried user: as part of the first group, or as its own group
+            m = len(p_lengths)
+            lengths = np.concatenate([p_lengths, lengths])
+            flat = np.concatenate([p_ids, flat])
+            last_ts = ts[np.concatenate([starts[1:], [n]]) - 1]
+            n_in_batch = np.diff(np.concatenate([starts, [n]]))
+            if p_user is None:
+                g_starts, g_users, g_n, g_last = starts, group_users, n_in_batch, last_ts
+            elif continues:
+                g_starts = np.concatenate([[0], starts[1:] + m])
+                g_users = group_users
+                g_n = n_in_batch.copy()
+                g_n[0] += p_n
+                g_last = last_ts
+            else:
+                g_starts = np.concatenate([[0], starts + m])
+                g_users = pa.concat_arrays([pa.array([p_user], pa.string()), group_users.cast(pa.string())])
+                g_n = np.concatenate([[p_n], n_in_batch])
+                g_last = np.concatenate([[p_last], last_ts])
+            g_ends = np.concatenate([g_starts[1:], [len(lengths)]])
+            keep = keep_newest_events(g_ends, lengths, max_length)
+            # all groups but the last are complete; the last is carried, truncated already
+            k = len(g_starts) - 1
+            cut = int(g_starts[-1])
+            tok_cut = int(lengths[:cut].sum())
+            if k > 0:
+                yield self._sequence_batch(
+                    g_users.slice(0, k), g_starts[:k], g_ends[:k], lengths[:cut], flat[:tok_cut], keep[:cut], g_n[:k], g_last[:k]
+                )
+            tail_keep = keep[cut:]
+            p_user = g_users[k].as_py()
+            p_lengths = lengths[cut:][tail_keep]
+            p_ids = flat[tok_cut:][np.repeat(tail_keep, lengths[cut:])]
+            p_n = int(g_n[k])
+            p_last = int(g_last[k])
+        if p_user is not None:
+            yield self._sequence_batch(
+                pa.array([p_user], pa.string()),
+                np.array([0]),
+                np.array([len(p_lengths)]),
+                p_lengths,
+                p_ids,
+                np.ones(len(p_lengths), bool),
+                np.array([p_n]),
+                np.array([p_last]),
+            )
+
+    @staticmethod
+    def _sequence_batch(users, g_starts, g_ends, lengths, flat, keep, g_n, g_last) -> pa.RecordBatch:
+        """[BOS] + kept event tokens per group, as one SEQUENCES_SCHEMA record batch."""
+        kept_tokens = np.repeat(keep, lengths)
+        kept = flat[kept_tokens]
+        csum = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(np.where(keep, lengths, 0), out=csum[1:])
+        per_group = csum[g_ends] - csum[g_starts] + 1  # + BOS
+        offsets = np.zeros(len(per_group) + 1, np.int64)
+        np.cumsum(per_group, out=offsets[1:])
+        values = np.empty(int(offsets[-1]), np.int32)
+        is_bos = np.zeros(len(values), bool)
+        is_bos[offsets[:-1]] = True
+        values[is_bos] = BOS_ID
+        values[~is_bos] = kept
+        input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        last = pa.array(np.asarray(g_last, np.int64), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        return pa.RecordBatch.from_arrays(
+            [users.cast(pa.string()), input_ids, pa.array(np.asarray(g_n, np.int64)), last], schema=SEQUENCES_SCHEMA
+        )
+
+    @property
+    def _needs_gap(self) -> bool:
+        return any(getattr(enc.params, "time_since_previous", False) for enc in self.encoders)
+
+    def _encode_columns(self, columns: list, n: int, gap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Every field of n events at once -> (event lengths int64[n] incl. [SEP], flat ids int32)."""
+        parts = [enc.encode(col, gap_us=gap) for enc, col in zip(self.encoders, columns)]
+        lengths = np.ones(n, np.int64)  # [SEP]
+        for counts, _ in parts:
+            lengths += counts
+        ev_off = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=ev_off[1:])
+        out = np.empty(int(ev_off[-1]), np.int32)
+        pos = ev_off[:-1].copy()  # next free slot of each event
+        for counts, ids in parts:
+            if len(ids) == n and counts.min(initial=1) == 1 and counts.max(initial=1) == 1:
+                out[pos] = ids
+            else:
+                field_start = np.cumsum(counts) - counts
+                within = np.arange(len(ids), dtype=np.int64) - np.repeat(field_start, counts)
+                out[np.repeat(pos, counts) + within] = ids
+            pos += counts
+        out[ev_off[1:] - 1] = SEP_ID
+        return lengths, out
+
+    # ---------------------------------------------------------------- online
+    @property
+    def event_struct(self) -> type[msgspec.Struct]:
+        """msgspec Struct of one raw event on the wire: canonical column names, kw_only, forbid_unknown_fields;
+        nullable columns are Optional with default None."""
+        if self._event_struct is None:
+            fields = []
+            for col in self.schema.columns:
+                typ = _PY_TYPE_BY_COLUMN[col.type]
+                fields.append((col.name, typ | None, None) if col.nullable else (col.name, typ))
+            # required fields first: defstruct wants defaults last even with kw_only
+            fields.sort(key=lambda f: len(f) == 3)
+            self._event_struct = msgspec.defstruct(
+                f"{self.schema.name.title().replace('_', '')}Event", fields, kw_only=True, forbid_unknown_fields=True
+            )
+        return self._event_struct
+
+    def encode_event_tokens(
+        self, events: Sequence[Mapping[str, Any] | msgspec.Struct] | pa.Table, previous_ts: Mapping[str, int] | None = None
+    ) -> EventTokens:
+        """Token ids of each raw event (input order), through the same DuckDB expressions and field encoders as
+        tokenize(). One DuckDB pass per call. `previous_ts` (user -> last event time, us) feeds time_since_previous
+        fields for users whose earlier events are not in this call; parity with tokenize() then holds for events that
+        arrive in event-time order."""
+        errors: list[str | None]
+        if isinstance(events, pa.Table):
+            table, errors = events, [None] * events.num_rows
+        else:
+            table, errors = self._events_to_table(events)
+        n = table.num_rows
+        try:
+            projected = self._project_online(table)
+        except (duckdb.Error, DomaintokError) as exc:
+            if n <= 1:
+                return self._all_failed(n, errors, f"cannot tokenize: {' '.join(str(exc).split())}")
+            # isolate the bad rows: one pass per row only on this failure path
+            parts = [self.encode_event_tokens(table.slice(i, 1), previous_ts) for i in range(n)]
+            return _concat_event_tokens(parts, errors)
+        users = projected.column("__user")
+        ts_arr = projected.column("__ts")
+        keep_col = projected.column("__keep")
+        user_null = users.is_null().to_numpy(zero_copy_only=False)
+        ts_null = ts_arr.is_null().to_numpy(zero_copy_only=False)
+        kept = keep_col.fill_null(False).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(user_null | ts_null | ~kept):
+            if errors[i] is None:
+                if user_null[i]:
+                    errors[i] = f"null user id ({self.schema.user_id})"
+                elif ts_null[i]:
+                    errors[i] = f"null or unparseable event time ({self.schema.event_time})"
+                else:
+                    errors[i] = f"excluded by the schema filter ({self.schema.filter})"
+        good = np.array([e is None for e in errors], bool)
+        good_idx = np.flatnonzero(good)
+        sub = projected.take(pa.array(good_idx)) if len(good_idx) < n else projected
+        ts_all = np.zeros(n, np.int64)
+        ts_good = _ts_micros(sub.column("__ts"))
+        ts_all[good_idx] = ts_good
+        gap = None
+        if self._needs_gap and len(good_idx):
+            gap = _online_gaps(sub.column("__user").to_pylist(), ts_good, previous_ts)
+        lengths_good, flat = self._encode_columns(
+            [sub.column(f"__f{i}") for i in range(len(self.encoders))], len(good_idx), gap
+        )
+        lengths = np.zeros(n, np.int64)
+        lengths[good_idx] = lengths_good
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        user_ids = users.to_pylist()
+        for i in np.flatnonzero(~good):
+            user_ids[i] = user_ids[i] if not user_null[i] else None
+        return EventTokens(user_ids=user_ids, event_ts=ts_all, offsets=offsets, ids=flat, errors=errors)
+
+    def encode_events(self, events: Sequence[Mapping[str, Any] | msgspec.Struct] | pa.Table, max_length: int | None = None) -> np.ndarray:
+        """The full sequence of ONE user's events: exactly the input_ids tokenize() gives for the same events."""
+        max_length = self._check_max_length(max_length)
+        et = self.encode_event_tokens(events)
+        good = [i for i, e in enumerate(et.errors) if e is None]
+        if len({et.user_ids[i] for i in good}) > 1:
+            raise DomaintokError("encode_events takes the events of one user; got several user ids")
+        if not good:
+            return np.array([BOS_ID], np.int32)
+        good_arr = np.array(good)
+        order = good_arr[np.lexsort((good_arr, et.event_ts[good_arr]))]  # by time, ties by input order
+        lengths = np.diff(et.offsets)[order]
+        keep = keep_newest_events(np.array([len(order)]), lengths, max_length)
+        pieces = [et.event(i) for i, k in zip(order, keep) if k]
+        return np.concatenate([np.array([BOS_ID], np.int32), *pieces]).astype(np.int32)
+
+    def _events_to_table(self, events) -> tuple[pa.Table, list[str | None]]:
+        """Validate each event against event_struct (dicts) and build the raw Arrow table of canonical columns."""
+        struct = self.event_struct
+        errors: list[str | None] = [None] * len(events)
+        rows: list[Any] = []
+        for i, ev in enumerate(events):
+            if isinstance(ev, struct):
+                rows.append(ev)
+                continue
+            try:
+                if isinstance(ev, Mapping):
+                    if not self._canonical.issuperset(ev.keys()):
+                        ev = {self._alias_of.get(k, k): v for k, v in ev.items()}
+                    rows.append(msgspec.convert(ev, struct))
+                else:
+                    rows.append(msgspec.convert(msgspec.to_builtins(ev), struct))
+            except (msgspec.ValidationError, TypeError) as exc:
+                errors[i] = f"invalid event: {exc}"
+                rows.append(None)
+        arrays, names = [], []
+        for col in self.schema.columns:
+            values = [getattr(r, col.name) if r is not None else None for r in rows]
+            arrays.append(_column_array(values, col.type, self.schema.timezone))
+            names.append(col.name)
+        return pa.Table.from_arrays(arrays, names=names), errors
+
+    def _project_online(self, table: pa.Table) -> pa.Table:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = _connect(self.schema)
+            self._local.con = con
+        view = _create_events_view(con, self.schema, table, online=True)
+        try:
+            return con.sql(f"SELECT * FROM {view} ORDER BY __row").to_arrow_table()
+        finally:
+            con.unregister("__online_input")
+
+    def _all_failed(self, n: int, errors: list[str | None], reason: str) -> EventTokens:
+        errs = [e if e is not None else reason for e in errors]
+        return EventTokens([None] * n, np.zeros(n, np.int64), np.zeros(n + 1, np.int64), np.zeros(0, np.int32), errs)
+
+
+# ---------------------------------------------------------------------- DuckDB plumbing
+_KEEP = "__user IS NOT NULL AND __ts IS NOT NULL AND __keep"
+
+
+def _connect(schema: DomainSchema, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    config = {"threads": max(1, min(os.cpu_count() or 1, 8))}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    con = duckdb.connect(config=config)
+    # naive timestamps are wall-clock times in the schema timezone; TIMESTAMPTZ results come out in it
+    con.execute(f"SET TimeZone = '{schema.timezone}'")
+    return con
+
+
+def _inputs(data: DataLike) -> list[Any]:
+    if isinstance(data, pa.Table):
+        return [data]
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    out = []
+    for item in data:
+        if isinstance(item, pa.Table):
+            out.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(path.glob("*.parquet"))
+            if not files:
+                raise DomaintokError(f"input {str(path)!r}: directory holds no .parquet files")
+            out += files
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DomaintokError(f"input {str(path)!r}: no such file")
+    if not out:
+        raise DomaintokError("no input given")
+    return out
+
+
+def _create_events_view(con, schema: DomainSchema, data: DataLike, online: bool = False) -> str:
+    """Create the view `__events`: per input, map each declared column (by name or alias) and cast it; UNION ALL BY
+    NAME; then the user id, event time, filter flag and every field's source cast to its encoder's type."""
+    selects = []
+    for k, item in enumerate(_inputs(data)):
+        name = f"__online_input" if online else f"__input_{k}"
+        if isinstance(item, pa.Table):
+            what = "arrow table"
+            con.register(name, item.append_column("__row", pa.array(np.arange(item.num_rows, dtype=np.int64))))
+            row_col = "__row"
+        else:
+            what = str(item)
+            try:
+                con.read_parquet(str(item), file_row_number=True).create_view(name)
+            except duckdb.Error as exc:
+                raise DomaintokError(f"input {what!r}: cannot read as parquet: {' '.join(str(exc).split())}") from None
+            row_col = "file_row_number"
+        available = [d[0] for d in con.execute(f"DESCRIBE {name}").fetchall()]
+        cols = []
+        for col in schema.columns:
+            found = next((s for s in [col.name, *col.aliases] if s in available), None)
+            if found is None:
+                shown = [c for c in available if c not in ("__row", "file_row_number")]
+                spellings = " / ".join([col.name, *col.aliases])
+                raise DomaintokError(
+                    f"input {what!r}: column {spellings!r} of schema {schema.name} is missing (available: {', '.join(shown)})"
+                )
+            cols.append(f"TRY_CAST({_q(found)} AS {SQL_TYPE_BY_COLUMN[col.type]}) AS {_q(col.name)}")
+        selects.append(f"SELECT {', '.join(cols)}, {k} AS __input, {_q(row_col)} AS __row FROM {name}")
+    union = " UNION ALL BY NAME ".join(f"({s})" for s in selects)
+    fields = ", ".join(
+        f"CAST(({spec.source}) AS {SQL_TYPE_BY_FIELD[spec.type]}) AS __f{i}" for i, spec in enumerate(schema.fields)
+    )
+    keep = f"coalesce(({schema.filter}), false)" if schema.filter else "true"
+    view = "__online_events" if online else "__events"
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT CAST(({schema.user_id}) AS VARCHAR) AS __user, "
+            f"TRY_CAST(({schema.event_time}) AS TIMESTAMPTZ) AS __ts, {keep} AS __keep, __input, __row, {fields} "
+            f"FROM ({union})"
+        )
+    except duckdb.Error as exc:
+        raise SchemaError(f"schema {schema.name}: {' '.join(str(exc).split())}") from None
+    return view
+
+
+def _train_bpe(con, texts: list[tuple[int, TextEncoder]], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+
+    def corpus() -> Iterator[list[str]]:
+        # distinct texts with their counts; a text seen c times is fed as c space-separated copies, so merges follow
+        # event frequency (words split on spaces, and each copy gets the same prefix space as at encode time)
+        for i, enc in texts:
+            expr = f"trim(__f{i})"
+            if enc.params.lowercase:
+                expr = f"lower({expr})"
+            reader = con.sql(
+                f"SELECT v, count(*)::BIGINT AS c FROM (SELECT {expr} AS v FROM __fit) WHERE v <> '' GROUP BY v"
+            ).to_arrow_reader(8192)
+            for batch in reader:
+                vs = batch.column(0).to_pylist()
+                cs = batch.column(1).to_pylist()
+                yield [(v + " ") * min(c, 1000) for v, c in zip(vs, cs)]
+
+    bpe.train_from_iterator(corpus(), trainer=trainer)
+    return bpe
+
+
+def _ts_micros(col) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.cast(pa.timestamp("us", tz=arr.type.tz)).view(pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def _column_array(values: list[Any], ctype: str, tz: str) -> pa.Array:
+    if ctype != "timestamp":
+        return pa.array(values, type=_ARROW_TYPE_BY_COLUMN[ctype])
+    try:
+        arr = pa.array(values)
+        if pa.types.is_timestamp(arr.type) or pa.types.is_null(arr.type):
+            return arr if not pa.types.is_null(arr.type) else arr.cast(pa.timestamp("us"))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    # mixed naive / aware datetimes: aware ones become wall-clock times in the schema timezone
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(tz)
+    local = [v.astimezone(zone).replace(tzinfo=None) if v is not None and v.tzinfo is not None else v for v in values]
+    return pa.array(local, type=pa.timestamp("us"))
+
+
+def _online_gaps(users: list[str], ts: np.ndarray, previous_ts: Mapping[str, int] | None) -> np.ndarray:
+    """Gap (us) to the same user's previous event among these events (sorted by time, ties by input order) or
+    previous_ts; -1 for a user's first event."""
+    n = len(users)
+    order = sorted(range(n), key=lambda i: (users[i], ts[i], i))
+    gap = np.full(n, -1, np.int64)
+    last: dict[str, int] = dict(previous_ts or {})
+    for i in order:
+        u = users[i]
+        if u in last:
+            gap[i] = ts[i] - last[u]
+        last[u] = int(ts[i])
+    return gap
+
+
+def _concat_event_tokens(parts: list[EventTokens], errors: list[str | None]) -> EventTokens:
+    user_ids = [u for p in parts for u in p.user_ids]
+    errs = [errors[i] if errors[i] is not None else p.errors[0] for i, p in enumerate(parts)]
+    lengths = np.concatenate([np.diff(p.offsets) for p in parts])
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return EventTokens(
+        user_ids=user_ids,
+        event_ts=np.concatenate([p.event_ts for p in parts]),
+        offsets=offsets,
+        ids=np.concatenate([p.ids for p in parts]).astype(np.int32),
+        errors=errs,
+    )
