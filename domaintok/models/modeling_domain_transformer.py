@@ -218,6 +218,9 @@ class DomainTransformerForCausalLM(DomainTransformerPreTrainedModel):
         super().__init__(config)
         self.model = DomainTransformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            # The tied head is never written to disk; saying so lets the Trainer re-tie it on resume, silently.
+            self._keys_to_ignore_on_save = {"lm_head.weight"}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

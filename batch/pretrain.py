@@ -1,0 +1,334 @@
+"""`domaintok pretrain`: causal-LM pretraining of the domain transformer on sequences.parquet with the HF Trainer.
+
+Streams sequences (batch/sequence_data.py), writes a self-contained model dir: safetensors weights + config, the
+tokenizer files, metrics.json and loss_curve.png. Trainer checkpoints (for --resume) live beside it, not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+from domaintok.errors import ArtifactError, DomaintokError
+
+# Peak learning rates by size: smaller models tolerate (and need) larger steps.
+DEFAULT_LR = {"tiny": 1e-3, "24m": 6e-4, "330m": 3e-4}
+# Files the model writes into its directory; a tokenizer file of the same name would be overwritten.
+MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json", "metrics.json", "loss_curve.png"}
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the model needs from the fitted tokenizer: vocabulary size, special ids, fingerprint, window."""
+
+    path: Path
+    vocab_size: int
+    pad_token_id: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    sep_token_id: int | None
+    fingerprint: str | None
+    max_length: int | None
+
+
+def read_tokenizer(path: str | Path) -> TokenizerInfo:
+    """Read a tokenizer directory: `DomainTokenizer` when it can load it, else the plain HF tokenizer in it."""
+    path = Path(path)
+    try:
+        from domaintok.tokenizer import DomainTokenizer
+    except ImportError:  # the HF files alone still give vocabulary and special ids
+        DomainTokenizer = None
+    if DomainTokenizer is not None:
+        try:
+            tok = DomainTokenizer.from_pretrained(path)
+        except (DomaintokError, FileNotFoundError, OSError):
+            tok = None
+        if tok is not None:
+            return TokenizerInfo(
+                path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,
+                fingerprint=tok.fingerprint, max_length=getattr(tok, "max_length", None),
+            )
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a tokenizer directory ({type(exc).__name__})") from None
+    if hf.pad_token_id is None:
+        raise ArtifactError(f"{path}: tokenizer has no [PAD] token")
+    extra = getattr(hf, "init_kwargs", {})
+    max_length = hf.model_max_length if isinstance(hf.model_max_length, int) and hf.model_max_length < 1e6 else None
+    return TokenizerInfo(
+        path=path, vocab_size=len(hf), pad_token_id=hf.pad_token_id, bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id, sep_token_id=hf.sep_token_id, fingerprint=extra.get("fingerprint"),
+        max_length=max_length,
+    )
+
+
+def copy_tokenizer_files(tokenizer_dir: Path, model_dir: Path) -> list[str]:
+    """Copy the tokenizer's files beside the weights so the model dir alone serves AutoTokenizer/DomainTokenizer."""
+    copied = []
+    for source in sorted(tokenizer_dir.iterdir()):
+        if source.name in MODEL_FILES:
+            raise ArtifactError(f"{source}: tokenizer file would overwrite the model's own {source.name}")
+        target = model_dir / source.name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+        copied.append(source.name)
+    return copied
+
+
+@dataclass
+class PretrainSettings:
+    """Every knob of a pretraining run (the CLI's options)."""
+
+    sequences: Path
+    tokenizer: Path
+    output: Path
+    preset: str = "tiny"
+    context_length: int | None = None
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup: float = 0.05
+    weight_decay: float = 0.1
+    eval_fraction: float = 0.05
+    eval_max_sequences: int = 2_000
+    save_steps: int | None = None
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    overrides: dict = field(default_factory=dict)
+
+    def resolved_checkpoint_dir(self) -> Path:
+        return self.checkpoint_dir or self.output.with_name(self.output.name + ".checkpoints")
+
+
+def pretrain(settings: PretrainSettings) -> dict:
+    """Run a pretraining job end to end; returns the metrics also written to <output>/metrics.json."""
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from batch.sequence_data import CausalLMCollator, SequenceDataset, count_sequences
+    from domaintok.models import DomainTransformerConfig, DomainTransformerForCausalLM
+
+    s = settings
+    tok = read_tokenizer(s.tokenizer)
+    context_length = s.context_length or tok.max_length or 1024
+    cuda = torch.cuda.is_available()
+    checkpoint_dir = s.resolved_checkpoint_dir()
+    has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.glob("checkpoint-*"))
+    if s.resume and not has_checkpoints:
+        raise ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from")
+    if not s.resume and has_checkpoints:
+        raise ArtifactError(f"{checkpoint_dir}: checkpoints exist; pass --resume to continue or delete them")
+
+    config = DomainTransformerConfig.from_preset(
+        s.preset,
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=context_length,
+        tokenizer_fingerprint=tok.fingerprint,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        sep_token_id=tok.sep_token_id,
+        **s.overrides,
+    )
+    torch.manual_seed(s.seed)
+    model = DomainTransformerForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
+    n_embedding = model.model.embed_tokens.weight.numel()
+
+    common = dict(
+        path=s.sequences, batch_size=s.batch_size, context_length=context_length, sep_token_id=tok.sep_token_id,
+        eval_fraction=s.eval_fraction, seed=s.seed,
+    )
+    train_set = SequenceDataset(split="train", shuffle=True, **common)
+    eval_set = SequenceDataset(split="eval", shuffle=False, max_sequences=s.eval_max_sequences, **common)
+    n_train = count_sequences(s.sequences, "train", s.eval_fraction)
+    n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction), s.eval_max_sequences)
+    if n_train == 0:
+        raise DomaintokError(f"{s.sequences}: no training sequences (empty file, or every user in the eval split)")
+    steps_per_epoch = math.ceil(math.ceil(n_train / s.batch_size) / s.grad_accum)
+    max_steps = s.max_steps or max(1, math.ceil(steps_per_epoch * s.epochs))
+    save_steps = s.save_steps or max(1, max_steps // 5)
+
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr or DEFAULT_LR.get(s.preset, 3e-4),
+        lr_scheduler_type="cosine",
+        warmup_steps=s.warmup,
+        weight_decay=s.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        tf32=cuda or None,
+        use_cpu=not cuda,
+        torch_compile=s.compile,
+        gradient_checkpointing=s.gradient_checkpointing,
+        logging_strategy="steps",
+        logging_steps=max(1, max_steps // 50),
+        logging_first_step=True,
+        eval_strategy="steps" if n_eval else "no",
+        eval_steps=max(1, max_steps // 5),
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        seed=s.seed,
+        dataloader_num_workers=0,  # stats below are counted in-process; parquet decoding is not the bottleneck
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if n_eval else None,
+        data_collator=CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=8 if cuda else None),
+        # With the tokenizer's pad id the Trainer counts real tokens (`non_padding`) and saves it in checkpoints.
+        processing_class=AutoTokenizer.from_pretrained(s.tokenizer),
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if s.resume else None)
+    train_seconds = time.perf_counter() - started
+    final_eval = trainer.evaluate() if n_eval else {}
+
+    stats = train_set.stats
+    # Real (non-pad) tokens trained in this session: batches skipped while resuming are not counted.
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    # The Trainer's own average divides by every step, resumed ones included; report the final tenth instead.
+    train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    final_window = train_losses[-max(1, len(train_losses) // 10) :]
+    metrics = {
+        "preset": s.preset,
+        "parameters": n_params,
+        "non_embedding_parameters": n_params - n_embedding,
+        "vocab_size": tok.vocab_size,
+        "context_length": context_length,
+        "train_sequences": n_train,
+        "eval_sequences": n_eval,
+        "steps": int(trainer.state.global_step),
+        "max_steps": max_steps,
+        "batch_size": s.batch_size,
+        "grad_accum": s.grad_accum,
+        "train_loss": sum(final_window) / len(final_window) if final_window else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "train_seconds": train_seconds,
+        "train_tokens": int(tokens),
+        "tokens_per_second": tokens / train_seconds if train_seconds else None,
+        "padding_fraction": stats.padding_fraction,
+        "truncated_sequences": stats.truncated,
+        "device": "cuda" if cuda else "cpu",
+        "bf16": bool(args.bf16),
+        "resumed": s.resume,
+        "tokenizer_fingerprint": tok.fingerprint,
+        "log_history": trainer.state.log_history,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+    }
+
+    # Rerun-safe: build the whole directory aside, then swap it in.
+    tmp = s.output.with_name(f".{s.output.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.save_pretrained(tmp)  # safetensors + config.json only
+    copy_tokenizer_files(s.tokenizer, tmp)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png", title=f"domaintok pretrain ({s.preset})")
+    if s.output.exists():
+        shutil.rmtree(s.output)
+    tmp.rename(s.output)
+    return metrics
+
+
+def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
+    """Train (and eval, when present) loss against optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@click.command("pretrain")
+@click.option("--sequences", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="sequences.parquet from `domaintok tokenize` (user_id, input_ids, ...).")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Fitted tokenizer directory (`domaintok fit`).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model directory to write (replaced if it exists).")
+@click.option("--preset", type=click.Choice(["tiny", "24m", "330m"]), default="tiny", show_default=True)
+@click.option("--context-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per sequence (default: the tokenizer's max_length); longer users keep their newest events.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (default by preset: tiny 1e-3, 24m 6e-4, 330m 3e-4).")
+@click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
+              help="Share of users (by hash of user_id) held out for eval.")
+@click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Trainer checkpoints (default: <output>.checkpoints beside the model dir).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the checkpoint dir.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
+def command(sequences, tokenizer, output, preset, context_length, max_steps, epochs, batch_size, grad_accum, lr,
+            eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, compile_):
+    """Pretrain the domain transformer (causal LM) on tokenized sequences.
+
+    Writes OUTPUT/ with model.safetensors + config.json, the tokenizer files, metrics.json (train/eval loss,
+    tokens/s, padding fraction, parameters) and loss_curve.png. bf16 on GPU; CPU works for the tiny preset.
+    """
+    settings = PretrainSettings(
+        sequences=sequences, tokenizer=tokenizer, output=output, preset=preset, context_length=context_length,
+        max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        eval_fraction=eval_fraction, save_steps=save_steps, checkpoint_dir=checkpoint_dir, resume=resume,
+        seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
+    )
+    metrics = pretrain(settings)
+    eval_loss = metrics["eval_loss"]
+    click.echo(
+        f"pretrained {metrics['parameters']:,} parameters for {metrics['steps']} steps: "
+        f"train loss {metrics['train_loss']:.4f}, eval loss "
+        f"{'n/a' if eval_loss is None else f'{eval_loss:.4f}'}, {metrics['tokens_per_second']:,.0f} tokens/s, "
+        f"padding {metrics['padding_fraction']:.1%} -> {output}"
+    )

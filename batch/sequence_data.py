@@ -1,0 +1,219 @@
+"""Streaming training data over sequences.parquet: a user-hash train/eval split, length bucketing, the LM collator.
+
+Choice: an `IterableDataset` over parquet record batches (not a map-style dataset over memory-mapped Arrow).
+It reads only the `user_id` and `input_ids` columns, one row group at a time, so memory stays flat whatever the
+file size, needs no conversion step before training, and shards by row group across DataLoader workers. The cost
+is no random access: shuffling is per epoch over row groups plus a bounded in-memory buffer, and the Trainer must
+be given `max_steps` (computed from the row count by `count_sequences`).
+
+Bucketing instead of packing: packing users into one row would let one user's tokens attend to another's unless
+every batch carried a block-diagonal mask, which rules out the flash kernel. Sorting a buffer of
+`bucket_batches * batch_size` sequences by length and cutting it into batches keeps padding small (the measured
+`padding_fraction` is reported in metrics.json) while batches stay pure causal attention.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from domaintok.errors import DomaintokError
+from domaintok.models.padded import PaddedBatch
+
+SPLITS = ("train", "eval", "all")
+REQUIRED_COLUMNS = ("user_id", "input_ids")
+_HASH_BUCKETS = 10_000
+
+
+def is_eval_user(user_id: str, eval_fraction: float) -> bool:
+    """Stable split by user (crc32 of the id), so a user's events never sit on both sides of it."""
+    return zlib.crc32(user_id.encode("utf-8")) % _HASH_BUCKETS < eval_fraction * _HASH_BUCKETS
+
+
+def truncate_to_context(ids: np.ndarray, context_length: int, sep_token_id: int | None) -> np.ndarray:
+    """Keep [BOS] + the most recent whole events (each ending with [SEP]) that fit in `context_length` tokens.
+
+    The tokenizer's own truncation rule, re-applied for a shorter context; falls back to the most recent tokens
+    when no event boundary fits (one event longer than the context).
+    """
+    if len(ids) <= context_length:
+        return ids
+    tail = ids[1:]
+    min_start = len(tail) - (context_length - 1)
+    if sep_token_id is not None:
+        starts = np.flatnonzero(tail == sep_token_id) + 1  # an event starts right after a [SEP]
+        candidates = starts[starts >= min_start]
+        if candidates.size and candidates[0] < len(tail):
+            return np.concatenate([ids[:1], tail[candidates[0]:]])
+    return np.concatenate([ids[:1], tail[min_start:]])
+
+
+def count_sequences(path: str | Path, split: str = "all", eval_fraction: float = 0.0) -> int:
+    """Rows of `path` in `split` (reads only the user_id column), to size the training schedule."""
+    parquet = open_sequences(path)
+    if split == "all" or eval_fraction <= 0.0:
+        return parquet.metadata.num_rows if split != "eval" else 0
+    want_eval = split == "eval"
+    total = 0
+    for batch in parquet.iter_batches(columns=["user_id"], batch_size=65_536):
+        total += sum(is_eval_user(u, eval_fraction) == want_eval for u in batch.column(0).to_pylist())
+    return total
+
+
+def open_sequences(path: str | Path) -> pq.ParquetFile:
+    """The sequences parquet, after checking it has the columns training needs."""
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise DomaintokError(f"{path}: missing column(s) {', '.join(missing)} (expected a `domaintok tokenize` output)")
+    return parquet
+
+
+@dataclass
+class StreamStats:
+    """What a dataset has yielded so far: sequences, real tokens, and (B, T) slots once padded into batches."""
+
+    sequences: int = 0
+    tokens: int = 0
+    padded_slots: int = 0
+    truncated: int = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.padded_slots if self.padded_slots else 0.0
+
+
+@dataclass
+class SequenceDataset(IterableDataset):
+    """Yields {"input_ids": int64 array} per user from sequences.parquet, in length-bucketed order.
+
+    Consecutive runs of `batch_size` items have similar lengths, so a DataLoader with the same batch size pads
+    little. `split` picks train or eval users by hash (`eval_fraction` of users go to eval); `max_sequences`
+    caps a split (e.g. a cheap eval). Sequences shorter than two tokens (nothing to predict) are skipped.
+    """
+
+    path: str | Path
+    batch_size: int
+    context_length: int
+    sep_token_id: int | None = None
+    split: str = "train"
+    eval_fraction: float = 0.05
+    shuffle: bool = True
+    seed: int = 0
+    bucket_batches: int = 64
+    max_sequences: int | None = None
+    read_batch_rows: int = 8_192
+    epoch: int = 0
+    stats: StreamStats = field(default_factory=StreamStats)
+
+    def __post_init__(self):
+        super().__init__()
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.batch_size <= 0 or self.context_length < 2:
+            raise ValueError("batch_size must be positive and context_length at least 2")
+        open_sequences(self.path)  # fail at construction, not inside a DataLoader worker
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at each epoch: reshuffles row groups and buckets deterministically."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        buffer: list[np.ndarray] = []
+        capacity = self.bucket_batches * self.batch_size
+        for ids in self._read():
+            buffer.append(ids)
+            if len(buffer) >= capacity:
+                yield from self._drain(buffer, rng)
+                buffer = []
+        if buffer:
+            yield from self._drain(buffer, rng)
+
+    def _read(self) -> Iterator[np.ndarray]:
+        parquet = open_sequences(self.path)
+        row_groups = np.arange(parquet.num_row_groups)
+        if self.shuffle:
+            np.random.default_rng([self.seed, self.epoch, 1]).shuffle(row_groups)
+        worker = get_worker_info()
+        if worker is not None:  # each DataLoader worker reads its own row groups
+            row_groups = row_groups[worker.id :: worker.num_workers]
+        if self.split == "eval" and self.eval_fraction <= 0:
+            return
+        by_user = self.split != "all" and self.eval_fraction > 0
+        yielded = 0
+        for batch in parquet.iter_batches(
+            batch_size=self.read_batch_rows, row_groups=row_groups.tolist(), columns=list(REQUIRED_COLUMNS)
+        ):
+            users = batch.column("user_id").to_pylist()
+            lists = batch.column("input_ids")
+            offsets = lists.offsets.to_numpy()
+            values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            for row, user in enumerate(users):
+                if by_user and is_eval_user(user, self.eval_fraction) != (self.split == "eval"):
+                    continue
+                ids = values[offsets[row] : offsets[row + 1]]
+                if len(ids) < 2:
+                    continue
+                if len(ids) > self.context_length:
+                    ids = truncate_to_context(ids, self.context_length, self.sep_token_id)
+                    self.stats.truncated += 1
+                yield ids
+                yielded += 1
+                if self.max_sequences is not None and yielded >= self.max_sequences:
+                    return
+
+    def _drain(self, buffer: list[np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+        lengths = np.fromiter((len(s) for s in buffer), dtype=np.int64, count=len(buffer))
+        if self.shuffle:
+            # Random tie-breaking among equal lengths, then a random order of whole batches.
+            order = np.lexsort((rng.random(len(buffer)), lengths))
+        else:
+            order = np.argsort(lengths, kind="stable")
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        for rows in batches:
+            self.stats.sequences += len(rows)
+            self.stats.tokens += int(lengths[rows].sum())
+            self.stats.padded_slots += int(lengths[rows].max()) * len(rows)
+            for row in rows:
+                yield {"input_ids": buffer[row]}
+
+
+@dataclass
+class CausalLMCollator:
+    """Right-pads items into a PaddedBatch; labels are the ids with padding set to -100.
+
+    No attention_mask is passed on: with right padding a causal query never attends to a later pad key, so the
+    real positions (the only ones in the loss) are exact without it, and SDPA can use its flash kernel.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        batch = PaddedBatch.from_sequences(
+            [item["input_ids"] for item in items], self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of
+        )
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # (B, T)
+        return {"input_ids": batch.input_ids, "labels": labels}
+
+
+__all__ = [
+    "SequenceDataset",
+    "CausalLMCollator",
+    "StreamStats",
+    "count_sequences",
+    "is_eval_user",
+    "open_sequences",
+    "truncate_to_context",
+]
