@@ -257,7 +257,8 @@ class DomainTokenizer:
         else:
             core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
             core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in domain])
+        # stripping the spaces around domain tokens makes `" ".join(token_strings)` encode like tokenize()
+        core.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=True, rstrip=True) for t in domain])
         for t in SPECIAL_TOKENS:
             if core.token_to_id(t) != SPECIAL_TOKENS.index(t):
                 raise ArtifactError(f"special token {t} did not keep its id")
@@ -569,9 +570,9 @@ class DomainTokenizer:
                 if isinstance(ev, Mapping):
                     if not self._canonical.issuperset(ev.keys()):
                         ev = {self._alias_of.get(k, k): v for k, v in ev.items()}
-                    rows.append(msgspec.convert(ev, struct))
+                    rows.append(msgspec.convert(ev, struct, strict=False))
                 else:
-                    rows.append(msgspec.convert(msgspec.to_builtins(ev), struct))
+                    rows.append(msgspec.convert(msgspec.to_builtins(ev), struct, strict=False))
             except (msgspec.ValidationError, TypeError) as exc:
                 errors[i] = f"invalid event: {exc}"
                 rows.append(None)
