@@ -38,23 +38,18 @@ class TokenizerInfo:
 
 
 def read_tokenizer(path: str | Path) -> TokenizerInfo:
-    """Read a tokenizer directory: `DomainTokenizer` when it can load it, else the plain HF tokenizer in it."""
+    """Read a tokenizer directory: the fitted `DomainTokenizer` when present, else the plain HF tokenizer in it."""
+    from domaintok.tokenizer import ARTIFACT_FILE, DomainTokenizer
+
     path = Path(path)
-    try:
-        from domaintok.tokenizer import DomainTokenizer
-    except ImportError:  # the HF files alone still give vocabulary and special ids
-        DomainTokenizer = None
-    if DomainTokenizer is not None:
-        try:
-            tok = DomainTokenizer.from_pretrained(path)
-        except (DomaintokError, FileNotFoundError, OSError):
-            tok = None
-        if tok is not None:
-            return TokenizerInfo(
-                path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,
-                fingerprint=tok.fingerprint, max_length=getattr(tok, "max_length", None),
-            )
+    if (path / ARTIFACT_FILE).is_file():
+        tok = DomainTokenizer.from_pretrained(path)
+        return TokenizerInfo(
+            path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,
+            fingerprint=tok.fingerprint, max_length=tok.max_length,
+        )
+    # A plain HF tokenizer dir (no fitted domain state) still gives vocabulary and special ids; no fingerprint.
     from transformers import AutoTokenizer
 
     try:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from domaintok.errors import ArtifactError
@@ -19,6 +20,16 @@ from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.padded import PaddedBatch
 
 WEIGHTS_NAME = "model.safetensors"
+# The offline embeddings table (`domaintok embed`), declared once; writers enforce it.
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field("n_events", pa.int64(), nullable=False),
+        pa.field("last_event_ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
 # Weight files that unpickle on load (arbitrary code execution); a directory holding any of them is refused.
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
@@ -121,4 +132,4 @@ def model_version(model_dir: str | Path) -> str:
     return f"{path.resolve().name}-{digest.hexdigest()[:12]}"
 
 
-__all__ = ["load_encoder", "embed_sequences", "embed_batch", "model_version", "check_model_dir", "default_device"]
+__all__ = ["EMBEDDINGS_SCHEMA", "load_encoder", "embed_sequences", "embed_batch", "model_version", "check_model_dir", "default_device"]
