@@ -147,7 +147,7 @@ class ContinuousEncoder(FieldEncoder):
         qs = [i / n for i in range(1, n)]
         row = con.execute(
             f'SELECT quantile_cont(abs("{col}"), $qs) FROM {view} WHERE isfinite("{col}")', {"qs": qs}
-        ).fetchone()
+        ).fetchall()[0]
         edges = row[0] if row and row[0] is not None else [0.0] * (n - 1)
         self.state = {"edges": [float(e) for e in edges]}
 
@@ -258,7 +258,7 @@ class TemporalEncoder(FieldEncoder):
     def fit(self, con, view, col):
         self.state = {}
         if "year" in self.params.parts:
-            lo, hi = con.execute(f'SELECT min(year("{col}")), max(year("{col}")) FROM {view}').fetchone()
+            lo, hi = con.execute(f'SELECT min(year("{col}")), max(year("{col}")) FROM {view}').fetchall()[0]
             lo = int(lo) if lo is not None else 2000
             hi = int(hi) if hi is not None else lo
             self.state = {"year_min": lo, "year_max": hi}
@@ -354,19 +354,43 @@ class TextEncoder(FieldEncoder):
         arr = pc.utf8_trim_whitespace(_strings(col))
         return pc.utf8_lower(arr) if self.params.lowercase else arr
 
+    CACHE_LIMIT = 200_000  # distinct texts remembered across batches (reset when full)
+
+    def _pieces(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """BPE (Rust, batched) of distinct texts -> (lengths int64[m], flat global piece ids), first max_tokens each."""
+        encode_batch = getattr(self.bpe, "encode_batch_fast", self.bpe.encode_batch)
+        pieces = [e.ids[: self.params.max_tokens] for e in encode_batch(texts, add_special_tokens=False)] if texts else []
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=int(lengths.sum()))
+        return lengths, (flat + self.bpe_base).astype(np.int32)
+
+    def _lookup(self, distinct: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Pieces of each distinct text, from the cross-batch cache; only texts never seen are sent to the BPE."""
+        cache = getattr(self, "_cache", None)
+        if cache is None or len(cache[0]) + len(distinct) > self.CACHE_LIMIT:
+            cache = self._cache = (pa.array([], pa.string()), np.zeros(0, np.int64), np.zeros(0, np.int32))
+        known, k_lengths, k_flat = cache
+        pos = pc.index_in(distinct, value_set=known).to_numpy(zero_copy_only=False)
+        new = np.isnan(pos) if pos.dtype.kind == "f" else pos < 0
+        if new.any():
+            fresh = distinct.filter(pa.array(new))
+            lengths, flat = self._pieces(fresh.to_pylist())
+            known = pa.concat_arrays([known, fresh])
+            k_lengths = np.concatenate([k_lengths, lengths])
+            k_flat = np.concatenate([k_flat, flat])
+            self._cache = (known, k_lengths, k_flat)
+            pos = pc.index_in(distinct, value_set=known).to_numpy(zero_copy_only=False)
+        return ragged_gather(k_lengths, k_flat, pos.astype(np.int64))
+
     def encode(self, col, gap_us=None):
         arr = self.normalize(col)
-        enc = arr.dictionary_encode()  # BPE runs once per distinct text of the batch
-        texts = enc.dictionary.to_pylist()
-        m = len(texts)
-        encode_batch = getattr(self.bpe, "encode_batch_fast", self.bpe.encode_batch)
-        pieces = [e.ids[: self.params.max_tokens] for e in encode_batch(texts, add_special_tokens=False)] if m else []
-        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=m)
-        flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=int(lengths.sum()))
+        enc = arr.dictionary_encode()  # BPE work is per distinct text, and cached across batches
+        m = len(enc.dictionary)
+        lengths, flat = self._lookup(enc.dictionary.cast(pa.string()))
         # blank texts and nulls (an extra row m) become the single NULL token
         row_lengths = np.append(np.maximum(lengths, 1), 1)
         table = np.full(int(row_lengths.sum()), self.base, dtype=np.int32)
-        table[np.repeat(np.append(lengths > 0, False), row_lengths)] = flat + self.bpe_base
+        table[np.repeat(np.append(lengths > 0, False), row_lengths)] = flat
         index = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
         return ragged_gather(row_lengths, table, index)
 

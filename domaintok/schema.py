@@ -258,7 +258,7 @@ def _check_expressions(schema: DomainSchema, where: str) -> None:
     checks += [(f"field {f.name!r}", f.source, SQL_TYPE_BY_FIELD[f.type]) for f in schema.fields]
     for what, expr, sql_type in checks:
         try:
-            con.execute(f"SELECT CAST(({expr}) AS {sql_type}) FROM __cols")
+            con.execute(f"SELECT CAST(({expr}) AS {sql_type}) FROM __cols").fetchall()
         except duckdb.Error as exc:
             msg = " ".join(str(exc).split())
             declared = ", ".join(c.name for c in schema.columns)

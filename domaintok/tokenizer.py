@@ -112,6 +112,7 @@ class DomainTokenizer:
         self._canonical = {c.name for c in schema.columns}
         self._alias_of = {a: c.name for c in schema.columns for a in c.aliases}
         self.fingerprint = self._compute_fingerprint()
+        self.fit_stats: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- ids
     pad_token_id = PAD_ID
@@ -171,8 +172,23 @@ class DomainTokenizer:
             report("train BPE on " + ", ".join(enc.spec.name for _, enc in texts))
             size = bpe_vocab_size or max(enc.params.bpe_vocab_size for _, enc in texts)
             bpe = _train_bpe(con, texts, size)
+        tok = cls(schema, encoders, bpe, max_length)
+        report("measure")
+        n_events, n_users = con.execute("SELECT count(*), count(DISTINCT __user) FROM __fit").fetchall()[0]
+        cols = ", ".join(f"__f{i}" for i in range(len(encoders)))
+        sample = con.sql(f"SELECT __user, __ts, {cols} FROM __fit LIMIT 50000").to_arrow_table()
+        gap = np.zeros(sample.num_rows, np.int64) if tok._needs_gap else None
+        lengths, _ = tok._encode_columns([sample.column(2 + i) for i in range(len(encoders))], sample.num_rows, gap)
         con.close()
-        return cls(schema, encoders, bpe, max_length)
+        # what the data looked like (not part of the saved state or fingerprint)
+        tok.fit_stats = {
+            "events": int(n_events),
+            "users": int(n_users),
+            "tokens_per_event": float(lengths.mean()) if len(lengths) else 0.0,
+            "vocab_size": tok.vocab_size,
+            "bpe_pieces": bpe.get_vocab_size() if bpe is not None else 0,
+        }
+        return tok
 
     # ---------------------------------------------------------------- save / load
     def _state(self) -> dict[str, Any]:
@@ -284,11 +300,13 @@ class DomainTokenizer:
         batch_size: int = 65536,
         on_rows: Callable[[int], None] | None = None,
         memory_limit: str | None = None,
+        stats: dict[str, int] | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Yield SEQUENCES_SCHEMA record batches, one row per user, streaming sorted DuckDB batches so memory stays flat.
 
         DuckDB orders events by (user, event time, input, input row); each batch is encoded at once and a user whose
-        events straddle a batch boundary is carried (already truncated) into the next batch.
+        events straddle a batch boundary is carried (already truncated) into the next batch. `stats`, when given,
+        receives the counts `events` and `event_tokens` (tokens of every event before truncation, [SEP] included).
         """
         max_length = self._check_max_length(max_length)
         con = _connect(self.schema, memory_limit=memory_limit)
@@ -298,7 +316,7 @@ class DomainTokenizer:
             f"SELECT __user, __ts, {cols} FROM {view} WHERE {_KEEP} ORDER BY __user, __ts, __input, __row"
         ).to_arrow_reader(batch_size)
         try:
-            yield from self._sequences(reader, max_length, on_rows)
+            yield from self._sequences(reader, max_length, on_rows, stats if stats is not None else {})
         finally:
             reader.close() if hasattr(reader, "close") else None
             con.close()
@@ -321,23 +339,28 @@ class DomainTokenizer:
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        users = tokens = events = kept_events = 0
+        users = tokens = 0
+        counts: dict[str, int] = {}
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         os.close(fd)
         try:
             with pq.ParquetWriter(tmp, SEQUENCES_SCHEMA, compression="zstd") as writer:
-                for batch in self.iter_tokenize(data, max_length, on_rows=on_rows, **kwargs):
+                for batch in self.iter_tokenize(data, max_length, on_rows=on_rows, stats=counts, **kwargs):
                     writer.write_batch(batch)
                     users += batch.num_rows
-                    events += int(pc.sum(batch.column("n_events")).as_py() or 0)
-                    lengths = pc.list_value_length(batch.column("input_ids")).to_numpy()
-                    tokens += int(lengths.sum())
-                    kept_events += 0
+                    tokens += len(batch.column("input_ids").values)
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return {"users": users, "events": events, "tokens": tokens, "seconds": time.perf_counter() - start}
+        events = counts.get("events", 0)
+        return {
+            "users": users,
+            "events": events,
+            "sequence_tokens": tokens,
+            "tokens_per_event": counts.get("event_tokens", 0) / max(events, 1),
+            "seconds": time.perf_counter() - start,
+        }
 
     def _check_max_length(self, max_length: int | None) -> int:
         max_length = self.max_length if max_length is None else int(max_length)
@@ -345,7 +368,7 @@ class DomainTokenizer:
             raise DomaintokError(f"max_length must be >= 2, got {max_length}")
         return max_length
 
-    def _sequences(self, reader, max_length: int, on_rows) -> Iterator[pa.RecordBatch]:
+    def _sequences(self, reader, max_length: int, on_rows, stats: dict[str, int]) -> Iterator[pa.RecordBatch]:
         needs_gap = self._needs_gap
         # the last user of the previous batch: events kept so far (truncated), all-time count, last event time
         p_user: str | None = None
@@ -375,6 +398,8 @@ class DomainTokenizer:
                     first[0] = False
                 gap = np.where(first, -1, ts - prev)
             lengths, flat = self._encode_columns([batch.column(2 + i) for i in range(len(self.encoders))], n, gap)
+            stats["events"] = stats.get("events", 0) + n
+            stats["event_tokens"] = stats.get("event_tokens", 0) + len(flat)
             # prepend the carried user: as part of the first group, or as its own group
             m = len(p_lengths)
             lengths = np.concatenate([p_lengths, lengths])
