@@ -16,7 +16,8 @@ from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.padded import PaddedBatch
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = "embedding"
+# Not "embedding": the exporter names the token-embedding lookup's output that, and ONNX names must be unique.
+OUTPUT_NAME = "user_embedding"
 DEFAULT_OPSET = 18
 
 
@@ -52,24 +53,21 @@ def export_encoder(model: DomainTransformerModel, path: str | Path, opset: int =
     wrapper = EncoderForExport(model.eval().float().cpu()).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     batch = example_batch(pad, model.config.vocab_size)
-    # The TorchScript exporter: the dynamo one (torch 2.15) wrote an invalid graph for this model (a duplicated
-    # output name) in our tests.
+    B, T = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with torch.no_grad(), warnings.catch_warnings():
-        # The gather of the last real token uses argmax indices, which are never negative.
-        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        # The exporter warns that the two inputs share their axis names, which is the intent.
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         torch.onnx.export(
             wrapper,
             (batch.input_ids, batch.attention_mask),
             str(path),
             input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                OUTPUT_NAME: {0: "batch"},
-            },
+            dynamic_shapes=({0: B, 1: T}, {0: B, 1: T}),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
     return path
 
