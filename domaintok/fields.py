@@ -189,8 +189,8 @@ class CategoricalEncoder(FieldEncoder):
 
     def fit(self, con, view, col):
         rows = con.execute(
-            f'SELECT "{col}" AS v, count(*) AS c FROM {view} WHERE "{col}" IS NOT NULL GROUP BY v '
-            f"HAVING count(*) >= $minf ORDER BY c DESC, v LIMIT $maxn",
+            f'SELECT "{col}", count(*) AS c FROM {view} WHERE "{col}" IS NOT NULL GROUP BY "{col}" '
+            f'HAVING count(*) >= $minf ORDER BY c DESC, "{col}" LIMIT $maxn',
             {"minf": self.params.min_frequency, "maxn": self.params.max_size},
         ).fetchall()
         self.state = {"values": [r[0] for r in rows]}
