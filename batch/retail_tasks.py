@@ -16,6 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from batch.finetune import user_split
 from domaintok.errors import DomaintokError
 
 FILE_2009 = "online_retail_II_sheet2009-2010.parquet"
@@ -27,7 +28,6 @@ DEFAULT_HORIZON_DAYS = 90
 SPLITS = ("train", "valid", "test")
 # A salt so the task split is independent of the pretraining job's own crc32 eval split.
 SPLIT_SALT = "domaintok-retail-split:"
-_HASH_BUCKETS = 10_000
 
 # The raw columns the online_retail schema reads (its canonical spellings), in this order.
 EVENT_COLUMNS = ("Invoice", "StockCode", "Description", "Quantity", "InvoiceDate", "Price", "CustomerID", "Country")
@@ -37,16 +37,6 @@ NUMERIC_FEATURES = (
     "invoices_365d", "spend_90d", "spend_365d", "mean_days_between_invoices",
 )
 CATEGORICAL_FEATURES = ("country",)
-
-
-def split_of(user_id: str, valid_fraction: float = 0.15, test_fraction: float = 0.15) -> str:
-    """train / valid / test by a salted crc32 of the user id: a user's rows never straddle two splits."""
-    bucket = zlib.crc32((SPLIT_SALT + user_id).encode("utf-8")) % _HASH_BUCKETS / _HASH_BUCKETS
-    if bucket < test_fraction:
-        return "test"
-    if bucket < test_fraction + valid_fraction:
-        return "valid"
-    return "train"
 
 
 def data_paths(data_dir: str | Path) -> tuple[Path, Path]:
@@ -158,7 +148,7 @@ def build_retail_tasks(
         users = sorted(users, key=lambda u: zlib.crc32(u.encode()))[:max_users]
     con.register("task_users", pa.table({
         "user_id": pa.array(users, pa.string()),
-        "split": pa.array([split_of(u, valid_fraction, test_fraction) for u in users], pa.string()),
+        "split": pa.array([user_split(u, valid_fraction, test_fraction, salt=SPLIT_SALT) for u in users], pa.string()),
     }))
 
     events = con.sql(
@@ -233,7 +223,6 @@ __all__ = [
     "RetailTasks",
     "build_retail_tasks",
     "create_events_view",
-    "split_of",
     "data_paths",
     "NUMERIC_FEATURES",
     "CATEGORICAL_FEATURES",

@@ -1,0 +1,595 @@
+"""`domaintok finetune`: joint-fusion fine-tuning of a pretrained domain transformer on labels (+ tabular features).
+
+Labels, sequences and features are joined by user id in DuckDB; rows are split train/valid/test with no user on
+two sides; training stops early on the validation metric; writes the fused model, metrics.json, predictions.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from domaintok.errors import DomaintokError
+
+TASKS = ("binary", "multiclass", "regression")
+SPLIT_MODES = ("auto", "column", "user", "time")
+SPLITS = ("train", "valid", "test")
+_HASH_BUCKETS = 10_000
+# The salt keeps this split independent of pretraining's unsalted crc32 eval split (batch/sequence_data.py).
+USER_SPLIT_SALT = "domaintok-finetune-split:"
+
+
+def user_split(user_id: str, valid_fraction: float = 0.15, test_fraction: float = 0.15,
+               salt: str = USER_SPLIT_SALT) -> str:
+    """"train" / "valid" / "test" from a salted crc32 of the user id: stable across runs and machines."""
+    bucket = zlib.crc32((salt + user_id).encode("utf-8")) % _HASH_BUCKETS / _HASH_BUCKETS
+    if bucket < test_fraction:
+        return "test"
+    if bucket < test_fraction + valid_fraction:
+        return "valid"
+    return "train"
+
+
+def quote_identifier(name: str) -> str:
+    """A DuckDB identifier, quoted (embedded quotes doubled), for column names that come from a file's schema."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# --- inputs: schema checks and the DuckDB join --------------------------------------------------------------------
+
+
+def _columns(path: Path, role: str) -> pa.Schema:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DomaintokError(f"{role} {path}: cannot read as parquet ({' '.join(str(exc).split())})") from None
+    if "user_id" not in schema.names:
+        raise DomaintokError(f"{role} {path}: no user_id column (columns: {', '.join(schema.names)})")
+    return schema
+
+
+def infer_feature_types(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """Numeric (ints, floats, decimals, bools) and categorical (strings, dictionaries) columns besides user_id."""
+    numeric, categorical = [], []
+    for f in schema:
+        if f.name == "user_id":
+            continue
+        t = f.type
+        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t):
+            numeric.append(f.name)
+        elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+            categorical.append(f.name)
+        else:
+            raise DomaintokError(
+                f"features column {f.name!r} has type {t}: only numeric, boolean and string columns are supported"
+            )
+    return numeric, categorical
+
+
+@dataclass
+class JoinedData:
+    """One row per labelled user that has a sequence: the join result, split assigned."""
+
+    table: pa.Table  # user_id, input_ids, label, split, feature columns
+    numeric_features: list[str]
+    categorical_features: list[str]
+    labelled_users: int
+    users_without_sequence: int
+    users_without_features: int
+
+
+def join_inputs(
+    labels: Path,
+    sequences: Path,
+    features: Path | None = None,
+    label_column: str = "label",
+    split: str = "auto",
+    valid_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> JoinedData:
+    """Join labels, sequences and (optionally) features by user id and assign the split.
+
+    Split modes: "column" uses the labels' `split` column (train/valid/test, e.g. from a task builder);
+    "user" hashes the user id (`user_split`); "time" orders labels by their `label_ts` column and cuts it at
+    the (1 - valid - test) and (1 - test) quantiles, so every test label is later than every train label;
+    "auto" is "column" when the labels have a split column, else "user". One label per user is required, so
+    no user sits in two splits.
+    """
+    con = con or duckdb.connect()
+    label_schema = _columns(labels, "labels")
+    _columns(sequences, "sequences")
+    if label_column not in label_schema.names:
+        raise DomaintokError(
+            f"labels {labels}: no label column {label_column!r} (columns: {', '.join(label_schema.names)})"
+        )
+    if "input_ids" not in pq.read_schema(sequences).names:
+        raise DomaintokError(f"sequences {sequences}: no input_ids column (expected a `domaintok tokenize` output)")
+    if split == "auto":
+        split = "column" if "split" in label_schema.names else "user"
+    if split == "column" and "split" not in label_schema.names:
+        raise DomaintokError(f"labels {labels}: --split column needs a 'split' column (train/valid/test)")
+    if split == "time" and "label_ts" not in label_schema.names:
+        raise DomaintokError(f"labels {labels}: --split time needs a 'label_ts' column")
+
+    numeric, categorical = [], []
+    if features is not None:
+        numeric, categorical = infer_feature_types(_columns(features, "features"))
+        if not numeric and not categorical:
+            raise DomaintokError(f"features {features}: no feature columns besides user_id")
+
+    params: dict[str, Any] = {"sequences": str(sequences)}
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE ft_labels AS SELECT CAST(user_id AS VARCHAR) AS user_id, "
+        f"{quote_identifier(label_column)} AS label"
+        + (", CAST(split AS VARCHAR) AS split" if split == "column" else "")
+        + (", CAST(label_ts AS TIMESTAMP) AS label_ts" if split == "time" else "")
+        + " FROM read_parquet($labels)",
+        {"labels": str(labels)},
+    )
+    problems = con.execute(
+        "SELECT count(*) FILTER (WHERE user_id IS NULL), count(*) FILTER (WHERE label IS NULL), "
+        "count(*) - count(DISTINCT user_id), count(*) FROM ft_labels"
+    ).fetchone()
+    if problems[3] == 0:
+        raise DomaintokError(f"labels {labels}: no rows")
+    if problems[0]:
+        raise DomaintokError(f"labels {labels}: {problems[0]} rows have a null user_id")
+    if problems[1]:
+        raise DomaintokError(f"labels {labels}: {problems[1]} rows have a null {label_column!r}")
+    if problems[2]:
+        dup = con.execute("SELECT user_id FROM ft_labels GROUP BY user_id HAVING count(*) > 1 LIMIT 1").fetchone()[0]
+        raise DomaintokError(f"labels {labels}: user_id {dup!r} has more than one label (one label per user)")
+    if split == "column":
+        bad = con.execute(
+            "SELECT DISTINCT split FROM ft_labels WHERE split IS NULL OR split NOT IN ('train', 'valid', 'test')"
+        ).fetchall()
+        if bad:
+            raise DomaintokError(f"labels {labels}: split column holds {bad[0][0]!r}; expected train, valid or test")
+
+    feature_select = ""
+    feature_join = ""
+    if features is not None:
+        feature_select = "".join(f", f.{quote_identifier(c)}" for c in [*numeric, *categorical])
+        feature_join = (
+            "LEFT JOIN (SELECT * EXCLUDE (user_id), CAST(user_id AS VARCHAR) AS user_id FROM read_parquet($features))"
+            " f ON f.user_id = l.user_id"
+        )
+        params["features"] = str(features)
+        dup = con.execute(
+            "SELECT CAST(user_id AS VARCHAR) FROM read_parquet($features) GROUP BY 1 HAVING count(*) > 1 LIMIT 1",
+            {"features": str(features)},
+        ).fetchone()
+        if dup:
+            raise DomaintokError(f"features {features}: user_id {dup[0]!r} has more than one row")
+    extra = (", l.split" if split == "column" else "") + (", l.label_ts" if split == "time" else "")
+    has_features = ", f.user_id IS NOT NULL AS __has_features" if features is not None else ""
+    table = con.sql(
+        f"""
+        SELECT l.user_id, s.input_ids, l.label{extra}{feature_select}{has_features}
+        FROM ft_labels l
+        JOIN (SELECT CAST(user_id AS VARCHAR) AS user_id, input_ids FROM read_parquet($sequences)) s
+          ON s.user_id = l.user_id
+        {feature_join}
+        ORDER BY l.user_id
+        """,
+        params=params,
+    ).to_arrow_table()
+    labelled = int(problems[3])
+    if table.num_rows == 0:
+        raise DomaintokError(f"no overlapping users: no user_id of labels {labels} has a sequence in {sequences}")
+    without_features = 0
+    if features is not None:
+        without_features = table.num_rows - int(np.sum(table.column("__has_features").to_numpy(zero_copy_only=False)))
+        table = table.drop(["__has_features"])
+
+    users = table.column("user_id").to_pylist()
+    if split == "user":
+        assigned = [user_split(u, valid_fraction, test_fraction) for u in users]
+    elif split == "time":
+        ts = table.column("label_ts").cast(pa.timestamp("us")).to_numpy().astype("datetime64[us]").astype(np.int64)
+        train_end, valid_end = np.quantile(ts, [1 - valid_fraction - test_fraction, 1 - test_fraction])
+        # Ties go to the earlier split, so a timestamp is never on both sides of a cut.
+        assigned = np.where(ts <= train_end, "train", np.where(ts <= valid_end, "valid", "test")).tolist()
+        table = table.drop(["label_ts"])
+    else:
+        assigned = table.column("split").to_pylist()
+        table = table.drop(["split"])
+    table = table.append_column("split", pa.array(assigned, pa.string()))
+    return JoinedData(
+        table=table,
+        numeric_features=numeric,
+        categorical_features=categorical,
+        labelled_users=labelled,
+        users_without_sequence=labelled - table.num_rows,
+        users_without_features=without_features,
+    )
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+
+def task_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
+    """binary: auc, logloss, accuracy (p > 0.5), brier; multiclass: accuracy, logloss; regression: rmse, mae."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    n = len(y)
+    if n == 0:
+        return {"n": 0}
+    if task == "binary":
+        p = np.clip(pred.astype(np.float64), 1e-7, 1 - 1e-7)
+        both = len(np.unique(y)) == 2
+        return {
+            "n": n,
+            "auc": float(roc_auc_score(y, p)) if both else None,
+            "logloss": float(log_loss(y, p, labels=[0, 1])),
+            "accuracy": float(np.mean((p > 0.5) == (y == 1))),
+            "brier": float(np.mean((p - y) ** 2)),
+            "positive_rate": float(np.mean(y)),
+        }
+    if task == "multiclass":
+        p = np.clip(pred.astype(np.float64), 1e-7, 1.0)
+        p = p / p.sum(axis=1, keepdims=True)
+        return {
+            "n": n,
+            "accuracy": float(np.mean(p.argmax(axis=1) == y)),
+            "logloss": float(log_loss(y, p, labels=list(range(p.shape[1])))),
+        }
+    err = pred.astype(np.float64) - y.astype(np.float64)
+    return {"n": n, "rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+
+
+def selection_score(task: str, metrics: dict) -> float:
+    """Higher is better: AUC (binary; -logloss if one class), -logloss (multiclass), -RMSE (regression)."""
+    if task == "binary":
+        return metrics["auc"] if metrics.get("auc") is not None else -metrics["logloss"]
+    if task == "multiclass":
+        return -metrics["logloss"]
+    return -metrics["rmse"]
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneSettings:
+    """Every knob of a fine-tuning run (the CLI's options)."""
+
+    model: Path
+    sequences: Path
+    labels: Path
+    output: Path
+    features: Path | None = None
+    task: str = "binary"
+    label_column: str = "label"
+    split: str = "auto"
+    valid_fraction: float = 0.15
+    test_fraction: float = 0.15
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    epochs: int = 5
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 3e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    patience: int = 2
+    evals_per_epoch: int = 1
+    max_length: int | None = None
+    dropout: float = 0.1
+    embedding_layernorm: bool = True
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+def _targets(task: str, labels: pa.ChunkedArray, label_column: str) -> tuple[np.ndarray, list[str]]:
+    if task == "binary":
+        values = labels.cast(pa.int64()).to_numpy(zero_copy_only=False) if not pa.types.is_boolean(labels.type) \
+            else labels.to_numpy(zero_copy_only=False).astype(np.int64)
+        bad = set(np.unique(values).tolist()) - {0, 1}
+        if bad:
+            raise DomaintokError(f"binary task: label column {label_column!r} holds {sorted(bad)[0]!r}; expected 0/1")
+        return values.astype(np.int64), []
+    if task == "multiclass":
+        strings = [str(v) for v in labels.to_pylist()]
+        classes = sorted(set(strings))
+        if len(classes) < 2:
+            raise DomaintokError(f"multiclass task: label column {label_column!r} has fewer than 2 classes")
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[s] for s in strings], dtype=np.int64), classes
+    try:
+        return labels.cast(pa.float64()).to_numpy(zero_copy_only=False), []
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DomaintokError(f"regression task: label column {label_column!r} is not numeric ({labels.type})") from None
+
+
+def _batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+    """Index batches of similar lengths: sort chunks of 32 batches by length (less padding), shuffle batches."""
+    chunk = batch_size * 32
+    batches = []
+    for start in range(0, len(order), chunk):
+        rows = order[start : start + chunk]
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def predict(model, sequences: list[np.ndarray], numeric, categorical, batch_size: int, device) -> np.ndarray:
+    """Model outputs for every row, in row order: P(y=1) (N,), class probabilities (N, C) or values (N,)."""
+    import torch
+
+    from domaintok.models.padded import PaddedBatch
+
+    model.eval()
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    outputs: list[tuple[np.ndarray, np.ndarray]] = []
+    pad = model.transformer.config.pad_token_id if model.transformer is not None else 0
+    with torch.inference_mode():
+        for rows in _batches(np.arange(len(sequences)), lengths, batch_size * 2, None):
+            batch = PaddedBatch.from_sequences([sequences[i] for i in rows], pad_token_id=pad).to(device)
+            out = model(batch.input_ids, batch.attention_mask, numeric[rows].to(device), categorical[rows].to(device))
+            outputs.append((rows, model.predict(out.logits).float().cpu().numpy()))
+    width = outputs[0][1].shape[1:] if outputs else ()
+    result = np.zeros((len(sequences), *width), dtype=np.float32)
+    for rows, values in outputs:
+        result[rows] = values
+    return result
+
+
+def finetune(settings: FinetuneSettings) -> dict:
+    """Run a fine-tuning job end to end; returns the metrics also written to <output>/metrics.json."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from domaintok.models.embedding import load_encoder
+    from domaintok.models.fusion import JointFusionModel, encode_tabular, fit_tabular_stats, truncate_window
+    from domaintok.models.padded import PaddedBatch
+
+    s = settings
+    if s.task not in TASKS:
+        raise DomaintokError(f"task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    started = time.perf_counter()
+    data = join_inputs(s.labels, s.sequences, s.features, s.label_column, s.split, s.valid_fraction,
+                       s.test_fraction)
+    table = data.table
+    split = np.asarray(table.column("split").to_pylist())
+    counts = {name: int((split == name).sum()) for name in SPLITS}
+    if counts["train"] == 0:
+        raise DomaintokError("no training rows after the split (check the split column or the fractions)")
+    if counts["valid"] == 0:
+        raise DomaintokError("no validation rows after the split: early stopping needs some (raise --valid-fraction)")
+    y, class_names = _targets(s.task, table.column("label"), s.label_column)
+
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(s.seed)
+    encoder = load_encoder(s.model, device="cpu")
+    encoder_config = encoder.config
+    max_length = s.max_length or encoder_config.max_position_embeddings
+    lists = table.column("input_ids").combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    sequences = [
+        truncate_window(values[offsets[i] : offsets[i + 1]], max_length, encoder_config.sep_token_id)
+        for i in range(table.num_rows)
+    ]
+    if any(len(seq) == 0 for seq in sequences):
+        raise DomaintokError(f"sequences {s.sequences}: a user has an empty input_ids list")
+
+    train_rows = np.flatnonzero(split == "train")
+    stats = fit_tabular_stats(table.take(pa.array(train_rows)), data.numeric_features, data.categorical_features)
+    extra: dict[str, Any] = {"class_names": class_names}
+    if s.task == "regression":
+        extra["target_mean"] = float(y[train_rows].mean())
+        extra["target_std"] = float(y[train_rows].std()) or 1.0
+    lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0} if s.lora else None
+    model = JointFusionModel.from_encoder(
+        encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
+        embedding_layernorm=s.embedding_layernorm, **stats, **extra,
+    ).to(device)
+    numeric, categorical = encode_tabular(model.config, table)
+    labels_t = torch.from_numpy(y)
+
+    encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("transformer.")]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("transformer.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "lr": s.lr}, {"params": other_params, "lr": s.head_lr}],
+        weight_decay=s.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(train_rows) / s.batch_size)
+    total_steps = steps_per_epoch * s.epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * s.epochs)
+    warmup_steps = max(1, int(s.warmup * total_steps))
+
+    def schedule(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lengths = np.fromiter((len(seq) for seq in sequences), dtype=np.int64, count=len(sequences))
+    valid_rows = np.flatnonzero(split == "valid")
+    test_rows = np.flatnonzero(split == "test")
+    pad = encoder_config.pad_token_id if encoder_config.pad_token_id is not None else 0
+    rng = np.random.default_rng(s.seed)
+
+    def evaluate(rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        pred = predict(model, [sequences[i] for i in rows], numeric[rows], categorical[rows], s.batch_size, device)
+        return task_metrics(s.task, y[rows], pred), pred
+
+    history = []
+    best_score, best_state, best_step, bad_evals = -math.inf, None, 0, 0
+    eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
+    step, stop = 0, False
+    bar = tqdm(total=total_steps, desc="finetune", disable=not s.progress, leave=False)
+    train_loss_sum, train_loss_n = 0.0, 0
+    while step < total_steps and not stop:
+        for rows in _batches(rng.permutation(train_rows), lengths, s.batch_size, rng):
+            model.train()
+            batch = PaddedBatch.from_sequences([sequences[i] for i in rows], pad_token_id=pad).to(device)
+            out = model(batch.input_ids, batch.attention_mask, numeric[rows].to(device),
+                        categorical[rows].to(device), labels=labels_t[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            train_loss_sum += out.loss.detach().item()
+            train_loss_n += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                valid_metrics, _ = evaluate(valid_rows)
+                score = selection_score(s.task, valid_metrics)
+                history.append({"step": step, "train_loss": train_loss_sum / train_loss_n, "valid": valid_metrics})
+                train_loss_sum, train_loss_n = 0.0, 0
+                bar.set_postfix(valid=f"{score:.4f}")
+                if score > best_score:
+                    best_score, best_step, bad_evals = score, step, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad_evals += 1
+                    if bad_evals > s.patience:
+                        stop = True
+                        break
+            if step >= total_steps:
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    train_seconds = time.perf_counter() - started
+
+    valid_metrics, _ = evaluate(valid_rows)
+    held_out = test_rows if len(test_rows) else valid_rows
+    test_metrics, test_pred = evaluate(held_out)
+    metrics = {
+        "task": s.task,
+        "held_out_split": "test" if len(test_rows) else "valid",
+        "test": test_metrics,
+        "valid": valid_metrics,
+        "best_step": best_step,
+        "steps": step,
+        "stopped_early": stop,
+        "train_seconds": train_seconds,
+        "rows": counts,
+        "labelled_users": data.labelled_users,
+        "users_without_sequence": data.users_without_sequence,
+        "users_without_features": data.users_without_features,
+        "numeric_features": data.numeric_features,
+        "categorical_features": data.categorical_features,
+        "class_names": class_names,
+        "max_length": max_length,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "history": history,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+    }
+
+    # Rerun-safe: build the directory aside, then swap it in.
+    out = Path(s.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    predictions = {
+        "user_id": table.column("user_id").take(pa.array(held_out)),
+        "split": pa.array(split[held_out].tolist(), pa.string()),
+    }
+    if s.task == "multiclass":
+        predictions["label"] = pa.array([class_names[i] for i in y[held_out]], pa.string())
+        predictions["prediction"] = pa.array([class_names[i] for i in test_pred.argmax(axis=1)], pa.string())
+        predictions["probabilities"] = pa.array(list(test_pred), pa.list_(pa.float32()))
+    else:
+        predictions["label"] = pa.array(y[held_out])
+        predictions["prediction"] = pa.array(test_pred.astype(np.float64))
+    pq.write_table(pa.table(predictions), tmp / "predictions.parquet")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return metrics
+
+
+@click.command("finetune")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Pretrained model directory (`domaintok pretrain`).")
+@click.option("--sequences", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="sequences.parquet (user_id, input_ids) from `domaintok tokenize`.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Labels parquet: user_id, label, and optionally split (train/valid/test) or label_ts.")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Tabular features parquet: user_id + numeric/boolean (PLR) and string (embedding) columns.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Fused model directory to write (replaced if it exists).")
+@click.option("--task", type=click.Choice(TASKS), default="binary", show_default=True)
+@click.option("--label-column", default="label", show_default=True, help="Name of the label column.")
+@click.option("--split", type=click.Choice(SPLIT_MODES), default="auto", show_default=True,
+              help="column: the labels' split column; user: hash of user_id; time: by label_ts quantiles; "
+                   "auto: column if present, else user.")
+@click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.15,
+              show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True)
+@click.option("--lora", is_flag=True, help="Fine-tune the transformer through LoRA adapters (PEFT) only.")
+@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap on optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,
+              help="Peak learning rate of the transformer (or its adapters).")
+@click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate of the head and the tabular branch.")
+@click.option("--patience", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Validation checks without improvement before stopping.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per sequence (default: the model's context); older whole events are dropped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
+            lora, lora_r, epochs, max_steps, batch_size, lr, head_lr, patience, max_length, seed):
+    """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
+
+    Joins labels, sequences and features by user_id (DuckDB), splits without user leakage, stops early on the
+    validation metric and writes OUTPUT/ (fusion_config.json + model.safetensors, metrics.json with the
+    held-out test metrics, predictions.parquet).
+    """
+    settings = FinetuneSettings(
+        model=model, sequences=sequences, labels=labels, output=output, features=features, task=task,
+        label_column=label_column, split=split, valid_fraction=valid_fraction, test_fraction=test_fraction,
+        lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        head_lr=head_lr, patience=patience, max_length=max_length, seed=seed,
+    )
+    metrics = finetune(settings)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items() if isinstance(v, float))
+    click.echo(
+        f"fine-tuned {metrics['task']} on {metrics['rows']['train']} users for {metrics['steps']} steps "
+        f"(best at {metrics['best_step']}); {metrics['held_out_split']} ({metrics['test']['n']} users): {shown} "
+        f"-> {output}"
+    )
+
+
+__all__ = [
+    "FinetuneSettings",
+    "finetune",
+    "join_inputs",
+    "infer_feature_types",
+    "task_metrics",
+    "user_split",
+    "quote_identifier",
+    "command",
+]
