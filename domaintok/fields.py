@@ -231,8 +231,9 @@ class EntityEncoder(FieldEncoder):
         b, k = self.params.buckets, self.params.n_tokens
         # hash each distinct value of the batch once
         enc = arr.dictionary_encode()
-        h = stable_hash64(enc.dictionary)
-        idx = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        m = len(enc.dictionary)
+        h = np.append(stable_hash64(enc.dictionary), np.uint64(0))  # row m stands for null (masked below)
+        idx = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
         shifts = np.arange(k, dtype=np.uint64) * np.uint64(16)
         parts = ((h[:, None] >> shifts[None, :]) & np.uint64(0xFFFF)) % np.uint64(b)  # (m, k)
         ids2d = parts.astype(np.int64)[idx] + 1 + np.arange(k) * b + self.base  # (n, k)

@@ -750,17 +750,16 @@ def _ts_micros(col) -> np.ndarray:
 def _column_array(values: list[Any], ctype: str, tz: str) -> pa.Array:
     if ctype != "timestamp":
         return pa.array(values, type=_ARROW_TYPE_BY_COLUMN[ctype])
-    try:
-        arr = pa.array(values)
-        if pa.types.is_timestamp(arr.type) or pa.types.is_null(arr.type):
-            return arr if not pa.types.is_null(arr.type) else arr.cast(pa.timestamp("us"))
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        pass
-    # mixed naive / aware datetimes: aware ones become wall-clock times in the schema timezone
+    aware = [v is not None and v.tzinfo is not None for v in values]
+    n_aware, n_naive = sum(aware), sum(v is not None for v in values) - sum(aware)
+    if n_aware == 0 or n_naive == 0:
+        # all naive (wall-clock in the schema timezone) or all aware (pyarrow keeps the instants)
+        return pa.array(values, type=pa.timestamp("us")) if n_aware == 0 else pa.array(values)
+    # mixed: pyarrow would silently drop the offsets, so aware ones become wall-clock times in the schema timezone
     from zoneinfo import ZoneInfo
 
     zone = ZoneInfo(tz)
-    local = [v.astimezone(zone).replace(tzinfo=None) if v is not None and v.tzinfo is not None else v for v in values]
+    local = [v.astimezone(zone).replace(tzinfo=None) if a else v for v, a in zip(values, aware)]
     return pa.array(local, type=pa.timestamp("us"))
 
 
