@@ -404,7 +404,7 @@ def finetune(settings: FinetuneSettings) -> dict:
         embedding_layernorm=s.embedding_layernorm, **stats, **extra,
     ).to(device)
     numeric, categorical = encode_tabular(model.config, table)
-    labels_t = torch.from_numpy(y)
+    labels_t = torch.from_numpy(np.array(y, copy=True))  # Arrow buffers are read-only
 
     encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("transformer.")]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("transformer.")]
