@@ -40,6 +40,8 @@ from domaintok.window import keep_newest_events
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID, MASK_ID = range(6)
 DEFAULT_MAX_LENGTH = 1024
+# DuckDB's budget for tokenize's sort: larger inputs spill to disk instead of growing the process (flat memory)
+TOKENIZE_MEMORY_LIMIT = "256MB"
 ARTIFACT_FILE = "domaintok_tokenizer.json"
 BPE_FILE = "domaintok_bpe.json"
 FORMAT_VERSION = 1
@@ -299,7 +301,7 @@ class DomainTokenizer:
         *,
         batch_size: int = 65536,
         on_rows: Callable[[int], None] | None = None,
-        memory_limit: str | None = None,
+        memory_limit: str | None = TOKENIZE_MEMORY_LIMIT,
         stats: dict[str, int] | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Yield SEQUENCES_SCHEMA record batches, one row per user, streaming sorted DuckDB batches so memory stays flat.
@@ -629,7 +631,12 @@ _KEEP = "__user IS NOT NULL AND __ts IS NOT NULL AND __keep"
 
 
 def _connect(schema: DomainSchema, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
-    config = {"threads": max(1, min(os.cpu_count() or 1, 8))}
+    config = {
+        "threads": max(1, min(os.cpu_count() or 1, 8)),
+        # a sort larger than memory_limit spills here (never into the working directory)
+        "enable_progress_bar": False,
+        "temp_directory": os.path.join(tempfile.gettempdir(), f"domaintok-duckdb-{os.getpid()}"),
+    }
     if memory_limit:
         config["memory_limit"] = memory_limit
     con = duckdb.connect(config=config)
@@ -724,8 +731,9 @@ def _train_bpe(con, texts: list[tuple[int, TextEncoder]], vocab_size: int):
     )
 
     def corpus() -> Iterator[list[str]]:
-        # distinct texts with their counts; a text seen c times is fed as c space-separated copies, so merges follow
-        # event frequency (words split on spaces, and each copy gets the same prefix space as at encode time)
+        # distinct texts with their counts; a text seen c times is fed as min(c, 20) space-separated copies, so merges
+        # follow event frequency (the cap keeps fit fast: 1M events in ~1 s) and each copy gets the same prefix space
+        # as at encode time
         for i, enc in texts:
             expr = f"trim(__f{i})"
             if enc.params.lowercase:
@@ -736,7 +744,7 @@ def _train_bpe(con, texts: list[tuple[int, TextEncoder]], vocab_size: int):
             for batch in reader:
                 vs = batch.column(0).to_pylist()
                 cs = batch.column(1).to_pylist()
-                yield [(v + " ") * min(c, 1000) for v, c in zip(vs, cs)]
+                yield [(v + " ") * min(c, 20) for v, c in zip(vs, cs)]
 
     bpe.train_from_iterator(corpus(), trainer=trainer)
     return bpe
