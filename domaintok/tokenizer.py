@@ -634,7 +634,6 @@ def _connect(schema: DomainSchema, memory_limit: str | None = None) -> duckdb.Du
     config = {
         "threads": max(1, min(os.cpu_count() or 1, 8)),
         # a sort larger than memory_limit spills here (never into the working directory)
-        "enable_progress_bar": False,
         "temp_directory": os.path.join(tempfile.gettempdir(), f"domaintok-duckdb-{os.getpid()}"),
     }
     if memory_limit:
@@ -642,6 +641,7 @@ def _connect(schema: DomainSchema, memory_limit: str | None = None) -> duckdb.Du
     con = duckdb.connect(config=config)
     # naive timestamps are wall-clock times in the schema timezone; TIMESTAMPTZ results come out in it
     con.execute(f"SET TimeZone = '{schema.timezone}'")
+    con.execute("SET enable_progress_bar = false")
     return con
 
 
