@@ -217,3 +217,10 @@ def test_save_load_round_trip_through_auto_classes(lm, tmp_path):
         torch.testing.assert_close(
             encoder.eval()(input_ids).last_hidden_state, lm.model(input_ids).last_hidden_state, rtol=0, atol=0
         )
+
+
+@pytest.mark.parametrize("preset, low, high", [("24m", 23e6, 25e6), ("330m", 315e6, 335e6)])
+def test_presets_have_nuformer_sizes_at_a_20k_vocabulary(preset, low, high):
+    with torch.device("meta"):  # shapes only, no memory
+        model = DomainTransformerForCausalLM(DomainTransformerConfig.from_preset(preset, vocab_size=20_000))
+    assert low < sum(p.numel() for p in model.parameters()) < high
