@@ -142,7 +142,7 @@ def join_inputs(
     problems = con.execute(
         "SELECT count(*) FILTER (WHERE user_id IS NULL), count(*) FILTER (WHERE label IS NULL), "
         "count(*) - count(DISTINCT user_id), count(*) FROM ft_labels"
-    ).fetchone()
+    ).fetchall()[0]
     if problems[3] == 0:
         raise DomaintokError(f"labels {labels}: no rows")
     if problems[0]:
@@ -150,7 +150,7 @@ def join_inputs(
     if problems[1]:
         raise DomaintokError(f"labels {labels}: {problems[1]} rows have a null {label_column!r}")
     if problems[2]:
-        dup = con.execute("SELECT user_id FROM ft_labels GROUP BY user_id HAVING count(*) > 1 LIMIT 1").fetchone()[0]
+        dup = con.execute("SELECT user_id FROM ft_labels GROUP BY user_id HAVING count(*) > 1 LIMIT 1").fetchall()[0][0]
         raise DomaintokError(f"labels {labels}: user_id {dup!r} has more than one label (one label per user)")
     if split == "column":
         bad = con.execute(
@@ -171,9 +171,9 @@ def join_inputs(
         dup = con.execute(
             "SELECT CAST(user_id AS VARCHAR) FROM read_parquet($features) GROUP BY 1 HAVING count(*) > 1 LIMIT 1",
             {"features": str(features)},
-        ).fetchone()
+        ).fetchall()
         if dup:
-            raise DomaintokError(f"features {features}: user_id {dup[0]!r} has more than one row")
+            raise DomaintokError(f"features {features}: user_id {dup[0][0]!r} has more than one row")
     extra = (", l.split" if split == "column" else "") + (", l.label_ts" if split == "time" else "")
     has_features = ", f.user_id IS NOT NULL AS __has_features" if features is not None else ""
     table = con.sql(
