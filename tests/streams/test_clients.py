@@ -4,6 +4,7 @@ broker (keys, headers, Java-murmur2 partition placement, dedupe, dead letters), 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import time
@@ -269,7 +270,10 @@ def test_delivery_failures_are_raised_by_flush():
     from streams.broker import free_port
 
     settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")  # nothing listens there
-    producer = EventProducer(settings, topic="nowhere", **{"message.timeout.ms": 500, "log_level": 0})
+    quiet = logging.getLogger("test.rdkafka")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    producer = EventProducer(settings, topic="nowhere", logger=quiet, **{"message.timeout.ms": 500})
     producer.send_many([{"user_id": "u1", "x": 1}, {"user_id": "u2", "x": 2}])
     with pytest.raises(DeliveryError, match="2 of 2 records failed delivery"):
         producer.flush(10)
