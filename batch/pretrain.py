@@ -206,7 +206,12 @@ def pretrain(settings: PretrainSettings) -> dict:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if s.resume else None)
     train_seconds = time.perf_counter() - started
-    final_eval = trainer.evaluate() if n_eval else {}
+    # The eval schedule may already have evaluated the final step; evaluate again only when it did not.
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        final_eval = evals[-1]
+    else:
+        final_eval = trainer.evaluate() if n_eval else {}
 
     stats = train_set.stats
     # Real (non-pad) tokens trained in this session: batches skipped while resuming are not counted.
