@@ -244,7 +244,8 @@ class EmbeddingConsumer(_TopicReader[EmbeddingRecord]):
         super().__init__(settings, topic or settings.topic_embeddings, **kwargs)
 
     def _decode(self, msg) -> EmbeddingRecord:
-        return decode_embedding(msg.value(), content_type_of(msg.headers()))
+        headers = msg.headers()
+        return decode_embedding(msg.value(), content_type_of(headers) if headers else None)
 
 
 class DeadLetterReader(_TopicReader[DeadLetter]):

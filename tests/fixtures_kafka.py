@@ -15,7 +15,7 @@ import pytest
 from streams.broker import ApacheKafkaBroker, Broker, EmbeddedBroker, ensure_topics
 from streams.settings import KafkaSettings
 
-REQUIRES_APACHE_REASON = "the embedded broker (tansu) lacks this: {why}; run with DOMAINTOK_TEST_BROKER=apache"
+REQUIRES_APACHE_REASON = "needs Apache Kafka ({why}); DOMAINTOK_TEST_BROKER=embedded selected the tansu broker"
 DEFAULT_TEST_PARTITIONS = 4
 
 

@@ -97,7 +97,7 @@ def test_kafka_partitions_marker(kafka_any_settings, kafka_any):
     assert counts == {kafka_any_settings.topic_events: 2}
 
 
-@pytest.mark.requires_apache("its storage is in memory")
+@pytest.mark.requires_apache("tansu keeps data in memory only")
 def test_apache_data_survives_graceful_and_crash_restart(tmp_path):
     topic = "durable"
     with ApacheKafkaBroker(state_dir=tmp_path / "kafka") as broker:

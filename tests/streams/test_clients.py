@@ -465,12 +465,14 @@ def test_produce_stdin_and_consume_outputs(kafka_any_settings, tmp_path):
     printed = _invoke(["consume", "--from-beginning", "--max", "3"], settings).output.splitlines()
     assert len(printed) == 3 and all("model=tiny-abc" in line for line in printed)
     out = tmp_path / "emb.parquet"
-    _invoke(["consume", "--from-beginning", "--timeout", "3", "--output", str(out)], settings)
+    _invoke(["consume", "--from-beginning", "--max", "3", "--output", str(out)], settings)
     table = pq.read_table(out)
     assert sorted(zip(table.column("user_id").to_pylist(), table.column("n_events").to_pylist())) == [("a", 3), ("b", 2)]
     assert table.schema.field("embedding").type.value_type.bit_width == 32
     everything = tmp_path / "all.jsonl"
-    _invoke(["consume", "--from-beginning", "--timeout", "3", "--all-records", "--output", str(everything)], settings)
+    started = time.monotonic()
+    _invoke(["consume", "--from-beginning", "--timeout", "1.5", "--all-records", "--output", str(everything)], settings)
+    assert time.monotonic() - started >= 1.5  # --timeout: stops once nothing arrived for that long
     assert len(everything.read_text().splitlines()) == 3
 
     producer = Producer(settings.confluent_producer())
