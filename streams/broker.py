@@ -143,7 +143,7 @@ def fetch_kafka(version: str = KAFKA_VERSION, *, quiet: bool = True) -> list[Pat
         raise DomaintokError("`java` (17 or newer) is not on PATH: it is needed to run Apache Kafka")
     home.mkdir(parents=True, exist_ok=True)
     (home / "pom.xml").write_text(_POM.format(kafka=version, log4j=LOG4J_VERSION))
-    tmp = home / "classpath.txt.tmp"
+    tmp = home / f"classpath.txt.tmp-{os.getpid()}"  # two first runs at once must not share a temp file
     cmd = [mvn, "-B", "-f", str(home / "pom.xml"), "dependency:build-classpath", f"-Dmdep.outputFile={tmp}"]
     if quiet:
         cmd.insert(1, "-q")
@@ -432,6 +432,23 @@ def make_broker(kind: str = "embedded", port: int | None = None, **kwargs) -> Br
 
 
 _LIVE: set[Broker] = set()
+
+
+@contextlib.contextmanager
+def local_or_configured(settings: KafkaSettings, kind: str = "embedded", *, create_topics: bool = True):
+    """Settings for a usable broker: `settings` as they are when they name one (KAFKA_BOOTSTRAP_SERVERS), else a
+    local broker of `kind` started for the duration of the block. The pipeline's topics are created either way
+    (unless `create_topics` is false). Yields (settings, broker or None)."""
+    if settings.bootstrap_servers:
+        if create_topics:
+            ensure_topics(settings)
+        yield settings, None
+        return
+    with make_broker(kind) as broker:
+        local = settings.with_bootstrap(broker.bootstrap_servers)
+        if create_topics:
+            ensure_topics(local)
+        yield local, broker
 
 
 @atexit.register

@@ -17,7 +17,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from domaintok.errors import DomaintokError
-from streams.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics, fetch_kafka, make_broker
+from streams.broker import (
+    ApacheKafkaBroker,
+    EmbeddedBroker,
+    ensure_topics,
+    fetch_kafka,
+    local_or_configured,
+    make_broker,
+)
 from streams.settings import KafkaSettings
 from tests.fixtures_kafka import fresh_group_id
 
@@ -138,6 +145,25 @@ def test_stop_and_kill_end_the_process():
     assert broker.process.pid != pid
     broker.close()
     assert not broker.running
+
+
+def _fresh_topic_settings(**changes) -> KafkaSettings:
+    prefix = f"l-{uuid.uuid4().hex[:8]}"
+    return KafkaSettings(topic_events=f"{prefix}.events", topic_sequences=f"{prefix}.sequences",
+                         topic_embeddings=f"{prefix}.embeddings", topic_dead_letter=f"{prefix}.dead-letter", **changes)
+
+
+def test_local_or_configured_starts_a_broker_only_without_bootstrap(embedded_kafka):
+    with local_or_configured(_fresh_topic_settings(partitions=2)) as (settings, broker):
+        assert broker is not None and broker.kind == "embedded" and broker.running
+        names = list(settings.topics.values())
+        assert _partition_counts(settings.bootstrap_servers, names) == {n: 2 for n in names}
+    assert not broker.running
+    given = _fresh_topic_settings(partitions=3, bootstrap_servers=embedded_kafka.bootstrap_servers)
+    with local_or_configured(given) as (settings, broker):
+        assert broker is None and settings == given
+        names = list(settings.topics.values())
+        assert _partition_counts(settings.bootstrap_servers, names) == {n: 3 for n in names}
 
 
 def test_unknown_kind_is_a_one_line_error():
