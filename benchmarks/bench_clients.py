@@ -25,17 +25,22 @@ from streams.records import EmbeddingRecord, encode_record, event_headers, json_
 from streams.settings import KafkaSettings  # noqa: E402
 
 
+def _produce_blocking(producer: Producer, topic: str, value: bytes, key: bytes, headers=None) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers)
+            return
+        except BufferError:  # local queue full: let deliveries drain
+            producer.poll(0.05)
+
+
 def _raw_produce(settings: KafkaSettings, topic: str, values: list[bytes], keys: list[bytes]) -> float:
     # Same broker-facing config as EventProducer; the values are encoded beforehand (raw bytes in, nothing else).
     producer = Producer(settings.confluent_producer())
     headers = event_headers("bench-fingerprint")
     started = time.perf_counter()
     for value, key in zip(values, keys):
-        try:
-            producer.produce(topic, value=value, key=key, headers=headers)
-        except BufferError:
-            producer.poll(0.05)
-            producer.produce(topic, value=value, key=key, headers=headers)
+        _produce_blocking(producer, topic, value, key, headers)
     assert producer.flush(120) == 0
     return time.perf_counter() - started
 
@@ -95,12 +100,7 @@ def run(settings: KafkaSettings, n_events: int, n_embeddings: int, dim: int, par
     for i in range(n_embeddings):
         record = EmbeddingRecord(user_id=f"u{i % 5000}", embedding=rng.standard_normal(dim).astype(np.float32).tolist(),
                                  n_events=i, last_event_ts=now, model_version="bench", produced_at=now, source_ts_ms=0)
-        value = encode_record(record)
-        try:
-            producer.produce(topics["embeddings"], key=record.user_id.encode(), value=value)
-        except BufferError:
-            producer.poll(0.05)
-            producer.produce(topics["embeddings"], key=record.user_id.encode(), value=value)
+        _produce_blocking(producer, topics["embeddings"], encode_record(record), record.user_id.encode())
     assert producer.flush(120) == 0
     t_raw = _raw_consume(settings, topics["embeddings"], n_embeddings)
     t_ours = _project_consume(settings, topics["embeddings"], n_embeddings)
