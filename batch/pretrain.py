@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -253,6 +254,12 @@ def pretrain(settings: PretrainSettings) -> dict:
     tmp.mkdir(parents=True)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     unwrapped.save_pretrained(tmp)  # safetensors + config.json only
+    # transformers writes the weights through a private temp file (mode 0600); containers running the workers
+    # as another user must be able to read them, so apply the usual umask-derived mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in tmp.iterdir():
+        file.chmod(0o666 & ~umask)
     copy_tokenizer_files(s.tokenizer, tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png", title=f"domaintok pretrain ({s.preset})")
