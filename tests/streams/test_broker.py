@@ -181,11 +181,15 @@ def test_fetch_is_cached_and_fast():
     assert time.monotonic() - started < 0.5
 
 
-def test_broker_command_runs_until_sigterm(tmp_path):
+@pytest.mark.parametrize(
+    "kind", ["embedded", pytest.param("apache", marks=pytest.mark.requires_apache("it starts Apache Kafka"))]
+)
+def test_broker_command_runs_until_sigterm(tmp_path, kind):
     env = {**os.environ, "DOMAINTOK_TOPIC_EVENTS": f"cli-{uuid.uuid4().hex[:6]}", "DOMAINTOK_PARTITIONS": "3"}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    extra = ["--data-dir", str(tmp_path / "kafka")] if kind == "apache" else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "domaintok.cli", "broker", "--kind", "embedded", "--port", "0"],
+        [sys.executable, "-m", "domaintok.cli", "broker", "--kind", kind, "--port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -207,7 +211,9 @@ def test_broker_command_runs_until_sigterm(tmp_path):
         counts = _partition_counts(bootstrap, [env["DOMAINTOK_TOPIC_EVENTS"]])
         assert counts == {env["DOMAINTOK_TOPIC_EVENTS"]: 3}
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert proc.wait(40) == 0
+        if kind == "apache":  # a given --data-dir is kept: the next run starts on the same data
+            assert (tmp_path / "kafka" / "data" / "meta.properties").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
