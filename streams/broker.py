@@ -118,6 +118,8 @@ def _port_open(port: int) -> bool:
 
 def _die_with_parent() -> None:
     # A broker must not outlive the test run or CLI that started it (a leaked JVM eats a shared 2-core box).
+    # Linux sends the signal when the *thread* that started the broker ends: start brokers from a long-lived
+    # thread (the main thread, as the CLI and the fixtures do).
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -168,6 +170,8 @@ class Broker:
     """A broker process on 127.0.0.1; subclasses say how to launch it."""
 
     kind: str = ""
+    startup_timeout = 60.0  # seconds until the broker must answer metadata requests
+    stop_timeout = 30.0  # seconds a graceful stop may take before SIGKILL
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -186,7 +190,7 @@ class Broker:
         """`base` (default: from the environment) pointed at this broker."""
         return (base or KafkaSettings.from_env()).with_bootstrap(self.bootstrap_servers)
 
-    # Subclasses: the command line, the file its output goes to, and how long startup may take.
+    # Subclasses: the command line and the file its output goes to.
     def _command(self) -> list[str]:
         raise NotImplementedError
 
@@ -200,8 +204,6 @@ class Broker:
         except OSError:
             return ""
         return " | ".join(lines[-3:])[-600:]
-
-    startup_timeout = 60.0
 
     def start(self) -> Broker:
         if self.running:
@@ -253,8 +255,6 @@ class Broker:
                 f"{self.kind} broker exited with status {self.process.returncode}: {self._log_tail()} "
                 f"(log: {self._output_file()})"
             )
-
-    stop_timeout = 30.0
 
     def stop(self, timeout: float | None = None) -> None:
         """Graceful shutdown (SIGTERM), then SIGKILL if it takes longer than `timeout`."""
