@@ -218,3 +218,16 @@ def test_broker_command_runs_until_sigterm(tmp_path, kind):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_topics_command_creates_the_pipeline_topics(kafka_any):
+    from click.testing import CliRunner
+
+    from domaintok.cli import cli
+
+    settings = _fresh_topic_settings(bootstrap_servers=kafka_any.bootstrap_servers)
+    result = CliRunner().invoke(cli, ["broker", "topics", "--partitions", "2"], env=settings.to_env())
+    assert result.exit_code == 0, result.output
+    names = list(settings.topics.values())
+    assert result.output.splitlines() == [f"{n}\t2 partitions" for n in names]
+    assert _partition_counts(kafka_any.bootstrap_servers, names) == {n: 2 for n in names}
