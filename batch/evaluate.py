@@ -42,7 +42,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model_preset": "tiny", "model_overrides": {}, "context_length": 64, "pretrain_steps": 30,
         "pretrain_batch_size": 16, "finetune_epochs": 1, "finetune_batch_size": 16, "domain_bpe_vocab": 300,
-        "text_bpe_vocab": 600, "max_users": 400, "lightgbm_rounds": 200,
+        "text_bpe_vocab": 600, "max_users": 400, "lightgbm_rounds": 200, "tabular_epochs": 5,
     },
     # The full CPU run (under 20 minutes on 2 cores for `purchase`): every customer, 2 layers of width 64, 128-token
     # windows (about 8 line items as domain tokens, 5 as text), 300 pretraining steps of 32 sequences.
@@ -52,14 +52,15 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
                             "intermediate_size": 256},
         "context_length": 128, "pretrain_steps": 300, "pretrain_batch_size": 32, "finetune_epochs": 3,
         "finetune_batch_size": 32, "domain_bpe_vocab": 2000, "text_bpe_vocab": 4096, "max_users": None,
-        "lightgbm_rounds": 2000,
+        "lightgbm_rounds": 2000, "tabular_epochs": 30,
     },
 }
 TASK_NAMES = ("purchase", "spend")
 # What the table compares; each sequence method fine-tunes its own pretrained transformer.
-METHODS = ("lightgbm", "text_bpe", "domain", "domain_fusion")
+METHODS = ("lightgbm", "tabular_dcnv2", "text_bpe", "domain", "domain_fusion")
 METHOD_TITLES = {
     "lightgbm": "LightGBM on RFM features",
+    "tabular_dcnv2": "PLR/DCNv2 on RFM features alone (fusion's tabular branch)",
     "text_bpe": "Transformer on text serialization (byte-level BPE)",
     "domain": "Transformer on domain tokens",
     "domain_fusion": "Domain tokens + joint fusion (PLR/DCNv2 on RFM features)",
@@ -75,9 +76,12 @@ class EvaluateSettings:
     preset: str = "small"
     max_steps: int | None = None
     max_users: int | None = None
+    context_length: int | None = None
     cutoff: dt.datetime = DEFAULT_CUTOFF
     horizon_days: int = DEFAULT_HORIZON_DAYS
     tasks: tuple[str, ...] = ("purchase",)
+    schema: str | Path = "online_retail"
+    methods: tuple[str, ...] = METHODS
     seed: int = 0
     bootstrap: int = 1000
     progress: bool = True
@@ -85,15 +89,22 @@ class EvaluateSettings:
 
     def resolved(self) -> dict[str, Any]:
         if self.preset not in EVAL_PRESETS:
-            raise DomaintokError(f"unknown evaluation preset {self.preset!r}: expected one of {', '.join(EVAL_PRESETS)}")
+            raise DomaintokError(
+                f"unknown evaluation preset {self.preset!r}: expected one of {', '.join(EVAL_PRESETS)}"
+            )
         bad = [t for t in self.tasks if t not in TASK_NAMES]
         if bad:
             raise DomaintokError(f"unknown task {bad[0]!r}: expected one of {', '.join(TASK_NAMES)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or "lightgbm" not in self.methods:
+            raise DomaintokError(f"methods must include lightgbm (the reference) and come from {', '.join(METHODS)}")
         p = dict(EVAL_PRESETS[self.preset])
         if self.max_steps is not None:
             p["pretrain_steps"] = self.max_steps
         if self.max_users is not None:
             p["max_users"] = self.max_users
+        if self.context_length is not None:
+            p["context_length"] = self.context_length
         return p
 
 
@@ -196,6 +207,10 @@ def _write_sequences(table: pa.Table, users: set[str] | None, path: Path) -> Pat
     return path
 
 
+def _mean_tokens(table: pa.Table) -> float:
+    return float(pc.mean(pc.list_value_length(table.column("input_ids"))).as_py())
+
+
 def _pretrain(name: str, sequences: Path, tokenizer: Path, work: Path, p: dict, seed: int) -> dict:
     output = work / "models" / f"{name}_lm"
     checkpoints = output.with_name(output.name + ".checkpoints")
@@ -241,32 +256,40 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     pq.write_table(tasks.features, work / "features.parquet")
     t = lap("tasks", t)
 
-    # Domain tokens: fitted on pre-cutoff events of train+valid users only.
-    domain_tok = DomainTokenizer.fit("online_retail", fit_events, max_length=p["context_length"],
+    # Domain tokens: fitted on pre-cutoff events of train+valid users only. Always built: the tabular-only model
+    # reads the same join (and the transformer's config) even though it ignores the tokens.
+    domain_tok = DomainTokenizer.fit(s.schema, fit_events, max_length=p["context_length"],
                                      bpe_vocab_size=p["domain_bpe_vocab"])
     domain_tok.save_pretrained(work / "domain_tokenizer")
     domain_all = domain_tok.tokenize(tasks.events, max_length=p["context_length"])
-    domain_seq = _write_sequences(domain_all, None, work / "domain_sequences.parquet")
-    domain_pre = _write_sequences(domain_all, fit_users, work / "domain_pretrain.parquet")
+    sequence_files = {"domain": _write_sequences(domain_all, None, work / "domain_sequences.parquet")}
+    pretrain_files = {"domain": _write_sequences(domain_all, fit_users, work / "domain_pretrain.parquet")}
+    tokens_mean = {"domain": _mean_tokens(domain_all)}
     t = lap("domain tokenizer", t)
 
-    _, text_all = fit_text_baseline(fit_events, tasks.events, work / "text_tokenizer", p["context_length"],
-                                    vocab_size=p["text_bpe_vocab"])
-    text_seq = _write_sequences(text_all, None, work / "text_sequences.parquet")
-    text_pre = _write_sequences(text_all, fit_users, work / "text_pretrain.parquet")
-    t = lap("text tokenizer", t)
-
-    def mean_tokens(table: pa.Table) -> float:
-        return float(pc.mean(pc.list_value_length(table.column("input_ids"))).as_py())
+    if "text_bpe" in s.methods:
+        _, text_all = fit_text_baseline(fit_events, tasks.events, work / "text_tokenizer", p["context_length"],
+                                        vocab_size=p["text_bpe_vocab"])
+        sequence_files["text_bpe"] = _write_sequences(text_all, None, work / "text_sequences.parquet")
+        pretrain_files["text_bpe"] = _write_sequences(text_all, fit_users, work / "text_pretrain.parquet")
+        tokens_mean["text_bpe"] = _mean_tokens(text_all)
+        t = lap("text tokenizer", t)
 
     pretrain_metrics = {}
-    for name, sequences, tokenizer in (("domain", domain_pre, work / "domain_tokenizer"),
-                                       ("text_bpe", text_pre, work / "text_tokenizer")):
+    for name, sequences in pretrain_files.items():
+        tokenizer = work / ("domain_tokenizer" if name == "domain" else "text_tokenizer")
         m = _pretrain(name, sequences, tokenizer, work, p, s.seed)
         pretrain_metrics[name] = {k: m[k] for k in ("parameters", "non_embedding_parameters", "vocab_size", "steps",
                                                     "train_loss", "eval_loss", "train_seconds", "tokens_per_second")}
         t = lap(f"pretrain {name}", t)
 
+    # method -> (pretrained LM, uses features, uses the sequence)
+    runs = {
+        "tabular_dcnv2": ("domain", True, False),
+        "text_bpe": ("text_bpe", False, True),
+        "domain": ("domain", False, True),
+        "domain_fusion": ("domain", True, True),
+    }
     results: dict[str, Any] = {}
     for task in s.tasks:
         kind = "binary" if task == "purchase" else "regression"
@@ -276,14 +299,15 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
         metrics, predictions["lightgbm"] = lightgbm_baseline(tasks, task, p["lightgbm_rounds"], s.seed)
         task_results["lightgbm"] = {"test": metrics}
         t = lap(f"{task}: lightgbm", t)
-        runs = (("text_bpe", "text_bpe", text_seq, None), ("domain", "domain", domain_seq, None),
-                ("domain_fusion", "domain", domain_seq, work / "features.parquet"))
-        for method, lm, sequences, features in runs:
+        for method in (m for m in METHODS if m in runs and m in s.methods):
+            lm, with_features, use_sequence = runs[method]
             ft = finetune(FinetuneSettings(
-                model=work / "models" / f"{lm}_lm", sequences=sequences, labels=labels, features=features,
+                model=work / "models" / f"{lm}_lm", sequences=sequence_files[lm], labels=labels,
+                features=work / "features.parquet" if with_features else None, use_sequence=use_sequence,
                 output=work / "finetuned" / f"{task}_{method}", task=kind, split="column",
-                epochs=p["finetune_epochs"], batch_size=p["finetune_batch_size"], evals_per_epoch=2, seed=s.seed,
-                progress=s.progress,
+                epochs=p["finetune_epochs"] if use_sequence else p["tabular_epochs"],
+                batch_size=p["finetune_batch_size"], evals_per_epoch=2 if use_sequence else 1,
+                patience=2 if use_sequence else 5, seed=s.seed, progress=s.progress,
             ))
             task_results[method] = {k: ft[k] for k in ("test", "valid", "best_step", "steps", "train_seconds",
                                                        "trainable_parameters")}
@@ -299,7 +323,8 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
         "summary": summary,
         "preset": s.preset,
         "settings": p,
-        "sequence_tokens_mean": {"domain": mean_tokens(domain_all), "text_bpe": mean_tokens(text_all)},
+        "schema": str(s.schema),
+        "sequence_tokens_mean": tokens_mean,
         "pretrain": pretrain_metrics,
         "results": results,
         "timings_seconds": timings,
@@ -375,8 +400,8 @@ def render_markdown(report: dict) -> str:
         f"{p['model_overrides'] or 'none'}, context {p['context_length']} tokens, pretraining "
         f"{p['pretrain_steps']} steps x batch {p['pretrain_batch_size']} (both tokenizations), fine-tuning up to "
         f"{p['finetune_epochs']} epochs x batch {p['finetune_batch_size']} with early stopping on valid.",
-        f"- Mean tokens per sequence: domain {report['sequence_tokens_mean']['domain']:.0f}, "
-        f"text BPE {report['sequence_tokens_mean']['text_bpe']:.0f}.",
+        f"- Domain schema: `{report['schema']}`. Mean tokens per sequence: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in report["sequence_tokens_mean"].items()) + ".",
     ]
     for name, m in report["pretrain"].items():
         lines.append(
@@ -431,11 +456,17 @@ def render_markdown(report: dict) -> str:
               help="small: the full CPU run (~20 min on 2 cores); tiny: a smoke run.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Pretraining steps (overrides the preset).")
 @click.option("--max-users", type=click.IntRange(min=20), default=None, help="Keep this many customers (hash order).")
+@click.option("--context-length", type=click.IntRange(min=16), default=None,
+              help="Tokens per sequence for both transformers (overrides the preset).")
 @click.option("--task", "tasks", type=click.Choice(TASK_NAMES), multiple=True, default=("purchase",),
               show_default=True, help="Tasks to run (repeat the option for several).")
+@click.option("--schema", default="online_retail", show_default=True,
+              help="Domain schema for the domain tokens (a name under schemas/ or a yaml path).")
+@click.option("--method", "methods", type=click.Choice(METHODS), multiple=True, default=METHODS,
+              help="Methods to run (repeat; default all; lightgbm is always the reference).")
 @click.option("--quick", is_flag=True, help="The tiny preset on 400 customers: under 3 minutes, for tests.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(data_dir, output, preset, max_steps, max_users, tasks, quick, seed):
+def command(data_dir, output, preset, max_steps, max_users, context_length, tasks, schema, methods, quick, seed):
     """Compare domain tokens, text serialization + BPE and LightGBM on Online Retail (next-90-day purchase).
 
     Runs everything (tasks, both tokenizers, both pretrainings, fine-tuning with and without joint fusion,
@@ -443,7 +474,9 @@ def command(data_dir, output, preset, max_steps, max_users, tasks, quick, seed):
     """
     settings = EvaluateSettings(
         data_dir=data_dir or DEFAULT_DATA_DIR, output=output, preset="tiny" if quick else preset,
-        max_steps=max_steps, max_users=max_users, tasks=tuple(tasks), seed=seed,
+        max_steps=max_steps, max_users=max_users, context_length=context_length, tasks=tuple(tasks), seed=seed,
+        schema=schema,
+        methods=tuple(dict.fromkeys(("lightgbm", *methods))),
         bootstrap=200 if quick else 1000, progress=not quick, log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

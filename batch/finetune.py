@@ -292,6 +292,8 @@ class FinetuneSettings:
     max_length: int | None = None
     dropout: float = 0.1
     embedding_layernorm: bool = True
+    # False trains the tabular branch alone (PLR/DCNv2 + head, no transformer): the ablation of joint fusion.
+    use_sequence: bool = True
     seed: int = 0
     device: str | None = None
     progress: bool = True
@@ -359,7 +361,13 @@ def finetune(settings: FinetuneSettings) -> dict:
     from tqdm.auto import tqdm
 
     from domaintok.models.embedding import load_encoder
-    from domaintok.models.fusion import JointFusionModel, encode_tabular, fit_tabular_stats, truncate_window
+    from domaintok.models.fusion import (
+        JointFusionConfig,
+        JointFusionModel,
+        encode_tabular,
+        fit_tabular_stats,
+        truncate_window,
+    )
     from domaintok.models.padded import PaddedBatch
 
     s = settings
@@ -399,10 +407,19 @@ def finetune(settings: FinetuneSettings) -> dict:
         extra["target_mean"] = float(y[train_rows].mean())
         extra["target_std"] = float(y[train_rows].std()) or 1.0
     lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0} if s.lora else None
-    model = JointFusionModel.from_encoder(
-        encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
-        embedding_layernorm=s.embedding_layernorm, **stats, **extra,
-    ).to(device)
+    if s.use_sequence:
+        model = JointFusionModel.from_encoder(
+            encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
+            embedding_layernorm=s.embedding_layernorm, **stats, **extra,
+        )
+    else:
+        if s.features is None:
+            raise DomaintokError("a tabular-only model needs --features")
+        model = JointFusionModel(JointFusionConfig(
+            task=s.task, use_sequence=False, dropout=s.dropout, tokenizer_fingerprint=encoder_config.tokenizer_fingerprint,
+            **stats, **extra,
+        ))
+    model = model.to(device)
     numeric, categorical = encode_tabular(model.config, table)
     labels_t = torch.from_numpy(np.array(y, copy=True))  # Arrow buffers are read-only
 

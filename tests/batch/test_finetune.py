@@ -80,11 +80,13 @@ def test_split_column_is_used_as_given(tmp_path, small_inputs):
          r"no overlapping users: no user_id of labels .* has a sequence in"),
         (lambda d: {"labels": _write(d / "x.parquet", pa.table({"user_id": ["u1", "u1"], "label": [1, 0]}))},
          r"user_id 'u1' has more than one label"),
-        (lambda d: {"labels": _write(d / "x.parquet", pa.table({"user_id": ["u1"], "label": pa.array([None], pa.int64())}))},
+        (lambda d: {"labels": _write(d / "x.parquet",
+                                     pa.table({"user_id": ["u1"], "label": pa.array([None], pa.int64())}))},
          r"1 rows have a null 'label'"),
         (lambda d: {"features": _write(d / "f.parquet", pa.table({"customer": ["u1"], "x": [1.0]}))},
          r"features .*f.parquet: no user_id column"),
-        (lambda d: {"features": _write(d / "f.parquet", pa.table({"user_id": ["u1"], "when": pa.array([0], pa.timestamp("s"))}))},
+        (lambda d: {"features": _write(d / "f.parquet",
+                                       pa.table({"user_id": ["u1"], "when": pa.array([0], pa.timestamp("s"))}))},
          r"features column 'when' has type timestamp"),
         (lambda d: {"split": "time"}, r"--split time needs a 'label_ts' column"),
     ],
@@ -203,3 +205,21 @@ def test_finetune_cli_regression_and_errors(pretrained_model, retail_sequences, 
     err = capsys.readouterr().err
     assert err.startswith("domaintok finetune: error: labels ") and "no label column 'churn'" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tabular_only_ablation(pretrained_model, retail_sequences, retail_labels, tmp_path):
+    from batch.finetune import FinetuneSettings, finetune
+
+    labels, features = retail_labels
+    metrics = finetune(FinetuneSettings(
+        model=pretrained_model, sequences=retail_sequences, labels=labels, features=features,
+        output=tmp_path / "tab", use_sequence=False, epochs=2, progress=False,
+    ))
+    assert 0.0 <= metrics["test"]["auc"] <= 1.0
+    model = JointFusionModel.from_pretrained(tmp_path / "tab")
+    assert model.transformer is None and model.config.transformer_config is None
+    with pytest.raises(DomaintokError, match="needs --features"):
+        finetune(FinetuneSettings(model=pretrained_model, sequences=retail_sequences, labels=labels,
+                                  output=tmp_path / "x", use_sequence=False, progress=False))
