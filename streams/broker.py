@@ -465,11 +465,13 @@ def ensure_topics(
     *,
     replication_factor: int = -1,
     timeout: float = 30.0,
+    exact: bool = True,
 ) -> dict[str, int]:
     """Create `names` (default: the pipeline's four topics) with `partitions` each, and wait until they exist.
 
     Existing topics are left alone; one with a different partition count is an error (keys would land on
-    different partitions than the pipeline's Table changelogs expect). Returns name -> partition count.
+    different partitions than the pipeline's Table changelogs expect) unless `exact=False` (a producer does
+    not care). Returns name -> partition count.
     `replication_factor=-1` takes the broker's default.
     """
     from confluent_kafka import KafkaError, KafkaException
@@ -517,7 +519,7 @@ def ensure_topics(
             raise DomaintokError(f"topics not ready after {timeout:.0f} s: {', '.join(missing)}")
         time.sleep(0.1)
     wrong = {n: p for n, p in found.items() if p != partitions}
-    if wrong:
+    if wrong and exact:
         detail = ", ".join(f"{n} has {p}" for n, p in sorted(wrong.items()))
         raise DomaintokError(f"topics exist with a partition count other than {partitions}: {detail}")
     return found

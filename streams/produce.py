@@ -179,7 +179,7 @@ def command(
         total = min(total, limit) if total is not None else limit
 
     if create_topic:
-        ensure_topics(settings, [topic])
+        ensure_topics(settings, [topic], exact=False)
     content_type = CONTENT_TYPE_JSON if value_format == "json" else CONTENT_TYPE_MSGPACK
     producer = EventProducer(
         settings,

@@ -76,6 +76,7 @@ def test_ensure_topics_creates_exact_partition_counts(kafka_any):
     assert ensure_topics(settings, names[:1], partitions=6) == {names[0]: 6}
     with pytest.raises(DomaintokError, match=f"{names[0]} has 6"):
         ensure_topics(settings, names[:1], partitions=8)
+    assert ensure_topics(settings, names[:1], partitions=8, exact=False) == {names[0]: 6}
 
 
 def test_ensure_topics_defaults_to_the_pipelines_four_topics(kafka_any):
