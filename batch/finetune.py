@@ -416,8 +416,8 @@ def finetune(settings: FinetuneSettings) -> dict:
         if s.features is None:
             raise DomaintokError("a tabular-only model needs --features")
         model = JointFusionModel(JointFusionConfig(
-            task=s.task, use_sequence=False, dropout=s.dropout, tokenizer_fingerprint=encoder_config.tokenizer_fingerprint,
-            **stats, **extra,
+            task=s.task, use_sequence=False, dropout=s.dropout,
+            tokenizer_fingerprint=encoder_config.tokenizer_fingerprint, **stats, **extra,
         ))
     model = model.to(device)
     numeric, categorical = encode_tabular(model.config, table)
