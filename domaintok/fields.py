@@ -293,26 +293,15 @@ class TemporalEncoder(FieldEncoder):
     def encode(self, col, gap_us=None):
         arr = _as_array(col)
         n = len(arr)
+        parts = calendar_parts(arr, self.params.parts)
         cols = []
         offset = self.base + 1
         for part in self.params.parts:
-            if part == "month":
-                local = pc.month(arr).to_numpy(zero_copy_only=False) - 1
-            elif part == "dow":
-                local = pc.day_of_week(arr).to_numpy(zero_copy_only=False)  # Monday = 0
-            elif part == "dom":
-                local = pc.day(arr).to_numpy(zero_copy_only=False) - 1
-            elif part == "hour":
-                local = pc.hour(arr).to_numpy(zero_copy_only=False)
-            elif part == "quarter":
-                local = pc.quarter(arr).to_numpy(zero_copy_only=False) - 1
-            else:
-                year = pc.year(arr).to_numpy(zero_copy_only=False)
+            local = parts[part]
+            if part == "year":
                 lo, hi = self.state["year_min"], self.state["year_max"]
-                local = np.clip(year - lo + 1, 0, hi - lo + 2)
-            if arr.null_count:
-                local = np.nan_to_num(local, nan=0)
-            cols.append(np.asarray(local, dtype=np.int64) + offset)
+                local = np.clip(local - lo + 1, 0, hi - lo + 2)
+            cols.append(local + offset)
             offset += len(self._part_suffixes(part))
         if self.params.time_since_previous:
             if gap_us is None:
@@ -328,6 +317,33 @@ class TemporalEncoder(FieldEncoder):
         valid[null, 0] = True
         valid[~null, 1:] = True
         return _fixed(ids2d, valid)
+
+
+def calendar_parts(arr: pa.Array, parts: list[str]) -> dict[str, np.ndarray]:
+    """Calendar parts (0-based month/dom/quarter, Monday=0 dow, hour, year) of timestamps as int64 arrays, read in the
+    array's own timezone: one tz conversion (pyarrow), then integer arithmetic (days-to-civil, H. Hinnant)."""
+    if arr.type.tz is not None:
+        arr = pc.local_timestamp(arr)  # wall-clock time in the array's timezone, DST applied
+    us = arr.cast(pa.timestamp("us")).fill_null(0).view(pa.int64()).to_numpy(zero_copy_only=False)
+    days = us // 86_400_000_000
+    out = {}
+    if "hour" in parts:
+        out["hour"] = (us // 3_600_000_000) % 24
+    if "dow" in parts:
+        out["dow"] = (days + 3) % 7  # 1970-01-01 was a Thursday
+    if {"month", "dom", "quarter", "year"} & set(parts):
+        z = days + 719468
+        era = z // 146097
+        doe = z - era * 146097
+        yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+        doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+        mp = (5 * doy + 2) // 153
+        month = np.where(mp < 10, mp + 3, mp - 9)  # 1..12
+        out["month"] = month - 1
+        out["dom"] = doy - (153 * mp + 2) // 5  # 0-based day of month
+        out["quarter"] = (month - 1) // 3
+        out["year"] = yoe + era * 400 + (month <= 2)
+    return out
 
 
 class TextEncoder(FieldEncoder):

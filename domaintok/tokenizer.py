@@ -299,7 +299,7 @@ class DomainTokenizer:
         data: DataLike,
         max_length: int | None = None,
         *,
-        batch_size: int = 65536,
+        batch_size: int = 131072,
         on_rows: Callable[[int], None] | None = None,
         memory_limit: str | None = TOKENIZE_MEMORY_LIMIT,
         stats: dict[str, int] | None = None,
@@ -313,14 +313,14 @@ class DomainTokenizer:
         max_length = self._check_max_length(max_length)
         con = _connect(self.schema, memory_limit=memory_limit)
         view = _create_events_view(con, self.schema, data)
-        cols = ", ".join(f"__f{i}" for i in range(len(self.encoders)))
+        field_cols, payload = self._field_columns()
+        cols = "".join(f", {c}" for c in payload)
         reader = con.sql(
-            f"SELECT __user, __ts, {cols} FROM {view} WHERE {_KEEP} ORDER BY __user, __ts, __input, __row"
+            f"SELECT __user, __ts{cols} FROM {view} WHERE {_KEEP} ORDER BY __user, __ts, __input, __row"
         ).to_arrow_reader(batch_size)
         try:
             yield from self._sequences(reader, max_length, on_rows, stats if stats is not None else {})
         finally:
-            reader.close() if hasattr(reader, "close") else None
             con.close()
 
     def tokenize(self, data: DataLike, max_length: int | None = None, **kwargs: Any) -> pa.Table:
@@ -371,35 +371,63 @@ class DomainTokenizer:
         return max_length
 
     def _sequences(self, reader, max_length: int, on_rows, stats: dict[str, int]) -> Iterator[pa.RecordBatch]:
-        needs_gap = self._needs_gap
+        # encoding batch k+1 (numpy/arrow/Rust kernels release the GIL) overlaps assembling batch k
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="domaintok-encode")
+        try:
+            yield from self._assemble(self._prepared(reader, pool, on_rows), max_length, stats)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _prepared(self, reader, pool, on_rows):
+        """(batch prep) futures one batch ahead; each is encoded knowing only the previous batch's last user/time."""
+        pending = None
+        prev_user, prev_ts = None, 0
+        for batch in reader:
+            if batch.num_rows == 0:
+                continue
+            if on_rows is not None:
+                on_rows(batch.num_rows)
+            future = pool.submit(self._prepare, batch, prev_user, prev_ts)
+            prev_user, prev_ts = batch.column(0)[-1].as_py(), int(_ts_micros(batch.column(1).slice(batch.num_rows - 1))[0])
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+    def _prepare(self, batch, p_user, p_last):
+        """Group boundaries, gaps and every field's tokens of one sorted batch."""
+        field_cols, _ = self._field_columns()
+        n = batch.num_rows
+        users = batch.column(0)
+        ts = _ts_micros(batch.column(1))
+        denc = users.dictionary_encode()
+        uidx = denc.indices.to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.concatenate([[True], uidx[1:] != uidx[:-1]]))
+        group_users = denc.dictionary.take(pa.array(uidx[starts]))
+        continues = p_user is not None and group_users[0].as_py() == p_user
+        gap = None
+        if self._needs_gap:
+            prev = np.concatenate([[p_last if continues else 0], ts[:-1]])
+            first = np.zeros(n, bool)
+            first[starts] = True
+            if continues:
+                first[0] = False
+            gap = np.where(first, -1, ts - prev)
+        lengths, flat = self._encode_columns([batch.column(c) for c in field_cols], n, gap)
+        return n, ts, starts, group_users, continues, lengths, flat
+
+    def _assemble(self, prepared, max_length: int, stats: dict[str, int]) -> Iterator[pa.RecordBatch]:
+        """Carry the last user of each batch into the next, truncate, and emit complete users."""
         # the last user of the previous batch: events kept so far (truncated), all-time count, last event time
         p_user: str | None = None
         p_lengths = np.zeros(0, np.int64)
         p_ids = np.zeros(0, np.int32)
         p_n = 0
         p_last = 0
-        for batch in reader:
-            n = batch.num_rows
-            if n == 0:
-                continue
-            if on_rows is not None:
-                on_rows(n)
-            users = batch.column(0)
-            ts = _ts_micros(batch.column(1))
-            denc = users.dictionary_encode()
-            uidx = denc.indices.to_numpy(zero_copy_only=False)
-            starts = np.flatnonzero(np.concatenate([[True], uidx[1:] != uidx[:-1]]))
-            group_users = denc.dictionary.take(pa.array(uidx[starts]))
-            continues = p_user is not None and group_users[0].as_py() == p_user
-            gap = None
-            if needs_gap:
-                prev = np.concatenate([[p_last if continues else 0], ts[:-1]])
-                first = np.zeros(n, bool)
-                first[starts] = True
-                if continues:
-                    first[0] = False
-                gap = np.where(first, -1, ts - prev)
-            lengths, flat = self._encode_columns([batch.column(2 + i) for i in range(len(self.encoders))], n, gap)
+        for n, ts, starts, group_users, continues, lengths, flat in prepared:
             stats["events"] = stats.get("events", 0) + n
             stats["event_tokens"] = stats.get("event_tokens", 0) + len(flat)
             # prepend the carried user: as part of the first group, or as its own group
@@ -470,6 +498,17 @@ class DomainTokenizer:
             [users.cast(pa.string()), input_ids, pa.array(np.asarray(g_n, np.int64)), last], schema=SEQUENCES_SCHEMA
         )
 
+    def _field_columns(self) -> tuple[list[str], list[str]]:
+        """Column of each field in the sorted query, and the distinct payload columns: fields with the same source
+        and type (amount sign and magnitude of one expression; a temporal field on the event time) share one column,
+        so the sort moves each value once."""
+        names, seen = [], {}
+        event_time = (self.schema.event_time.strip(), "TIMESTAMPTZ")
+        for i, spec in enumerate(self.schema.fields):
+            key = (spec.source.strip(), SQL_TYPE_BY_FIELD[spec.type])
+            names.append("__ts" if key == event_time else seen.setdefault(key, f"__f{i}"))
+        return names, list(dict.fromkeys(n for n in names if n != "__ts"))
+
     @property
     def _needs_gap(self) -> bool:
         return any(getattr(enc.params, "time_since_previous", False) for enc in self.encoders)
@@ -485,8 +524,10 @@ class DomainTokenizer:
         out = np.empty(int(ev_off[-1]), np.int32)
         pos = ev_off[:-1].copy()  # next free slot of each event
         for counts, ids in parts:
-            if len(ids) == n and counts.min(initial=1) == 1 and counts.max(initial=1) == 1:
-                out[pos] = ids
+            width = int(counts[0]) if n else 0
+            if n and len(ids) == n * width and counts.min() == width == counts.max():
+                # fixed width w (every event): a (n, w) block scatter, no per-token index arithmetic
+                out[pos[:, None] + np.arange(width)] = ids.reshape(n, width)
             else:
                 field_start = np.cumsum(counts) - counts
                 within = np.arange(len(ids), dtype=np.int64) - np.repeat(field_start, counts)

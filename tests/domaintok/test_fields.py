@@ -8,6 +8,7 @@ import datetime as dt
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from domaintok.fields import GAP_EDGES_S, make_encoder, ragged_gather, stable_hash64
@@ -189,3 +190,19 @@ def test_text_pieces_truncation_blank_and_null():
 def test_ragged_gather():
     counts, ids = ragged_gather(np.array([2, 0, 3]), np.array([1, 2, 3, 4, 5]), np.array([2, 0, 1, 2]))
     assert counts.tolist() == [3, 2, 0, 3] and ids.tolist() == [3, 4, 5, 1, 2, 3, 4, 5]
+
+
+def test_calendar_parts_match_pyarrow_over_centuries():
+    from domaintok.fields import calendar_parts
+
+    rng = np.random.default_rng(0)
+    us = rng.integers(-2_000_000_000, 5_000_000_000, size=20000) * 1_000_000  # 1906 .. 2128
+    for tz in ("UTC", "Europe/London", "America/New_York", "Asia/Kolkata"):
+        arr = pa.array(us, pa.int64()).cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us", tz=tz))
+        got = calendar_parts(arr, ["month", "dow", "dom", "hour", "quarter", "year"])
+        assert got["month"].tolist() == (pc.month(arr).to_numpy() - 1).tolist()
+        assert got["dom"].tolist() == (pc.day(arr).to_numpy() - 1).tolist()
+        assert got["dow"].tolist() == pc.day_of_week(arr).to_numpy().tolist()
+        assert got["hour"].tolist() == pc.hour(arr).to_numpy().tolist()
+        assert got["quarter"].tolist() == (pc.quarter(arr).to_numpy() - 1).tolist()
+        assert got["year"].tolist() == pc.year(arr).to_numpy().tolist()
