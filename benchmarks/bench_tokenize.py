@@ -299,7 +299,6 @@ def run_worker(tok_dir, inputs, out):
         cmd += ["--input", str(p)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["children_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return result
 
 
@@ -355,12 +354,11 @@ def main():
             big = run_worker(workdir / "tok", [x10], workdir / "seq_10x.parquet")
             growth = big["peak_mb"] / small["peak_mb"]
             added = (big["peak_mb"] - big["after_import_mb"]) / max(small["peak_mb"] - small["after_import_mb"], 1e-9)
-            print("\n[memory, tokenize in a fresh subprocess each; peak RSS = getrusage ru_maxrss]")
+            print("\n[memory, tokenize_to_parquet in a fresh subprocess each; peak RSS = VmHWM of that process]")
             for name, r in (("1x ", small), ("10x", big)):
                 print(f"      {name}: {r['events']:>10,} events, {r['users']:>6,} users, {r['seconds']:6.1f} s, "
                       f"peak {r['peak_mb']:,.0f} MB (after imports {r['after_import_mb']:,.0f} MB, "
-                      f"added by tokenize {r['peak_mb'] - r['after_import_mb']:,.0f} MB); "
-                      f"children max so far {r['children_maxrss_mb']:,.0f} MB")
+                      f"added by tokenize {r['peak_mb'] - r['after_import_mb']:,.0f} MB)")
             print(f"      10x input -> peak RSS x{growth:.2f} (target < 2x); memory added by tokenize x{added:.2f}")
         print(f"\nbench process peak RSS {rss_mb():,.0f} MB; temp files removed: {workdir}")
     finally:

@@ -9,6 +9,7 @@ import json
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -323,3 +324,13 @@ def test_fit_without_text_fields_gives_wordlevel_hf(tmp_path):
     tok.save_pretrained(tmp_path)
     again = DomainTokenizer.from_pretrained(tmp_path)
     assert again.fingerprint == tok.fingerprint
+
+
+def test_no_rows_left_gives_empty_sequences_and_early_stop_is_clean(toy):
+    tok, table = toy
+    empty = tok.tokenize(table.filter(pa.compute.equal(table["cat"], "drop")))
+    assert empty.num_rows == 0 and empty.schema == SEQUENCES_SCHEMA
+    it = tok.iter_tokenize(table, batch_size=16)
+    first = next(it)
+    it.close()  # stops the encode thread and the DuckDB query
+    assert first.num_rows >= 1
