@@ -76,7 +76,9 @@ def train_text_tokenizer(texts: list[str], vocab_size: int = 4096, context_lengt
     bpe.train_from_iterator(texts, trainer=trainer)
     for token, expected in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS))):
         if bpe.token_to_id(token) != expected:
-            raise DomaintokError(f"text BPE: special token {token} got id {bpe.token_to_id(token)}, expected {expected}")
+            raise DomaintokError(
+                f"text BPE: special token {token} got id {bpe.token_to_id(token)}, expected {expected}"
+            )
     fingerprint = "text-bpe-" + hashlib.sha256(bpe.to_str().encode("utf-8")).hexdigest()[:16]
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,

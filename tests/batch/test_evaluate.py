@@ -1,4 +1,5 @@
-"""The Online Retail evaluation: task labels and features without leakage, LightGBM, and `evaluate --quick` end to end."""
+"""The Online Retail evaluation: task labels and features without leakage, the text baseline, the AUC bootstrap,
+and `evaluate --quick` end to end."""
 
 from __future__ import annotations
 
