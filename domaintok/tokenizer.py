@@ -1,8 +1,5 @@
-"""DomainTokenizer: fit a schema's field encoders with DuckDB, tokenize parquet/Arrow into per-user sequences
-(streaming, vectorized), encode online micro-batches with the same SQL and encoders, save as JSON + HF files.
-
-Token ids: [PAD]=0 [UNK]=1 [BOS]=2 [EOS]=3 [SEP]=4 [MASK]=5, then each field's tokens in schema order, then the BPE
-pieces shared by all text fields. A sequence is [BOS] e1 [SEP] e2 [SEP] ... en [SEP] (events by time, ties by input).
+"""DomainTokenizer: fit with DuckDB, tokenize parquet/Arrow into per-user sequences (streaming, vectorized), encode
+online micro-batches through the same SQL and encoders, and save/load as JSON plus HF tokenizer files.
 """
 
 from __future__ import annotations
@@ -37,6 +34,8 @@ from domaintok.schema import (
 )
 from domaintok.window import keep_newest_events
 
+# Token ids: the special tokens 0..5, then each field's tokens in schema order, then the BPE pieces shared by all text
+# fields. A sequence is [BOS] e1 [SEP] e2 [SEP] ... en [SEP] (events by time, ties by input order), no [EOS].
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID, MASK_ID = range(6)
 DEFAULT_MAX_LENGTH = 1024
