@@ -129,6 +129,9 @@ def join_inputs(
         numeric, categorical = infer_feature_types(_columns(features, "features"))
         if not numeric and not categorical:
             raise DomaintokError(f"features {features}: no feature columns besides user_id")
+        clash = sorted({"input_ids", "label", "split", "label_ts"} & {*numeric, *categorical})
+        if clash:
+            raise DomaintokError(f"features {features}: column {clash[0]!r} clashes with a column of the join; rename it")
 
     params: dict[str, Any] = {"sequences": str(sequences)}
     con.execute(

@@ -89,6 +89,8 @@ def test_split_column_is_used_as_given(tmp_path, small_inputs):
                                        pa.table({"user_id": ["u1"], "when": pa.array([0], pa.timestamp("s"))}))},
          r"features column 'when' has type timestamp"),
         (lambda d: {"split": "time"}, r"--split time needs a 'label_ts' column"),
+        (lambda d: {"features": _write(d / "f.parquet", pa.table({"user_id": ["u1"], "label": [1.0]}))},
+         r"column 'label' clashes with a column of the join"),
     ],
 )
 def test_join_errors_are_one_line(small_inputs, make, message):
