@@ -74,7 +74,7 @@ class EvaluateSettings:
     """An evaluation run: where the data is, where results go, which preset, and overrides."""
 
     data_dir: Path = DEFAULT_DATA_DIR
-    output: Path = Path("eval_results")
+    output: Path = Path("runs/eval_retail")
     preset: str = "small"
     max_steps: int | None = None
     max_users: int | None = None
@@ -453,7 +453,7 @@ def render_markdown(report: dict) -> str:
 @click.command("evaluate")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Directory holding both Online Retail parquet files (default: ../shared/data/online_retail).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("eval_results"),
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval_retail"),
               show_default=True, help="Directory for results.md, results.json and the intermediate artifacts.")
 @click.option("--preset", type=click.Choice(sorted(EVAL_PRESETS)), default="small", show_default=True,
               help="small: the full CPU run (~20 min on 2 cores); tiny: a smoke run.")

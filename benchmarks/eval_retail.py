@@ -18,7 +18,7 @@ from domaintok.errors import DomaintokError
 @click.command()
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_DATA_DIR,
               show_default=True, help="Directory holding both Online Retail parquet files.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("eval_results/retail"),
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval_retail"),
               show_default=True)
 @click.option("--preset", type=click.Choice(sorted(EVAL_PRESETS)), default="small", show_default=True)
 @click.option("--task", "tasks", type=click.Choice(TASK_NAMES), multiple=True, default=TASK_NAMES,
