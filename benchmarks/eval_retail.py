@@ -1,7 +1,7 @@
 """The Online Retail evaluation in one command: domain tokens vs text serialization + BPE vs LightGBM.
 
-`python benchmarks/eval_retail.py` runs the full CPU preset (every customer, both tasks; about 5 minutes on 2 idle cores) and prints
-results.md; `--quick` runs the tiny smoke version. Same code path as `domaintok evaluate` (batch/evaluate.py).
+`python benchmarks/eval_retail.py` runs the full CPU preset (every customer, both tasks; about 6 minutes on 2 cores)
+and prints results.md; `--quick` runs the tiny smoke version. Same code path as `domaintok evaluate`.
 """
 
 from __future__ import annotations
