@@ -24,16 +24,28 @@ from streams.records import (
     CONTENT_TYPE_MSGPACK,
 )
 
-# Table values: UserWindow as msgpack (compact, and the changelog stores exactly these bytes).
+
+class StoredWindow(UserWindow, kw_only=True):
+    """A UserWindow plus the input position (partition, offset) of the newest event folded into it.
+
+    Why: the Table write reaches the changelog before the input offset is committed, so after a crash the replayed
+    events are already in the restored window; skipping offsets <= `offset` keeps n_events exact on replay.
+    """
+
+    partition: int = -1
+    offset: int = -1
+
+
+# Table values: the window as msgpack (compact; the changelog stores exactly these bytes).
 _window_encoder = msgspec.msgpack.Encoder()
-_window_decoder = msgspec.msgpack.Decoder(UserWindow)
+_window_decoder = msgspec.msgpack.Decoder(StoredWindow)
 
 
 def encode_window(window: UserWindow) -> bytes:
     return _window_encoder.encode(window)
 
 
-def decode_window(value: bytes | None) -> UserWindow | None:
+def decode_window(value: bytes | None) -> StoredWindow | None:
     return None if value is None else _window_decoder.decode(value)
 
 
@@ -65,6 +77,7 @@ class BatchResult:
     sequences: list[tuple[bytes, SequenceRecord]]  # (key, record), one per changed user, in first-seen order
     dead_letters: list[DeadLetterOut]
     good: int
+    replayed: int = 0  # events already in their user's stored window (a replay after a crash), skipped
 
 
 class EventDecoders:
@@ -134,7 +147,8 @@ def process_batch(
     et = tok.encode_event_tokens(events, previous_ts=previous)
 
     # group good events per user key, arrival order kept
-    per_user: dict[bytes, tuple[str, list, list, list[int]]] = {}
+    per_user: dict[bytes, tuple[str, list, list, list[int], list[Message]]] = {}
+    replayed = 0
     for i, msg in enumerate(kept):
         reason = et.errors[i]
         if reason is not None:
@@ -142,18 +156,24 @@ def process_batch(
             continue
         user = et.user_ids[i]
         key = msg.key if msg.key is not None else user.encode("utf-8")
+        stored = windows[key] if key in windows else windows.setdefault(key, decode_window(table.get(key)))
+        if stored is not None and stored.partition == msg.partition and msg.offset <= stored.offset:
+            replayed += 1
+            continue
         slot = per_user.get(key)
         if slot is None:
-            slot = per_user[key] = (user, [], [], [])
+            slot = per_user[key] = (user, [], [], [], [])
         slot[1].append(et.ids[et.offsets[i] : et.offsets[i + 1]])
         slot[2].append(int(et.event_ts[i]))
         slot[3].append(msg.timestamp_ms)
+        slot[4].append(msg)
 
     out: list[tuple[bytes, SequenceRecord]] = []
     good = 0
-    for key, (user, ids, ts, kafka_ts) in per_user.items():
-        window = windows[key] if key in windows else decode_window(table.get(key))
-        window = append_events(window, ids, ts, max_length)
+    for key, (user, ids, ts, kafka_ts, msgs) in per_user.items():
+        window = append_events(windows[key], ids, ts, max_length)
+        last = msgs[-1]
+        window = StoredWindow(**msgspec.structs.asdict(window), partition=last.partition, offset=last.offset)
         table[key] = encode_window(window)
         good += len(ids)
         out.append(
@@ -169,4 +189,4 @@ def process_batch(
                 ),
             )
         )
-    return BatchResult(out, dead, good)
+    return BatchResult(out, dead, good, replayed)

@@ -77,3 +77,19 @@ def test_bad_records_dead_lettered_good_ones_flow(retail_domain_tokenizer, retai
     assert "fingerprint" in header_value(first.headers, HEADER_ERROR)
     assert sum(rec.n_events for _, rec in res.sequences) == 5
     del no_time
+
+
+def test_replayed_offsets_are_not_counted_twice(retail_domain_tokenizer, retail_rows):
+    # A crash after the Table write but before the offset commit replays the batch: n_events must stay exact.
+    tok = retail_domain_tokenizer
+    _, rows = retail_rows
+    msgs = _messages(tok, rows[:400])
+    decoders = EventDecoders(tok.event_struct)
+    state: dict[bytes, bytes] = {}
+    first = process_batch(tok, decoders, msgs[:300], state, tok.max_length)
+    again = process_batch(tok, decoders, msgs[200:400], state, tok.max_length)
+    assert again.replayed == 100 and again.good == 100
+    once: dict[bytes, bytes] = {}
+    process_batch(tok, decoders, msgs, once, tok.max_length)
+    assert {k: decode_window(v).n_events for k, v in state.items()} == {k: decode_window(v).n_events for k, v in once.items()}
+    assert first.good == 300
