@@ -1,0 +1,132 @@
+"""The Faust tokenizer app: events -> per-user windows (changelog-backed Table) -> sequences, bad events -> dead-letter.
+
+Run with `faust -A streams.app worker -l info --without-web` or `domaintok worker tokenize`; every setting comes from the
+environment (see `AppConfig.from_env`), never from code.
+
+At-least-once, in this order per micro-batch: (1) Table writes and sends are queued, (2) the producer is flushed and
+every send's delivery awaited, (3) only then does `take_events` ack the batch's events, so the committed offset never
+passes an event whose window and sequence are not on the broker. A crash before (3) replays the batch; the stored
+window's input offset (StoredWindow) makes the replay skip events it already holds, so n_events stays exact and the
+re-sent sequences are duplicates a consumer drops by its max-n_events rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+
+import faust
+
+from domaintok.errors import DomaintokError
+from domaintok.tokenizer import DomainTokenizer
+from streams import metrics
+from streams.records import encode_record
+from streams.settings import KafkaSettings
+from streams.tokenizer_agent import EventDecoders, Message, process_batch
+
+log = logging.getLogger("domaintok.worker.tokenize")
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    """The tokenizer worker's settings (env names in brackets)."""
+
+    tokenizer_dir: str  # DOMAINTOK_TOKENIZER_DIR (required)
+    app_id: str = "domaintok-tokenizer"  # DOMAINTOK_APP_ID: consumer group and Table changelog prefix
+    max_length: int | None = None  # DOMAINTOK_MAX_LENGTH (default: the tokenizer's)
+    batch_size: int = 4000  # DOMAINTOK_BATCH_SIZE: events per micro-batch at most
+    batch_within: float = 0.2  # DOMAINTOK_BATCH_WITHIN: seconds to wait for a batch to fill
+    web_port: int = 6066  # DOMAINTOK_WEB_PORT: Faust web (worker passes --without-web unless asked)
+    metrics_port: int = 0  # DOMAINTOK_METRICS_PORT: Prometheus /metrics on 127.0.0.1 (0 = off)
+    store: str = "memory://"  # DOMAINTOK_STORE: Table store; state is rebuilt from the changelog on start
+
+    @classmethod
+    def from_env(cls, environ=None) -> AppConfig:
+        env = os.environ if environ is None else environ
+        tokenizer_dir = env.get("DOMAINTOK_TOKENIZER_DIR", "").strip()
+        if not tokenizer_dir:
+            raise DomaintokError("DOMAINTOK_TOKENIZER_DIR is not set (the fitted tokenizer directory)")
+        try:
+            return cls(
+                tokenizer_dir=tokenizer_dir,
+                app_id=env.get("DOMAINTOK_APP_ID", cls.app_id),
+                max_length=int(env["DOMAINTOK_MAX_LENGTH"]) if env.get("DOMAINTOK_MAX_LENGTH") else None,
+                batch_size=int(env.get("DOMAINTOK_BATCH_SIZE", cls.batch_size)),
+                batch_within=float(env.get("DOMAINTOK_BATCH_WITHIN", cls.batch_within)),
+                web_port=int(env.get("DOMAINTOK_WEB_PORT", cls.web_port)),
+                metrics_port=int(env.get("DOMAINTOK_METRICS_PORT", cls.metrics_port)),
+                store=env.get("DOMAINTOK_STORE", cls.store),
+            )
+        except ValueError as exc:
+            raise DomaintokError(f"bad DOMAINTOK_* setting: {exc}") from None
+
+
+def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
+    tok = DomainTokenizer.from_pretrained(config.tokenizer_dir)
+    max_length = config.max_length or tok.max_length
+    decoders = EventDecoders(tok.event_struct)
+    app = faust.App(
+        config.app_id,
+        **settings.faust_settings(),
+        store=config.store,
+        consumer_auto_offset_reset="earliest",
+        producer_linger=0.01,
+        producer_max_batch_size=262144,
+        web_host="127.0.0.1",
+        web_port=config.web_port,
+        web_bind="127.0.0.1",
+    )
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    events = app.topic(settings.topic_events, partitions=settings.partitions, **raw)
+    sequences = app.topic(settings.topic_sequences, partitions=settings.partitions, **raw)
+    dead_letter = app.topic(settings.topic_dead_letter, partitions=settings.partitions, **raw)
+    # use_partitioner: keys are the input's raw key bytes, so the changelog partition = the input partition
+    # (producers use murmur2, as Faust does); this is also what lets the agent write inside take_events().
+    windows = app.Table(
+        "user-windows", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes,
+        schema=faust.Schema(key_type=bytes, value_type=bytes, **raw),
+    )
+
+    @app.agent(events)
+    async def tokenize(stream):
+        async for batch in stream.take_events(config.batch_size, within=config.batch_within):
+            messages = [
+                Message(
+                    m.key, m.value, list(m.headers or ()), m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000)
+                )
+                for m in (ev.message for ev in batch)
+            ]
+            t0 = time.perf_counter()
+            result = process_batch(tok, decoders, messages, windows, max_length)
+            metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
+            metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
+            metrics.EVENTS_IN.labels("tokenize").inc(len(messages))
+            futures = [await sequences.send(key=key, value=encode_record(rec)) for key, rec in result.sequences]
+            for d in result.dead_letters:
+                futures.append(await dead_letter.send(key=d.key, value=d.value, headers=d.headers))
+                metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
+            # Deliveries (sequences, dead letters, changelog) confirmed before take_events acks the batch.
+            await app.producer.flush()
+            if futures:
+                await asyncio.gather(*futures)
+            metrics.RECORDS_OUT.labels("tokenize").inc(len(result.sequences))
+            if result.dead_letters or result.replayed:
+                metrics.log_kv(log, "batch", events=len(messages), sequences=len(result.sequences),
+                               dead_lettered=len(result.dead_letters), replayed=result.replayed)
+
+    app.conf.domaintok_config = config  # for tests and the worker command
+    metrics.serve(config.metrics_port)
+    return app
+
+
+def _app_from_env() -> faust.App:
+    settings = KafkaSettings.from_env()
+    if not settings.bootstrap_servers:
+        raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start one with `domaintok broker`)")
+    return create_app(AppConfig.from_env(), settings)
+
+
+app = _app_from_env()

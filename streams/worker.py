@@ -1,0 +1,81 @@
+"""`domaintok worker tokenize|encode`: the two stream workers as click commands.
+
+`tokenize` sets the DOMAINTOK_* environment and execs the Faust worker (`streams.app`); `encode` runs the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from streams.settings import KafkaSettings
+
+
+@click.group("worker")
+def command() -> None:
+    """Run a stream worker (tokenize: events -> sequences; encode: sequences -> embeddings)."""
+
+
+@command.command("tokenize")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
+              help="Fitted tokenizer directory [DOMAINTOK_TOKENIZER_DIR].")
+@click.option("--app-id", help="Faust app id = consumer group [DOMAINTOK_APP_ID, default domaintok-tokenizer].")
+@click.option("--max-length", type=int, help="Window length in tokens [DOMAINTOK_MAX_LENGTH, default: tokenizer's].")
+@click.option("--batch-size", type=int, help="Events per micro-batch [DOMAINTOK_BATCH_SIZE, 4000].")
+@click.option("--batch-within", type=float, help="Seconds to fill a micro-batch [DOMAINTOK_BATCH_WITHIN, 0.2].")
+@click.option("--web-port", type=int, help="Enable Faust's web server on 127.0.0.1:PORT (off by default).")
+@click.option("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1:PORT [DOMAINTOK_METRICS_PORT].")
+@click.option("--log-level", default="info", show_default=True)
+def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within, web_port, metrics_port, log_level) -> None:
+    """Tokenizer worker: events -> per-user windows (Faust Table) -> sequences; bad events -> dead-letter.
+
+    Kafka settings come from KAFKA_* / DOMAINTOK_TOPIC_* variables; KAFKA_BOOTSTRAP_SERVERS is required.
+    """
+    env = dict(os.environ)
+    for name, value in (
+        ("DOMAINTOK_TOKENIZER_DIR", tokenizer_dir), ("DOMAINTOK_APP_ID", app_id), ("DOMAINTOK_MAX_LENGTH", max_length),
+        ("DOMAINTOK_BATCH_SIZE", batch_size), ("DOMAINTOK_BATCH_WITHIN", batch_within),
+        ("DOMAINTOK_WEB_PORT", web_port), ("DOMAINTOK_METRICS_PORT", metrics_port),
+    ):
+        if value is not None:
+            env[name] = str(value)
+    from domaintok.errors import DomaintokError
+
+    if not env.get("DOMAINTOK_TOKENIZER_DIR"):
+        raise DomaintokError("no tokenizer: pass --tokenizer DIR or set DOMAINTOK_TOKENIZER_DIR")
+    if not KafkaSettings.from_env(env).bootstrap_servers:
+        raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start a broker with `domaintok broker`)")
+    argv = [sys.executable, "-m", "faust", "--loop", "uvloop", "-A", "streams.app", "worker", "-l", log_level]
+    # Faust ignores web_enabled=False; without --without-web two workers on one host collide on port 6066.
+    argv += ["--web-port", str(web_port), "--web-host", "127.0.0.1"] if web_port else ["--without-web"]
+    os.execve(sys.executable, argv, env)
+
+
+@command.command("encode")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Pretrained model directory (safetensors).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
+              help="Refuse to start unless the model was trained with this tokenizer.")
+@click.option("--group-id", default=lambda: os.environ.get("DOMAINTOK_ENCODER_GROUP", "domaintok-encoder"),
+              show_default="domaintok-encoder", help="Consumer group [DOMAINTOK_ENCODER_GROUP].")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-within", type=float, default=0.05, show_default=True, help="Seconds to fill a batch.")
+@click.option("--device", help="torch device (default: cuda when present, else cpu).")
+@click.option("--metrics-port", type=int, default=lambda: int(os.environ.get("DOMAINTOK_METRICS_PORT", "0")),
+              help="Prometheus /metrics on 127.0.0.1:PORT (0 = off) [DOMAINTOK_METRICS_PORT].")
+@click.option("--max-idle", type=float, help="Exit after this many seconds without records (default: run forever).")
+def encode_command(model_dir, tokenizer_dir, group_id, batch_size, batch_within, device, metrics_port, max_idle) -> None:
+    """Encoder worker: sequences -> embeddings; commits offsets only after the embeddings are acknowledged."""
+    from domaintok.errors import DomaintokError
+    from streams.encoder import EncoderConfig, run_encoder
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = KafkaSettings.from_env()
+    if not settings.bootstrap_servers:
+        raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start a broker with `domaintok broker`)")
+    config = EncoderConfig(model_dir=model_dir, group_id=group_id, batch_size=batch_size, batch_within=batch_within,
+                           device=device, tokenizer_dir=tokenizer_dir, metrics_port=metrics_port)
+    run_encoder(config, settings, max_idle=max_idle)
