@@ -70,6 +70,18 @@ def start_encoder(settings: KafkaSettings, model_dir: Path, group_id: str, log_p
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def wait_ready(proc: subprocess.Popen, log_path: Path, marker: str = "[^Worker]: Ready", timeout: float = 90.0) -> None:
+    """Block until the worker's log shows `marker` (Faust prints it once partitions are assigned and tables recovered)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}; see {log_path}")
+        if log_path.exists() and marker in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"worker not ready after {timeout:.0f} s; see {log_path}")
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     """SIGTERM, wait, then SIGKILL: never leaves the process behind."""
     if proc.poll() is None:
@@ -129,6 +141,8 @@ def command(duration: float, rate: int, users: int, domain: str, show: int) -> N
         try:
             procs.append(start_tokenizer(settings, tok_dir, "demo-tokenizer", work / "tokenizer.log"))
             procs.append(start_encoder(settings, model_dir, "demo-encoder", work / "encoder.log"))
+            with console.status("starting the tokenizer and encoder workers"):
+                wait_ready(procs[0], work / "tokenizer.log")
             stats = {"produced": 0}
             stop = threading.Event()
 
