@@ -124,8 +124,8 @@ class EncoderWorker:
                 break
             got = self.consumer.consume(self.config.batch_size - len(msgs), timeout=timeout)
             msgs.extend(m for m in got if not (m.error() and m.error().code() == KafkaError._PARTITION_EOF))
-            if not msgs and self._stop:
-                break
+            if not msgs:
+                break  # nothing within the idle poll: let run() check stop/idle
         return msgs
 
     def process(self, msgs: list) -> int:
