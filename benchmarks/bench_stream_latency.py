@@ -32,8 +32,8 @@ def main() -> None:
         ensure_topics(settings)
         events, tok, tok_dir, model_dir = build_artifacts(work, "ecommerce", args.users, n)
         rows = event_rows(events, tok)
-        procs = [start_tokenizer(settings, tok_dir, "lat-tok", work / "tok.log", DOMAINTOK_BATCH_WITHIN="0.05"),
-                 start_encoder(settings, model_dir, "lat-enc", work / "enc.log", "--batch-within", "0.02", "--device", "cpu")]
+        procs = [start_tokenizer(settings, tok_dir, "lat-tok", work / "tok.log", DOMAINTOK_BATCH_WITHIN="0.1"),
+                 start_encoder(settings, model_dir, "lat-enc", work / "enc.log", "--batch-within", "0.1", "--batch-size", "2000", "--device", "cpu")]
         try:
             wait_ready(procs[0], work / "tok.log")
             time.sleep(2)  # encoder group join

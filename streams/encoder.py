@@ -119,10 +119,16 @@ class EncoderWorker:
         deadline = time.monotonic() + self.config.batch_within
         msgs: list = []
         while len(msgs) < self.config.batch_size:
-            timeout = deadline - time.monotonic() if msgs else 0.5
-            if timeout <= 0:
-                break
-            got = self.consumer.consume(self.config.batch_size - len(msgs), timeout=timeout)
+            if msgs:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                want = self.config.batch_size - len(msgs)
+            else:
+                # consume(n) blocks until n records or the timeout: ask for one first so a batch starts at once
+                timeout, want = 0.5, 1
+                deadline = time.monotonic() + self.config.batch_within
+            got = self.consumer.consume(want, timeout=timeout)
             msgs.extend(m for m in got if not (m.error() and m.error().code() == KafkaError._PARTITION_EOF))
             if not msgs:
                 break  # nothing within the idle poll: let run() check stop/idle
