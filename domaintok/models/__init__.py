@@ -13,6 +13,8 @@ from domaintok.models.modeling_domain_transformer import (
     DomainTransformerModel,
     DomainTransformerPreTrainedModel,
 )
+from domaintok.models.fusion import JointFusionConfig, JointFusionModel
+from domaintok.models.tabular import DCNv2, CrossLayer, PeriodicEmbeddings
 
 AutoConfig.register(DomainTransformerConfig.model_type, DomainTransformerConfig, exist_ok=True)
 AutoModel.register(DomainTransformerConfig, DomainTransformerModel, exist_ok=True)
@@ -24,4 +26,9 @@ __all__ = [
     "DomainTransformerPreTrainedModel",
     "DomainTransformerModel",
     "DomainTransformerForCausalLM",
+    "PeriodicEmbeddings",
+    "CrossLayer",
+    "DCNv2",
+    "JointFusionConfig",
+    "JointFusionModel",
 ]
