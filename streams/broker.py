@@ -9,8 +9,10 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import click
@@ -303,11 +305,36 @@ class Broker:
         return f"<{type(self).__name__} {self.bootstrap_servers} {state}>"
 
 
+# Characters allowed in a test broker's SASL user names and passwords: they are written into a properties file
+# (JAAS config) and a kafka-storage `--add-scram` argument, where quotes, commas and brackets would need escaping.
+_SAFE_CREDENTIAL = re.compile(r"^[A-Za-z0-9._~+/=@-]+$")
+SASL_LISTENER_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerTls:
+    """PEM files for the broker's TLS listeners (Kafka reads PEM directly: ssl.keystore.type=PEM).
+
+    `keystore_file`: the broker's private key (unencrypted PKCS#8, "BEGIN PRIVATE KEY") followed by its certificate
+    chain; `ca_file`: the CA certificate(s) the broker trusts for client certificates on the SSL (mTLS) listener.
+    """
+
+    keystore_file: Path
+    ca_file: Path
+
+
 class ApacheKafkaBroker(Broker):
     """A single-node Apache Kafka (KRaft) broker+controller on 127.0.0.1 with its log dir on disk.
 
     `state_dir` holds the config, logs and data; given one, data survives `stop()`/`start()` and is kept on
     `close()`. Without one a temporary directory is used and removed on `close()`.
+
+    Security (for tests of authenticated clients): `sasl_users` (name -> password) adds a SASL_PLAINTEXT listener
+    accepting PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for those users (SCRAM credentials are written into the
+    metadata log when the storage is formatted); `tls` adds an SSL listener that requires a client certificate
+    signed by `tls.ca_file`, and with `sasl_users` also a SASL_SSL listener. The PLAINTEXT listener stays (the
+    readiness check and inter-broker traffic use it). `listener_ports` maps protocol -> port and
+    `client_settings(protocol, ...)` gives KafkaSettings for one listener.
     """
 
     kind = "apache"
@@ -321,11 +348,25 @@ class ApacheKafkaBroker(Broker):
         controller_port: int | None = None,
         version: str = KAFKA_VERSION,
         heap: str = "512m",
+        sasl_users: Mapping[str, str] | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         super().__init__(port)
         self.controller_port = controller_port or free_port()
         self.version = version
         self.heap = heap
+        for name, password in (sasl_users or {}).items():
+            if not (_SAFE_CREDENTIAL.match(name) and _SAFE_CREDENTIAL.match(password)):
+                raise DomaintokError(f"test broker SASL user {name!r}: use only {_SAFE_CREDENTIAL.pattern} in names/passwords")
+        self._sasl_users = dict(sasl_users or {})
+        self.tls = tls
+        self.listener_ports: dict[str, int] = {"PLAINTEXT": self.port}
+        if self._sasl_users:
+            self.listener_ports["SASL_PLAINTEXT"] = free_port()
+        if tls is not None:
+            self.listener_ports["SSL"] = free_port()
+            if self._sasl_users:
+                self.listener_ports["SASL_SSL"] = free_port()
         self._owns_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="domaintok-kafka-"))
         self.data_dir = self.state_dir / "data"
@@ -346,16 +387,73 @@ class ApacheKafkaBroker(Broker):
     def _prepare(self) -> None:
         self._classpath = self._classpath or fetch_kafka(self.version)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "server.properties").write_text(
+        properties = self.state_dir / "server.properties"
+        properties.write_text(
             _SERVER_PROPERTIES.format(port=self.port, controller_port=self.controller_port, log_dir=self.data_dir)
+            + self._security_properties()
         )
+        properties.chmod(0o600)  # holds the PLAIN passwords when SASL is on
         (self.state_dir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.state_dir / "server.log"))
         if not (self.data_dir / "meta.properties").exists():
-            cmd = self._java("kafka.tools.StorageTool", "format", "-t", _kafka_uuid(), "-c",
-                             str(self.state_dir / "server.properties"))
+            cmd = self._java("kafka.tools.StorageTool", "format", "-t", _kafka_uuid(), "-c", str(properties))
+            for name, password in self._sasl_users.items():
+                for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                    cmd += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise DomaintokError(f"formatting Kafka storage in {self.data_dir} failed: {proc.stdout[-300:]}")
+
+    def _security_properties(self) -> str:
+        """server.properties lines for the SASL/TLS listeners (empty when neither is asked for)."""
+        extra = {p: port for p, port in self.listener_ports.items() if p != "PLAINTEXT"}
+        if not extra:
+            return ""
+        listeners = ",".join(f"{p}://127.0.0.1:{port}" for p, port in extra.items())
+        protocol_map = ",".join(f"{p}:{p}" for p in extra)
+        lines = [
+            "# security listeners (streams/broker.py ApacheKafkaBroker: sasl_users / tls)",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},{listeners}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port},{listeners}",
+            f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,{protocol_map}",
+        ]
+        sasl_listeners = [p for p in extra if p.startswith("SASL_")]
+        if sasl_listeners:
+            lines.append(f"sasl.enabled.mechanisms={','.join(SASL_LISTENER_MECHANISMS)}")
+            plain_users = " ".join(f'user_{n}="{pw}"' for n, pw in self._sasl_users.items())
+            for listener in sasl_listeners:
+                prefix = f"listener.name.{listener.lower()}"
+                lines.append(f"{prefix}.sasl.enabled.mechanisms={','.join(SASL_LISTENER_MECHANISMS)}")
+                lines.append(f"{prefix}.plain.sasl.jaas.config="
+                             f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};")
+                for mechanism in ("scram-sha-256", "scram-sha-512"):
+                    lines.append(f"{prefix}.{mechanism}.sasl.jaas.config="
+                                 "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        if self.tls is not None:
+            lines += [
+                "ssl.keystore.type=PEM",
+                f"ssl.keystore.location={self.tls.keystore_file}",
+                "ssl.truststore.type=PEM",
+                f"ssl.truststore.location={self.tls.ca_file}",
+                "listener.name.ssl.ssl.client.auth=required",
+            ]
+        # later keys win in a properties file: these replace the PLAINTEXT-only listener lines above
+        return "\n".join(lines) + "\n"
+
+    def client_settings(
+        self,
+        protocol: str = "PLAINTEXT",
+        *,
+        base: KafkaSettings | None = None,
+        **security: str | None,
+    ) -> KafkaSettings:
+        """Settings for the `protocol` listener: `base` (default: KafkaSettings()) with its bootstrap address and
+        `security_protocol`, plus `security` fields (sasl_mechanism, sasl_username, sasl_password, ssl_cafile, ...)."""
+        if protocol not in self.listener_ports:
+            raise DomaintokError(f"this broker has no {protocol} listener (has {', '.join(self.listener_ports)})")
+        base = base or KafkaSettings()
+        return base.replace(
+            bootstrap_servers=f"127.0.0.1:{self.listener_ports[protocol]}", security_protocol=protocol, **security
+        )
 
     def _java(self, main_class: str, *args: str) -> list[str]:
         java = shutil.which("java")
@@ -477,15 +575,22 @@ def ensure_topics(
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from streams.clients import wait_for_metadata
+    from streams.settings import DEAD_LETTER_MAX_BYTES
+
     names = list(settings.topics.values() if names is None else names)
     partitions = partitions or settings.partitions
     admin = AdminClient(settings.confluent_admin(logger=_QUIET))
+    wait_for_metadata(admin, settings, timeout=timeout)  # refused credentials: KafkaAuthError now, not a 30 s hang
+    # the dead-letter topic holds whole events plus headers: room for any record the events topic accepted
+    configs = {settings.topic_dead_letter: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}}
     deadline = time.monotonic() + timeout
     # The broker may take a moment to accept CreateTopics after start; retry transient errors.
     pending = set(names)
     while pending:
         futures = admin.create_topics(
-            [NewTopic(n, num_partitions=partitions, replication_factor=replication_factor) for n in sorted(pending)],
+            [NewTopic(n, num_partitions=partitions, replication_factor=replication_factor, config=configs.get(n, {}))
+             for n in sorted(pending)],
             operation_timeout=timeout,
             request_timeout=timeout,
         )

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import msgspec
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from domaintok.errors import DomaintokError
 from streams.records import (
@@ -26,7 +26,7 @@ from streams.records import (
     json_encoder,
     msgpack_encoder,
 )
-from streams.settings import KafkaSettings
+from streams.settings import EVENT_MAX_BYTES, KafkaSettings
 
 T = TypeVar("T")
 
@@ -35,13 +35,35 @@ class DeliveryError(DomaintokError):
     """Some records were not acknowledged by the broker."""
 
 
+def wait_for_metadata(client: Any, settings: KafkaSettings, topic: str | None = None, timeout: float = 30.0) -> Any:
+    """Cluster metadata from `client` (Producer, Consumer or AdminClient made from `settings`), failing fast.
+
+    Why: librdkafka answers a refused login only with "Broker transport failure" from list_topics and retries
+    forever; polling serves the settings' error_cb, which raises KafkaAuthError (one line, no retry) on bad
+    credentials or a failed TLS handshake. No answer within `timeout` is a one-line DomaintokError.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.list_topics(topic, timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+        except KafkaException as exc:
+            last = exc.args[0]
+        client.poll(0)  # serves error_cb: KafkaAuthError propagates from here
+        if time.monotonic() > deadline:
+            raise DomaintokError(
+                f"no answer from Kafka for {settings.describe_auth()} within {timeout:.0f} s: {last.str()}"
+            )
+
+
 class EventProducer:
     """Produces raw events to the events topic: key = user id, murmur2 partitioning, fingerprint header.
 
     `send_many` takes dicts or msgspec Structs; with `event_struct` (a tokenizer's `event_struct`) dicts are
     validated and converted first, so a malformed event fails here, not in the stream worker. Delivery
     failures are collected (librdkafka reports only errors: no per-message callback on the hot path) and
-    raised by `flush()`.
+    raised by `flush()`. A record over `message.max.bytes` (EVENT_MAX_BYTES unless configured) is refused by
+    the client before it is sent: it is skipped and counted in `too_large`, the rest still flows, and `flush()`
+    reports it. Bad credentials raise KafkaAuthError from send/flush instead of retrying forever.
     """
 
     def __init__(
@@ -63,10 +85,15 @@ class EventProducer:
         self._encode = json_encoder.encode if content_type == CONTENT_TYPE_JSON else msgpack_encoder.encode
         self._headers = event_headers(fingerprint, content_type)
         self._producer = Producer(
-            settings.confluent_producer(**{"delivery.report.only.error": True, "on_delivery": self._on_delivery, **config})
+            settings.confluent_producer(
+                **{"delivery.report.only.error": True, "on_delivery": self._on_delivery,
+                   "message.max.bytes": EVENT_MAX_BYTES, **config}
+            )
         )
+        self.max_bytes = int(config.get("message.max.bytes", EVENT_MAX_BYTES))
         self.sent = 0
         self.failed = 0
+        self.too_large = 0  # records refused by the client for their size (never sent)
         self.errors: list[str] = []  # the first few delivery errors, for the report
 
     def _on_delivery(self, err, msg) -> None:
@@ -85,19 +112,31 @@ class EventProducer:
 
     def send(self, value: bytes, key: bytes | None, headers: list | None = None) -> None:
         """Produce one already-encoded record (headers default to the events topic's)."""
-        self._produce(value, key, self._headers if headers is None else headers)
-        self.sent += 1
+        if self._produce(value, key, self._headers if headers is None else headers):
+            self.sent += 1
 
-    def _produce(self, value: bytes, key: bytes | None, headers: list) -> None:
+    def _produce(self, value: bytes, key: bytes | None, headers: list) -> bool:
+        """Queue one record; False when the client refused it for its size (counted in `too_large`)."""
         try:
             self._producer.produce(self.topic, value=value, key=key, headers=headers)
+            return True
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            self.too_large += 1
+            if len(self.errors) < 5:
+                self.errors.append(
+                    f"{self.topic}: a {len(value or b'')}-byte record (key {key!r:.40}) is over message.max.bytes "
+                    f"({self.max_bytes})"
+                )
+            return False
         except BufferError:
             # Local queue full: serve delivery reports until there is room, then retry this record.
             while True:
                 self._producer.poll(0.05)
                 try:
                     self._producer.produce(self.topic, value=value, key=key, headers=headers)
-                    return
+                    return True
                 except BufferError:
                     continue
 
@@ -126,19 +165,26 @@ class EventProducer:
             else:
                 user = next(key_iter)
                 key = None if user is None else str(user).encode("utf-8")
-            produce(encode(event), key, headers)
-            n += 1
+            n += produce(encode(event), key, headers)
         self._producer.poll(0)
         self.sent += n
         return n
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Wait for every queued record; raise DeliveryError if any failed or did not finish in `timeout`."""
-        remaining = self._producer.flush(timeout)
+        """Wait for every queued record; raise DeliveryError if any failed, was refused as too large, or did not
+        finish in `timeout` (KafkaAuthError at once on refused credentials)."""
+        deadline = time.monotonic() + timeout
+        remaining = len(self._producer)
+        while remaining and time.monotonic() < deadline:
+            # short steps: an authentication failure surfaces (error_cb) within a step, not after `timeout`
+            remaining = self._producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
         if remaining:
             raise DeliveryError(f"{remaining} records still undelivered after {timeout:.0f} s (is the broker up?)")
-        if self.failed:
-            raise DeliveryError(f"{self.failed} of {self.sent} records failed delivery: {self.errors[0]}")
+        if self.failed or self.too_large:
+            raise DeliveryError(
+                f"{self.failed} of {self.sent} records failed delivery, {self.too_large} refused as larger than "
+                f"message.max.bytes ({self.max_bytes}): {self.errors[0]}"
+            )
 
     @property
     def delivered(self) -> int:
@@ -179,10 +225,14 @@ class _TopicReader(Generic[T]):
                 group_id or f"domaintok-reader-{uuid.uuid4().hex[:12]}", **{"auto.offset.reset": reset, **config}
             )
         )
+        try:
+            metadata = wait_for_metadata(self._consumer, settings, topic, timeout=30)
+        except BaseException:
+            self._consumer.close()
+            raise
         if group_id:
             self._consumer.subscribe([topic])
         else:
-            metadata = self._consumer.list_topics(topic, timeout=10)
             meta = metadata.topics.get(topic)
             if meta is None or meta.error is not None or not meta.partitions:
                 self._consumer.close()

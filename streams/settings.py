@@ -7,7 +7,9 @@ setting given once (SASL, TLS) reaches all of them; its repr never shows the pas
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +28,7 @@ ENV_VARS: dict[str, str] = {
     "KAFKA_SSL_CAFILE": "ssl_cafile",
     "KAFKA_SSL_CERTFILE": "ssl_certfile",
     "KAFKA_SSL_KEYFILE": "ssl_keyfile",
+    "KAFKA_SSL_KEY_PASSWORD": "ssl_key_password",
     "DOMAINTOK_TOPIC_EVENTS": "topic_events",
     "DOMAINTOK_TOPIC_SEQUENCES": "topic_sequences",
     "DOMAINTOK_TOPIC_EMBEDDINGS": "topic_embeddings",
@@ -39,6 +42,25 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 # The broker holds a JoinGroup for session timeout / 2 before answering; librdkafka's 45 s default meant
 # 23 s before the first message (notes/kafka-measurements.md). 6 s keeps joins at ~3 s and is still safe.
 SESSION_TIMEOUT_MS = 6000
+
+# Record size limits. Producers of events refuse values over EVENT_MAX_BYTES (librdkafka's default
+# message.max.bytes; the broker's default topic limit is 1 MiB). A dead letter is the original record plus a few
+# headers, so the dead-letter topic (created by ensure_topics) and the workers' producers allow DEAD_LETTER_MAX_BYTES:
+# every record the events topic accepted can be dead-lettered whole.
+EVENT_MAX_BYTES = 1_000_000
+DEAD_LETTER_MAX_BYTES = 2 * 1024 * 1024
+
+# Fields whose values are secrets: never shown by repr/str (to_env still passes them to child processes).
+SECRET_FIELDS = ("sasl_password", "ssl_key_password")
+
+# librdkafka's own log lines (connection failures, retries) go here instead of straight to stderr: a CLI then
+# prints one clear error instead of a screen of `%3|...|FAIL|` lines; workers that configure logging still see them.
+RDKAFKA_LOG = logging.getLogger("domaintok.rdkafka")
+RDKAFKA_LOG.addHandler(logging.NullHandler())
+
+
+class KafkaAuthError(DomaintokError):
+    """The broker refused our credentials or TLS handshake: retrying with the same settings cannot succeed."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,6 +79,7 @@ class KafkaSettings:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: str | None = dataclasses.field(default=None, repr=False)
     topic_events: str = "domaintok.events"
     topic_sequences: str = "domaintok.sequences"
     topic_embeddings: str = "domaintok.embeddings"
@@ -126,7 +149,7 @@ class KafkaSettings:
         shown = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "sasl_password" and value is not None:
+            if f.name in SECRET_FIELDS and value is not None:
                 value = "***"
             shown.append(f"{f.name}={value!r}")
         return f"KafkaSettings({', '.join(shown)})"
@@ -180,7 +203,33 @@ class KafkaSettings:
             if self.ssl_certfile:
                 conf["ssl.certificate.location"] = self.ssl_certfile
                 conf["ssl.key.location"] = self.ssl_keyfile
+                if self.ssl_key_password is not None:
+                    conf["ssl.key.password"] = self.ssl_key_password
+        conf["error_cb"] = self.raise_on_auth_error
+        conf["logger"] = RDKAFKA_LOG
         return conf
+
+    def describe_auth(self) -> str:
+        """Who we connect as, without secrets: `user 'alice' (SASL_SSL SCRAM-SHA-256, host:port)`."""
+        who = f"user {self.sasl_username!r} " if self.uses_sasl else ""
+        how = f"{self.security_protocol} {self.sasl_mechanism}" if self.uses_sasl else self.security_protocol
+        return f"{who}({how}, {self.bootstrap_servers})"
+
+    def raise_on_auth_error(self, err: Any) -> None:
+        """librdkafka error_cb: an authentication or TLS failure becomes KafkaAuthError, raised by the client call
+        (poll/consume/flush) that served it, so a worker or CLI stops with one line instead of retrying forever.
+        Other errors (broker down, timeouts) are transient: librdkafka retries them and logs through RDKAFKA_LOG."""
+        from confluent_kafka import KafkaError  # heavy import, only when a client exists
+
+        code = err.code()
+        if code not in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+            return
+        detail = re.sub(r"\s*\(after \d+ms in state \w+\)", "", err.str())
+        detail = detail.split(": ", 1)[1] if "://" in detail.split(": ", 1)[0] else detail  # drop "sasl_ssl://h:p/id: "
+        what = "authentication" if code == KafkaError._AUTHENTICATION else "TLS handshake"
+        hint = ("check KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD / KAFKA_SASL_MECHANISM"
+                if code == KafkaError._AUTHENTICATION else "check KAFKA_SSL_CAFILE / KAFKA_SSL_CERTFILE / KAFKA_SSL_KEYFILE")
+        raise KafkaAuthError(f"Kafka {what} failed for {self.describe_auth()}: {' '.join(detail.split())} ({hint})")
 
     def confluent_producer(self, **overrides: Any) -> dict[str, Any]:
         """Producer config: murmur2 partitioning (Java's default, what Faust Tables expect), batched for throughput."""
@@ -193,6 +242,8 @@ class KafkaSettings:
                 "compression.type": "lz4",
                 "enable.idempotence": True,
                 "acks": "all",
+                # room for a dead letter of a maximal event (its headers come on top of the original bytes)
+                "message.max.bytes": DEAD_LETTER_MAX_BYTES,
             }
         )
         conf.update(overrides)
@@ -227,7 +278,7 @@ class KafkaSettings:
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ssl_cafile)
             if self.ssl_certfile:
-                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=self.ssl_key_password)
         except (OSError, ssl.SSLError) as exc:
             raise DomaintokError(f"cannot load TLS files (KAFKA_SSL_CAFILE/CERTFILE/KEYFILE): {exc}") from None
         return context
@@ -259,6 +310,7 @@ class KafkaSettings:
             "broker_session_timeout": SESSION_TIMEOUT_MS / 1000,
             "broker_heartbeat_interval": 1,
             "topic_partitions": self.partitions,
+            "producer_max_request_size": DEAD_LETTER_MAX_BYTES,  # dead letters of maximal events (EVENT_MAX_BYTES)
         }
         credentials = self.faust_credentials()
         if credentials is not None:
