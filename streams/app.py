@@ -19,10 +19,12 @@ import os
 import time
 
 import faust
+from faust.types import TP
 
 from domaintok.errors import DomaintokError
 from domaintok.tokenizer import DomainTokenizer
 from streams import metrics
+from streams.positions import PositionGuard
 from streams.records import encode_record
 from streams.settings import KafkaSettings
 from streams.tokenizer_agent import EventDecoders, Message, process_batch
@@ -42,6 +44,7 @@ class AppConfig:
     web_port: int = 6066  # DOMAINTOK_WEB_PORT: Faust web (worker passes --without-web unless asked)
     metrics_port: int = 0  # DOMAINTOK_METRICS_PORT: Prometheus /metrics on 127.0.0.1 (0 = off)
     store: str = "memory://"  # DOMAINTOK_STORE: Table store; state is rebuilt from the changelog on start
+    consumer: str = "faust"  # DOMAINTOK_CONSUMER: "batch" = streams/fast_consumer.py batch delivery, "faust" = stock
 
     @classmethod
     def from_env(cls, environ=None) -> AppConfig:
@@ -59,9 +62,29 @@ class AppConfig:
                 web_port=int(env.get("DOMAINTOK_WEB_PORT", cls.web_port)),
                 metrics_port=int(env.get("DOMAINTOK_METRICS_PORT", cls.metrics_port)),
                 store=env.get("DOMAINTOK_STORE", cls.store),
+                consumer=_consumer_kind(env.get("DOMAINTOK_CONSUMER", cls.consumer)),
             )
         except ValueError as exc:
             raise DomaintokError(f"bad DOMAINTOK_* setting: {exc}") from None
+
+
+CONSUMERS = ("batch", "faust")
+
+
+def _consumer_kind(value: str) -> str:
+    kind = value.strip().lower()
+    if kind not in CONSUMERS:
+        raise DomaintokError(f"DOMAINTOK_CONSUMER={value!r} is not one of {', '.join(CONSUMERS)}")
+    return kind
+
+
+def _consumer_settings(config: AppConfig) -> dict:
+    """Faust settings of the consumer path: the batch path needs its Stream class (the transport is set after)."""
+    if config.consumer == "batch":
+        from streams.fast_consumer import BatchStream
+
+        return {"Stream": BatchStream}
+    return {}
 
 
 def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
@@ -78,7 +101,12 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         web_host="127.0.0.1",
         web_port=config.web_port,
         web_bind="127.0.0.1",
+        **_consumer_settings(config),
     )
+    if config.consumer == "batch":
+        from streams.fast_consumer import use_batch_consumer
+
+        use_batch_consumer(app)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, partitions=settings.partitions, **raw)
     sequences = app.topic(settings.topic_sequences, partitions=settings.partitions, **raw)
@@ -89,6 +117,9 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         "user-windows", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, **raw),
     )
+    # The resume point per input partition, in the Table (streams/positions.py): Faust's committed offset can skip
+    # events after a restart with a backlog (faust-streaming issue 596) and redeliver the last one.
+    guard = PositionGuard(windows, settings.partitions)
 
     @app.agent(events)
     async def tokenize(stream):
@@ -99,8 +130,16 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
                 )
                 for m in (ev.message for ev in batch)
             ]
+            screened = guard.screen(messages, time.monotonic())
+            for partition, offset in screened.seeks.items():
+                metrics.log_kv(log, "gap", partition=partition, seek_to=offset, dropped=screened.dropped)
+                await app.consumer.seek(TP(settings.topic_events, partition), offset)
+            for partition, first, last in screened.accepted_holes:
+                log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
+                            first, last, partition)
             t0 = time.perf_counter()
-            result = process_batch(tok, decoders, messages, windows, max_length)
+            result = process_batch(tok, decoders, screened.keep, windows, max_length)
+            guard.record(screened.keep)
             metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
             metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
             metrics.EVENTS_IN.labels("tokenize").inc(len(messages))
@@ -113,9 +152,10 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
             if futures:
                 await asyncio.gather(*futures)
             metrics.RECORDS_OUT.labels("tokenize").inc(len(result.sequences))
-            if result.dead_letters or result.replayed:
+            if result.dead_letters or result.replayed or screened.replayed or screened.dropped:
                 metrics.log_kv(log, "batch", events=len(messages), sequences=len(result.sequences),
-                               dead_lettered=len(result.dead_letters), replayed=result.replayed)
+                               dead_lettered=len(result.dead_letters), replayed=result.replayed + screened.replayed,
+                               dropped=screened.dropped)
 
     app.conf.domaintok_config = config  # for tests and the worker command
     metrics.serve(config.metrics_port)

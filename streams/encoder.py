@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from domaintok.errors import ArtifactError, DomaintokError
 from streams import metrics
@@ -42,6 +42,9 @@ class EncoderConfig:
     device: str | None = None  # default: CUDA when present, else CPU
     tokenizer_dir: str | None = None  # when given, the model must match its fingerprint at start
     metrics_port: int = 0
+    # Seconds to sleep after each batch: a test/ops knob that makes the encoder slower than its input on purpose
+    # (backpressure drills: lag must grow, memory stay flat, the backlog drain once the input slows). 0 = off.
+    throttle: float = 0.0
 
 
 def select_newest(records: Sequence[SequenceRecord]) -> list[SequenceRecord]:
@@ -139,7 +142,11 @@ class EncoderWorker:
         records: list[SequenceRecord] = []
         for msg in msgs:
             if msg.error():
-                raise DomaintokError(f"consumer error: {msg.error()}")
+                if msg.error().fatal():
+                    raise DomaintokError(f"consumer error: {msg.error()}")
+                # transient (a broker restarting, a rebalance): librdkafka retries by itself
+                metrics.log_kv(log, "consumer_error", error=msg.error().str())
+                continue
             try:
                 rec = decode_sequence(msg.value(), content_type_of(msg.headers()))
             except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
@@ -165,7 +172,12 @@ class EncoderWorker:
         for rec in out:
             metrics.observe_latency(rec.source_ts_ms, now)
         if msgs:
-            self.consumer.commit(asynchronous=False)
+            try:
+                self.consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                # e.g. the broker restarting or the group rebalancing: the batch is delivered, so not committing
+                # only means it is encoded again later (a duplicate), never lost
+                metrics.log_kv(log, "commit_failed", error=exc.args[0].str() if exc.args else exc)
         metrics.RECORDS_OUT.labels("encode").inc(len(out))
         self.encoded += len(out)
         return len(out)
@@ -195,6 +207,8 @@ class EncoderWorker:
                     self.process(msgs)
                     idle_since = time.monotonic()
                     self._update_lag()
+                    if self.config.throttle > 0:
+                        time.sleep(self.config.throttle)
                 elif max_idle is not None and time.monotonic() - idle_since > max_idle:
                     break
         finally:

@@ -67,7 +67,11 @@ def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within
 @click.option("--metrics-port", type=int, default=lambda: int(os.environ.get("DOMAINTOK_METRICS_PORT", "0")),
               help="Prometheus /metrics on 127.0.0.1:PORT (0 = off) [DOMAINTOK_METRICS_PORT].")
 @click.option("--max-idle", type=float, help="Exit after this many seconds without records (default: run forever).")
-def encode_command(model_dir, tokenizer_dir, group_id, batch_size, batch_within, device, metrics_port, max_idle) -> None:
+@click.option("--throttle", type=float, default=lambda: float(os.environ.get("DOMAINTOK_ENCODER_THROTTLE", "0")),
+              show_default="0", help="Test/ops knob: sleep this many seconds after each batch, to make the encoder "
+              "slower than its input on purpose (backpressure drills) [DOMAINTOK_ENCODER_THROTTLE].")
+def encode_command(model_dir, tokenizer_dir, group_id, batch_size, batch_within, device, metrics_port, max_idle,
+                   throttle) -> None:
     """Encoder worker: sequences -> embeddings; commits offsets only after the embeddings are acknowledged."""
     from domaintok.errors import DomaintokError
     from streams.encoder import EncoderConfig, run_encoder
@@ -77,5 +81,6 @@ def encode_command(model_dir, tokenizer_dir, group_id, batch_size, batch_within,
     if not settings.bootstrap_servers:
         raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start a broker with `domaintok broker`)")
     config = EncoderConfig(model_dir=model_dir, group_id=group_id, batch_size=batch_size, batch_within=batch_within,
-                           device=device, tokenizer_dir=tokenizer_dir, metrics_port=metrics_port)
+                           device=device, tokenizer_dir=tokenizer_dir, metrics_port=metrics_port,
+                           throttle=throttle)
     run_encoder(config, settings, max_idle=max_idle)

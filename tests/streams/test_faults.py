@@ -1,0 +1,206 @@
+"""Fault injection on the online path against Apache Kafka: kill -9, SIGTERM, broker restart, rebalance, backpressure.
+
+Each test runs the real workers as subprocesses under a steady load and checks, through what a consumer keeping
+the max n_events per user sees, that every produced event is reflected: no user missing, n_events == events
+produced per user, the final window equals the offline tokenization, sequence counts never go backwards.
+Duplicates (at-least-once re-sends) are counted, printed and bounded. The PositionGuard unit tests at the end
+need no broker.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from streams.broker import ApacheKafkaBroker
+from streams.positions import PositionGuard, position_key
+from tests.fixtures_kafka import KafkaUnderTest, create_test_topics
+from tests.streams.faults_support import Artifacts, Harness, kill_loop, run_load
+
+N_USERS = 60
+N_EVENTS = 4000
+KILLS = 5
+RATE = 150  # events/s: production lasts ~27 s, long enough for the faults to land under load
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return Artifacts.build(tmp_path_factory.mktemp("faults"), N_USERS, N_EVENTS)
+
+
+def _check(outcome, max_duplicates: int) -> None:
+    print(outcome.report())
+    assert not outcome.problems(), outcome.problems()
+    assert outcome.reflected == outcome.produced == N_EVENTS
+    duplicates = outcome.seq_duplicates + outcome.emb_duplicates
+    assert duplicates <= max_duplicates, f"{duplicates} duplicates > {max_duplicates}: {outcome.report()}"
+
+
+# -- worker crashes --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.requires_apache("kill -9 recovery relies on Table changelog recovery and committed offsets")
+def test_tokenizer_kill9_with_backlog_loses_nothing(kafka_settings, artifacts):
+    """faust-streaming issue 596 territory: restarts with a backlog waiting and a Table to recover."""
+    rng = random.Random(1)
+    harness = Harness(kafka_settings, artifacts)
+    outcome = run_load(harness, RATE, lambda h: kill_loop(h, "tokenizer", KILLS, rng, up=(1.0, 6.0)))
+    assert outcome.kills == KILLS
+    _check(outcome, max_duplicates=N_USERS * (KILLS + 1) * 2)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.requires_apache("kill -9 recovery relies on committed consumer-group offsets")
+def test_encoder_kill9_with_backlog_loses_nothing(kafka_settings, artifacts):
+    rng = random.Random(2)
+    harness = Harness(kafka_settings, artifacts)
+    outcome = run_load(harness, RATE, lambda h: kill_loop(h, "encoder", KILLS, rng, up=(0.5, 3.0)))
+    assert outcome.kills == KILLS
+    _check(outcome, max_duplicates=N_USERS * (KILLS + 1) * 2)
+
+
+# -- graceful restarts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.requires_apache("graceful leave-group and commit on SIGTERM")
+def test_rolling_sigterm_restart_zero_loss_bounded_duplicates(kafka_settings, artifacts):
+    rng = random.Random(3)
+
+    def rolling(h: Harness) -> None:
+        for _ in range(2):
+            for name in ("tokenizer", "encoder"):
+                time.sleep(rng.uniform(1.0, 3.0))
+                h.terminate(name)
+                h.start(name)
+
+    harness = Harness(kafka_settings, artifacts)
+    outcome = run_load(harness, RATE, rolling)
+    assert outcome.terms == 4
+    # a graceful stop commits what it delivered: at most one batch per user is sent again per restart
+    _check(outcome, max_duplicates=N_USERS * 4)
+
+
+# -- broker restart --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.requires_apache("a broker restart with a persistent log dir (the embedded broker keeps data in memory)")
+def test_broker_restart_under_load_workers_reconnect(tmp_path, artifacts, kafka):
+    broker = ApacheKafkaBroker(state_dir=tmp_path / "kafka").start()
+    try:
+        settings = create_test_topics(KafkaUnderTest(broker.bootstrap_servers, "apache", broker))
+
+        def restart_broker(h: Harness) -> None:
+            time.sleep(5)
+            broker.restart()  # SIGTERM (controlled shutdown), then start on the same port and log dir
+            time.sleep(5)
+
+        outcome = run_load(Harness(settings, artifacts), RATE, restart_broker, timeout=150)
+        _check(outcome, max_duplicates=N_USERS * 6)
+    finally:
+        broker.close()
+
+
+# -- rebalance -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.requires_apache("group rebalances with Table partitions moving between workers")
+def test_second_tokenizer_joins_and_leaves_windows_stay_correct(kafka_settings, artifacts):
+    def join_leave(h: Harness) -> None:
+        time.sleep(2)
+        h.start("tokenizer2")  # join: half the partitions (and their Table changelog) move to it
+        time.sleep(4)
+        h.terminate("tokenizer2")  # graceful leave: they move back
+        time.sleep(2)
+        h.start("tokenizer2")
+        time.sleep(4)
+        h.kill("tokenizer2")  # crash: they move back after the session timeout
+
+    harness = Harness(kafka_settings, artifacts)
+    outcome = run_load(harness, RATE, join_leave)
+    # the windows check in problems(): each user's final window equals the offline tokenization of its events
+    _check(outcome, max_duplicates=N_USERS * 8)
+
+
+# -- backpressure ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.requires_apache("consumer-group lag read from committed offsets")
+def test_slow_encoder_lag_grows_then_drains_memory_bounded(kafka_settings, artifacts):
+    harness = Harness(kafka_settings, artifacts, encoder_args=("--batch-size", "16", "--throttle", "0.3"))
+    outcome = run_load(harness, 400, lambda h: None, timeout=180)
+    _check(outcome, max_duplicates=N_USERS * 2)
+    samples = harness.watcher.lag_samples
+    encoder_lag = [s[2] for s in samples]
+    print(f"encoder lag: max {max(encoder_lag)}, last {encoder_lag[-1]}")
+    assert max(encoder_lag) >= 500, "the throttled encoder never fell behind: the test does not test backpressure"
+    assert encoder_lag[-1] == 0, "the backlog did not drain"
+    # memory bounded: the encoder's RSS while far behind stays within 200 MiB of its RSS when the lag was small
+    rss = harness.watcher.rss_by_lag("encoder")
+    print(f"encoder RSS at low lag {rss[0] / 2**20:.0f} MiB, at high lag {rss[1] / 2**20:.0f} MiB")
+    assert rss[1] - rss[0] < 200 * 2**20
+
+
+# -- PositionGuard (no broker) ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Msg:
+    partition: int
+    offset: int
+
+
+def test_position_keys_land_on_their_partition():
+    from aiokafka.partitioner import murmur2
+
+    for partitions in (1, 4, 8, 12):
+        for p in range(partitions):
+            key = position_key(p, partitions)
+            assert (murmur2(key) & 0x7FFFFFFF) % partitions == p and key.startswith(b"\x00")
+
+
+def test_guard_skips_replays_and_in_batch_redeliveries():
+    table: dict[bytes, bytes] = {}
+    guard = PositionGuard(table, 2)
+    first = guard.screen([_Msg(0, 0), _Msg(0, 1), _Msg(1, 0), _Msg(0, 1)], now=0.0)  # offset 1 redelivered
+    assert [(m.partition, m.offset) for m in first.keep] == [(0, 0), (0, 1), (1, 0)] and first.replayed == 1
+    guard.record(first.keep)
+    assert guard.stored(0) == 1 and guard.stored(1) == 0
+    again = guard.screen([_Msg(0, 0), _Msg(0, 1), _Msg(0, 2)], now=1.0)
+    assert [m.offset for m in again.keep] == [2] and again.replayed == 2 and not again.seeks
+
+
+def test_guard_seeks_back_over_a_hole_and_drops_until_it_is_filled():
+    table: dict[bytes, bytes] = {}
+    guard = PositionGuard(table, 1, retry_after=2.0, max_seeks=3)
+    guard.record([_Msg(0, 9)])
+    hole = guard.screen([_Msg(0, 14), _Msg(0, 15)], now=0.0)  # 10..13 skipped by the consumer
+    assert hole.keep == [] and hole.dropped == 2 and hole.seeks == {0: 10}
+    stale = guard.screen([_Msg(0, 16)], now=0.5)  # fetched before the seek: dropped, no second seek yet
+    assert stale.keep == [] and stale.seeks == {}
+    filled = guard.screen([_Msg(0, 10), _Msg(0, 11)], now=1.0)
+    assert [m.offset for m in filled.keep] == [10, 11] and not filled.seeks
+
+
+def test_guard_accepts_a_hole_that_survives_repeated_seeks():
+    """Offsets that do not exist (transaction markers, compaction) must not stall the partition forever."""
+    table: dict[bytes, bytes] = {}
+    guard = PositionGuard(table, 1, retry_after=1.0, max_seeks=2)
+    guard.record([_Msg(0, 4)])
+    assert guard.screen([_Msg(0, 6)], now=0.0).seeks == {0: 5}
+    assert guard.screen([_Msg(0, 6)], now=1.5).seeks == {0: 5}
+    last = guard.screen([_Msg(0, 6)], now=3.0)
+    assert [m.offset for m in last.keep] == [6] and last.accepted_holes == [(0, 5, 5)]
