@@ -1,6 +1,7 @@
 """Field encoders, one per field type: fit a small state with DuckDB, then encode whole Arrow columns to token ids.
 
-Every encoder returns a ragged pair (counts int64[n], ids int32[sum(counts)]) for n events, event-major, global ids.
+`encode_padded` gives an (n, width) int32 block per field, global ids left-aligned in each row and 0 ([PAD], never a
+field token) in unused cells; `encode` gives the same ids as a ragged pair (counts int64[n], ids int32[sum(counts)]).
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ def _fixed(ids2d: np.ndarray, valid: np.ndarray | None = None) -> Ragged:
     if valid is None:
         return np.full(n, w, dtype=np.int64), ids2d.astype(np.int32, copy=False).ravel()
     return valid.sum(axis=1).astype(np.int64), ids2d[valid].astype(np.int32, copy=False)
+
+
+def padded_to_ragged(block: np.ndarray) -> Ragged:
+    """Ragged form of a padded (n, w) block: the nonzero cells of each row, in row-major order."""
+    nonzero = block != 0
+    return nonzero.sum(axis=1).astype(np.int64), block[nonzero].astype(np.int32, copy=False)
+
+
+def ragged_to_padded(counts: np.ndarray, ids: np.ndarray, width: int) -> np.ndarray:
+    """Padded (n, width) int32 block of a ragged pair whose counts are all <= width."""
+    n = len(counts)
+    out = np.zeros((n, width), np.int32)
+    if n and len(ids) == n * width:  # every row full: a reshape, no index arithmetic
+        out[:] = ids.reshape(n, width)
+        return out
+    row_start = np.cumsum(counts) - counts
+    within = np.arange(len(ids), dtype=np.int64) - np.repeat(row_start, counts)
+    out[np.repeat(np.arange(n), counts), within] = ids
+    return out
 
 
 def _as_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -121,8 +141,18 @@ class FieldEncoder:
     def max_tokens_per_event(self) -> int:
         return 1
 
+    @property
+    def width(self) -> int:
+        """Columns of the padded block: the most tokens one event can get (a null still gets its NULL token)."""
+        return max(1, self.max_tokens_per_event)
+
     def encode(self, col: pa.Array | pa.ChunkedArray, gap_us: np.ndarray | None = None) -> Ragged:
         raise NotImplementedError
+
+    def encode_padded(self, col: pa.Array | pa.ChunkedArray, gap_us: np.ndarray | None = None) -> np.ndarray:
+        """(n, width) int32 ids, 0 in unused cells: the tokenizer lays the fields side by side without index math."""
+        counts, ids = self.encode(col, gap_us)
+        return ragged_to_padded(counts, ids, self.width)
 
 
 class SignEncoder(FieldEncoder):
@@ -227,6 +257,9 @@ class EntityEncoder(FieldEncoder):
         return self.params.n_tokens
 
     def encode(self, col, gap_us=None):
+        return padded_to_ragged(self.encode_padded(col, gap_us))
+
+    def encode_padded(self, col, gap_us=None):
         arr = _strings(col)
         b, k = self.params.buckets, self.params.n_tokens
         # hash each distinct value of the batch once
@@ -236,14 +269,10 @@ class EntityEncoder(FieldEncoder):
         idx = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
         shifts = np.arange(k, dtype=np.uint64) * np.uint64(16)
         parts = ((h[:, None] >> shifts[None, :]) & np.uint64(0xFFFF)) % np.uint64(b)  # (m, k)
-        ids2d = parts.astype(np.int64)[idx] + 1 + np.arange(k) * b + self.base  # (n, k)
-        if not arr.null_count:
-            return _fixed(ids2d)
-        null = arr.is_null().to_numpy(zero_copy_only=False)
-        ids2d[null, 0] = self.base
-        valid = np.ones_like(ids2d, dtype=bool)
-        valid[null, 1:] = False
-        return _fixed(ids2d, valid)
+        # ids of each distinct value first (m + 1 rows, the last one null: [NULL, 0, ...]), then one row gather
+        table = (parts.astype(np.int64) + 1 + np.arange(k) * b + self.base).astype(np.int32)
+        table[m, 0], table[m, 1:] = self.base, 0
+        return table[idx]
 
 
 class TemporalEncoder(FieldEncoder):
@@ -290,7 +319,26 @@ class TemporalEncoder(FieldEncoder):
     def max_tokens_per_event(self):
         return len(self.params.parts) + int(self.params.time_since_previous)
 
+    @property
+    def gap_column(self) -> int | None:
+        """Column of the time-since-previous token in the padded block (None without one). Where it holds
+        `gap_first_id` (events encoded with gap -1), adding `gap_bins(gap)` gives the token of a real gap."""
+        return len(self.params.parts) if self.params.time_since_previous else None
+
+    @property
+    def gap_first_id(self) -> int:
+        return self.base + 1 + sum(len(self._part_suffixes(p)) for p in self.params.parts)
+
+    @staticmethod
+    def gap_bins(gap_us: np.ndarray) -> np.ndarray:
+        """Local gap token: 0 ([F_GAP_FIRST]) for gap < 0 (the user's first event), else 1 + log bin."""
+        bins = np.searchsorted(GAP_EDGES_S * 1_000_000, gap_us, side="right") + 1
+        return np.where(gap_us < 0, 0, bins)
+
     def encode(self, col, gap_us=None):
+        return padded_to_ragged(self.encode_padded(col, gap_us))
+
+    def encode_padded(self, col, gap_us=None):
         arr = _as_array(col)
         n = len(arr)
         parts = calendar_parts(arr, self.params.parts)
@@ -306,17 +354,15 @@ class TemporalEncoder(FieldEncoder):
         if self.params.time_since_previous:
             if gap_us is None:
                 raise ValueError(f"field {self.spec.name!r}: time_since_previous needs the gap to the previous event")
-            gap_bin = np.searchsorted(GAP_EDGES_S * 1_000_000, gap_us, side="right") + 1
-            cols.append(np.where(gap_us < 0, 0, gap_bin).astype(np.int64) + offset)
-        ids2d = np.stack(cols, axis=1) if cols else np.zeros((n, 0), np.int64)
-        if not arr.null_count:
-            return _fixed(ids2d)
-        null = arr.is_null().to_numpy(zero_copy_only=False)
-        ids2d = np.concatenate([np.full((n, 1), self.base, np.int64), ids2d], axis=1)
-        valid = np.zeros_like(ids2d, dtype=bool)
-        valid[null, 0] = True
-        valid[~null, 1:] = True
-        return _fixed(ids2d, valid)
+            cols.append(self.gap_bins(np.asarray(gap_us)) + offset)
+        out = np.zeros((n, self.width), np.int32)
+        for j, c in enumerate(cols):
+            out[:, j] = c
+        if arr.null_count:
+            null = arr.is_null().to_numpy(zero_copy_only=False)
+            out[null] = 0
+            out[null, 0] = self.base  # a null time is the single [F_NULL] token
+        return out
 
 
 def calendar_parts(arr: pa.Array, parts: list[str]) -> dict[str, np.ndarray]:
@@ -329,6 +375,23 @@ def calendar_parts(arr: pa.Array, parts: list[str]) -> dict[str, np.ndarray]:
     out = {}
     if "hour" in parts:
         out["hour"] = (us // 3_600_000_000) % 24
+    if not {"dow", "month", "dom", "quarter", "year"} & set(parts):
+        return out
+    # the date parts of each day in the batch's span, computed once per day, then gathered per event
+    first = int(days.min()) if len(days) else 0
+    span = int(days.max()) - first + 1 if len(days) else 0
+    if span > 4 * len(days) + 1024:  # scattered far-apart dates: per event is cheaper
+        return {**out, **_date_parts(days, parts)}
+    offset = days - first
+    for part, table in _date_parts(np.arange(first, first + span, dtype=np.int64), parts).items():
+        if part in parts:
+            out[part] = table[offset]
+    return out
+
+
+def _date_parts(days: np.ndarray, parts: list[str]) -> dict[str, np.ndarray]:
+    """dow, month, dom, quarter, year of days since 1970-01-01 (integer days-to-civil, H. Hinnant)."""
+    out = {}
     if "dow" in parts:
         out["dow"] = (days + 3) % 7  # 1970-01-01 was a Thursday
     if {"month", "dom", "quarter", "year"} & set(parts):
@@ -400,16 +463,18 @@ class TextEncoder(FieldEncoder):
         return ragged_gather(k_lengths, k_flat, pos.astype(np.int64))
 
     def encode(self, col, gap_us=None):
+        return padded_to_ragged(self.encode_padded(col, gap_us))
+
+    def encode_padded(self, col, gap_us=None):
         arr = self.normalize(col)
         enc = arr.dictionary_encode()  # BPE work is per distinct text, and cached across batches
         m = len(enc.dictionary)
         lengths, flat = self._lookup(enc.dictionary.cast(pa.string()))
-        # blank texts and nulls (an extra row m) become the single NULL token
-        row_lengths = np.append(np.maximum(lengths, 1), 1)
-        table = np.full(int(row_lengths.sum()), self.base, dtype=np.int32)
-        table[np.repeat(np.append(lengths > 0, False), row_lengths)] = flat
-        index = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
-        return ragged_gather(row_lengths, table, index)
+        # one padded row per distinct text; blank texts and nulls (an extra row m) are the single NULL token
+        table = ragged_to_padded(np.append(lengths, 0), flat, self.width)
+        table[np.append(lengths, 0) == 0, 0] = self.base
+        index = enc.indices.fill_null(m).to_numpy(zero_copy_only=False)
+        return table[index]
 
 
 ENCODERS: dict[str, type[FieldEncoder]] = {
