@@ -1,11 +1,24 @@
-"""End-to-end latency (event Kafka timestamp -> embedding received) at a fixed offered load, tiny model on CPU.
+"""End-to-end latency (event Kafka timestamp -> embedding received) at a fixed offered load, tiny model on CPU,
+with where the time goes.
 
-Embedded broker; tokenizer (Faust) and encoder workers as subprocesses, as in `domaintok demo`.
+Apache Kafka by default (`--broker embedded` for tansu); the tokenizer (Faust) and encoder workers run as
+subprocesses, as in `domaintok demo`; the producer runs in its own process so the measuring process only reads.
+Per embedding, the path is split with timestamps that already travel with the records:
+  tokenize: newest event's Kafka timestamp (source_ts_ms) -> the sequence record's Kafka timestamp (created by the
+            tokenizer's producer: take_events window + process_batch + send);
+  encode:   sequence created -> embedding produced_at (delivery to the encoder, its poll/batch window, forward pass);
+  deliver:  produced_at -> embedding received here (producer flush + fetch).
+The sequence timestamps come from a second reader on the sequences topic, matched by (user, n_events).
+The first `--warmup` seconds are left out of the percentiles (JIT/allocator/first-fetch effects).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -14,58 +27,162 @@ from pathlib import Path
 import numpy as np
 
 
+def produce_at_rate(bootstrap: str, topic: str, events_path: str, fingerprint: str, rate: int, duration: float,
+                    linger_ms: float) -> None:
+    """Child process: produce the events of `events_path` (JSON lines of wire structs) at `rate` events/s."""
+    from confluent_kafka import Producer
+
+    from streams.records import event_headers
+    from streams.settings import KafkaSettings
+
+    settings = KafkaSettings(topic_events=topic).with_bootstrap(bootstrap)
+    from aiokafka.codec import has_lz4
+
+    conf = settings.confluent_producer(**{"linger.ms": linger_ms})
+    if not has_lz4():
+        conf["compression.type"] = "none"
+    producer = Producer(conf)
+    headers = event_headers(fingerprint)
+    lines = Path(events_path).read_bytes().splitlines()
+    n = min(len(lines), int(rate * duration))
+    step = max(rate // 200, 1)  # a send every 5 ms
+    t0 = time.monotonic()
+    for i in range(0, n, step):
+        for line in lines[i : i + step]:
+            key, value = line.split(b"\t", 1)
+            producer.produce(topic, value=value, key=key, headers=headers)
+        producer.poll(0)
+        delay = t0 + (i + step) / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    producer.flush(30)
+
+
+def _write_events(rows, path: Path) -> None:
+    import msgspec
+
+    enc = msgspec.json.Encoder()
+    with path.open("wb") as fh:
+        for r in rows:
+            fh.write(str(r.user_id).encode() + b"\t" + enc.encode(r) + b"\n")
+
+
+def _pct(a: np.ndarray, q: float) -> float:
+    return float(np.percentile(a, q)) if len(a) else float("nan")
+
+
+def _line(name: str, a: np.ndarray) -> str:
+    return (f"{name:<9} p50={_pct(a, 50):6.0f} p90={_pct(a, 90):6.0f} p99={_pct(a, 99):6.0f} "
+            f"max={a.max() if len(a) else float('nan'):6.0f} ms")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--broker", choices=("apache", "embedded"), default="apache")
     ap.add_argument("--rate", type=int, default=2000)
-    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--users", type=int, default=500)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--tok-within", type=float, default=None, help="DOMAINTOK_BATCH_WITHIN (default: the worker's)")
+    ap.add_argument("--enc-within", type=float, default=None, help="encoder --batch-within (default: the worker's)")
+    ap.add_argument("--enc-batch", type=int, default=None, help="encoder --batch-size (default: the worker's)")
+    ap.add_argument("--linger-ms", type=float, default=5.0, help="event producer linger.ms")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for the tokenizer worker")
+    ap.add_argument("--logs", type=Path, default=None, help="copy the workers' logs here")
     args = ap.parse_args()
-    from streams.broker import EmbeddedBroker, ensure_topics
-    from streams.clients import EmbeddingConsumer, EventProducer
-    from streams.demo import build_artifacts, event_rows, producer_overrides, start_encoder, start_tokenizer, stop_process, wait_ready
+    from streams.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
+    from streams.clients import EmbeddingConsumer
+    from streams.demo import build_artifacts, event_rows, start_encoder, start_tokenizer, stop_process, wait_ready
+    from streams.records import decode_sequence
     from streams.settings import KafkaSettings
 
     n = int(args.rate * args.duration)
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+    broker_cls = ApacheKafkaBroker if args.broker == "apache" else EmbeddedBroker
+    seq_ts: dict[tuple[str, int], int] = {}
+    rows_out: list[tuple[float, int, int, float]] = []  # (received, source_ts_ms, produced_at_us, key for seq)
+    keys: list[tuple[str, int]] = []
+    with tempfile.TemporaryDirectory() as tmp, broker_cls() as broker:
         work = Path(tmp)
-        settings = KafkaSettings(partitions=4).with_bootstrap(broker.bootstrap_servers)
+        settings = KafkaSettings(partitions=args.partitions).with_bootstrap(broker.bootstrap_servers)
         ensure_topics(settings)
         events, tok, tok_dir, model_dir = build_artifacts(work, "ecommerce", args.users, n)
-        rows = event_rows(events, tok)
-        procs = [start_tokenizer(settings, tok_dir, "lat-tok", work / "tok.log", DOMAINTOK_BATCH_WITHIN="0.1"),
-                 start_encoder(settings, model_dir, "lat-enc", work / "enc.log", "--batch-within", "0.1", "--batch-size", "2000", "--device", "cpu")]
+        _write_events(event_rows(events, tok), work / "events.jsonl")
+        tok_env = dict(kv.split("=", 1) for kv in args.env)
+        if args.tok_within is not None:
+            tok_env["DOMAINTOK_BATCH_WITHIN"] = str(args.tok_within)
+        enc_args = ["--device", "cpu"]
+        if args.enc_within is not None:
+            enc_args += ["--batch-within", str(args.enc_within)]
+        if args.enc_batch is not None:
+            enc_args += ["--batch-size", str(args.enc_batch)]
+        procs = [start_tokenizer(settings, tok_dir, "lat-tok", work / "tok.log", **tok_env),
+                 start_encoder(settings, model_dir, "lat-enc", work / "enc.log", *enc_args)]
         try:
-            wait_ready(procs[0], work / "tok.log")
-            time.sleep(2)  # encoder group join
-            lat: list[float] = []
+            wait_ready(procs[0], work / "tok.log", timeout=180)
+            wait_ready(procs[1], work / "enc.log", marker="event=start", timeout=120)
+            time.sleep(3)  # encoder group join (6 s session: ~3 s)
+            stop = threading.Event()
 
-            def produce():
-                with EventProducer(settings, fingerprint=tok.fingerprint, **producer_overrides(), **{"linger.ms": 1}) as p:
-                    t0 = time.monotonic()
-                    step = max(args.rate // 100, 1)
-                    for i in range(0, n, step):
-                        p.send_many(rows[i : i + step])
-                        delay = t0 + (i + step) / args.rate - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
+            def read_sequences() -> None:
+                from confluent_kafka import Consumer, TopicPartition
 
-            thread = threading.Thread(target=produce)
-            t_start = time.monotonic()
-            thread.start()
-            with EmbeddingConsumer(settings) as reader:
-                while time.monotonic() < t_start + args.duration + 15:
-                    for rec in reader.poll_batch(5000, timeout=0.2):
-                        lat.append(time.time() - rec.source_ts_ms / 1000)
-                    if not thread.is_alive() and time.monotonic() > t_start + args.duration + 3:
+                c = Consumer(settings.confluent_consumer("lat-seq-reader", **{"fetch.wait.max.ms": 10}))
+                c.assign([TopicPartition(settings.topic_sequences, p, 0) for p in range(args.partitions)])
+                while not stop.is_set():
+                    for m in c.consume(1000, 0.1):
+                        if not m.error():
+                            rec = decode_sequence(m.value())
+                            seq_ts[(rec.user_id, rec.n_events)] = m.timestamp()[1]
+                c.close()
+
+            seq_thread = threading.Thread(target=read_sequences, daemon=True)
+            seq_thread.start()
+            producer = subprocess.Popen(
+                [sys.executable, "-c", "import sys, bench_stream_latency as b; b.produce_at_rate(*sys.argv[1:5], "
+                 "int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]))", broker.bootstrap_servers,
+                 settings.topic_events, str(work / "events.jsonl"), tok.fingerprint, str(args.rate),
+                 str(args.duration), str(args.linger_ms)],
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
+            )
+            t_start = time.time()
+            with EmbeddingConsumer(settings, **{"fetch.wait.max.ms": 10}) as reader:
+                while time.time() < t_start + args.duration + 20:
+                    for rec in reader.poll_batch(5000, timeout=0.05):
+                        rows_out.append((time.time(), rec.source_ts_ms, rec.produced_at))
+                        keys.append((rec.user_id, rec.n_events))
+                    if producer.poll() is not None and time.time() > t_start + args.duration + 3:
                         break
-            thread.join()
+            producer.wait()
+            time.sleep(0.5)
+            stop.set()
+            seq_thread.join(5)
         finally:
             for p in procs:
                 stop_process(p)
-    a = np.array(lat) * 1000
-    print(f"offered load {args.rate} events/s for {args.duration:.0f} s, {args.users} users; {len(a)} embeddings")
-    print(f"end-to-end latency ms: p50={np.percentile(a, 50):.0f} p90={np.percentile(a, 90):.0f} "
-          f"p99={np.percentile(a, 99):.0f} max={a.max():.0f}")
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for name in ("tok.log", "enc.log"):
+                    shutil.copy(work / name, args.logs / name)
+    recv, src, prod = (np.array(c, dtype=np.float64) for c in zip(*rows_out))
+    seq = np.array([seq_ts.get(k, np.nan) for k in keys], dtype=np.float64)
+    steady = src / 1000 >= t_start + args.warmup
+    total = (recv - src / 1000) * 1000
+    tokenize = seq - src
+    encode = prod / 1000 - seq
+    deliver = (recv - prod / 1e6) * 1000
+    s = steady & ~np.isnan(seq)
+    print(f"broker={args.broker} offered load {args.rate} events/s for {args.duration:.0f} s, {args.users} users, "
+          f"{args.partitions} partitions, tok_within={args.tok_within} enc_within={args.enc_within} "
+          f"enc_batch={args.enc_batch} linger_ms={args.linger_ms} cpus={os.cpu_count()}"
+          + (f" env={' '.join(args.env)}" if args.env else ""))
+    print(f"{len(recv)} embeddings, {int(steady.sum())} after the {args.warmup:.0f} s warm-up; "
+          f"{int(s.sum())} matched to their sequence record")
+    print(f"all embeddings: " + _line("total", total) + f"; last received {recv.max() - t_start:.1f} s after start")
+    print("end-to-end " + _line("total", total[steady]))
+    print("  stage    " + _line("tokenize", tokenize[s]))
+    print("  stage    " + _line("encode", encode[s]))
+    print("  stage    " + _line("deliver", deliver[s]))
 
 
 if __name__ == "__main__":

@@ -1,75 +1,233 @@
-"""Tokenizer worker events/s on pre-produced events (Faust app + Table, one worker), and the pure per-batch function
-alone in the same run: the gap between the two is Faust's per-message machinery.
+"""Tokenizer worker events/s against the best supported Faust configuration with a per-user Table, same run.
 
-Embedded broker, synthetic ecommerce events, 8 partitions. The Faust trivial-agent baseline of the notes is not run here.
+Runs, on one broker (Apache Kafka by default, `--broker embedded` for tansu), the same synthetic ecommerce events
+and the same partition count for every variant:
+  * pure `process_batch` (no Kafka): what tokenization alone costs;
+  * baseline: a minimal Faust agent with a per-user Table doing trivial work (count per user, one Table write and
+    one send per user per batch), the "best supported" settings of notes/kafka-measurements.md (uvloop, `-l info`,
+    raw serializers, `use_partitioner=True` Table, producer linger 10 ms, `take_events` micro-batches);
+  * our tokenizer worker (streams.app) with 1 worker, and with 2 workers in one group on separate partitions.
+Each Faust variant gets fresh topics and a fresh group: the workers are started and Ready first, then the events
+are produced as fast as the producer goes, and the clock runs from the first produce to the moment the output
+accounts for every event (sum over users of the newest per-user count). Ratios are within this run only.
+
+This file is also the baseline's Faust app: `faust -A bench_stream_tokenizer:baseline_app worker` (built on
+first access from BENCH_* and KAFKA_*/DOMAINTOK_* env vars, so importing the module has no side effect).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import statistics
+import struct
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_COUNT = struct.Struct(">Q")
+
+
+# -- the baseline Faust app (runs inside the worker subprocess) -------------------------------------------------
+
+
+def _build_baseline_app():
+    """Trivial work with the same Faust machinery as streams.app: per-user count in a Table, one send per user per batch."""
+    import faust
+
+    from streams.settings import KafkaSettings
+
+    settings = KafkaSettings.from_env()
+    batch_size = int(os.environ.get("BENCH_BATCH_SIZE", "4000"))
+    within = float(os.environ.get("BENCH_BATCH_WITHIN", "0.2"))
+    app = faust.App(
+        os.environ["BENCH_APP_ID"], **settings.faust_settings(), store="memory://",
+        consumer_auto_offset_reset="earliest", producer_linger=0.01, producer_max_batch_size=262144,
+    )
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    events = app.topic(settings.topic_events, partitions=settings.partitions, **raw)
+    out = app.topic(settings.topic_sequences, partitions=settings.partitions, **raw)
+    counts = app.Table("user-counts", partitions=settings.partitions, use_partitioner=True, key_type=bytes,
+                       value_type=bytes, schema=faust.Schema(key_type=bytes, value_type=bytes, **raw))
+
+    @app.agent(events)
+    async def count(stream):
+        async for batch in stream.take_events(batch_size, within=within):
+            per_user: dict[bytes, int] = {}
+            for ev in batch:
+                key = ev.message.key
+                per_user[key] = per_user.get(key, 0) + 1
+            for key, n in per_user.items():
+                old = counts.get(key)
+                value = _COUNT.pack((_COUNT.unpack(old)[0] if old else 0) + n)
+                counts[key] = value
+                await out.send(key=key, value=value)
+
+    return app
+
+
+def __getattr__(name: str):
+    if name == "baseline_app":
+        app = _build_baseline_app()
+        globals()["baseline_app"] = app
+        return app
+    raise AttributeError(name)
+
+
+# -- the benchmark driver ----------------------------------------------------------------------------------------
+
+
+def _start_baseline(settings, app_id: str, log_path: Path, batch_size: int, within: float) -> subprocess.Popen:
+    from streams.demo import worker_env
+
+    env = worker_env(settings, BENCH_APP_ID=app_id, BENCH_BATCH_SIZE=str(batch_size), BENCH_BATCH_WITHIN=str(within))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
+    argv = [sys.executable, "-m", "faust", "--loop", "uvloop", "-A", "bench_stream_tokenizer:baseline_app",
+            "worker", "-l", "info", "--without-web"]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _fresh_settings(base, tag: str):
+    from streams.broker import ensure_topics
+
+    prefix = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
+    settings = base.replace(topic_events=f"{prefix}.events", topic_sequences=f"{prefix}.out",
+                            topic_embeddings=f"{prefix}.emb", topic_dead_letter=f"{prefix}.dead")
+    ensure_topics(settings)
+    return settings
+
+
+def _count_of(kind: str):
+    """Output record -> (user key, that user's event count so far)."""
+    from streams.records import decode_sequence
+
+    if kind == "baseline":
+        return lambda m: (m.key(), _COUNT.unpack(m.value())[0])
+
+    def ours(m):
+        rec = decode_sequence(m.value())
+        return rec.user_id, rec.n_events
+
+    return ours
+
+
+def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_workers: int, args) -> float:
+    """Events/s of one Faust variant ("baseline" or "ours") with `n_workers` workers: first produce -> all counted."""
+    from confluent_kafka import Consumer
+
+    from streams.clients import EventProducer
+    from streams.demo import producer_overrides, start_tokenizer, stop_process, wait_ready
+
+    settings = _fresh_settings(base_settings, kind)
+    app_id = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
+    logs = [work / f"{app_id}-{i}.log" for i in range(n_workers)]
+    procs: list[subprocess.Popen] = []
+    extra = {"DOMAINTOK_BATCH_SIZE": str(args.batch_size), "DOMAINTOK_BATCH_WITHIN": str(args.within)}
+    extra.update(dict(kv.split("=", 1) for kv in args.env))
+    try:
+        for i, log in enumerate(logs):
+            if kind == "baseline":
+                procs.append(_start_baseline(settings, app_id, log, args.batch_size, args.within))
+            else:
+                procs.append(start_tokenizer(settings, tok_dir, app_id, log, **extra))
+            wait_ready(procs[-1], log, timeout=180)
+        if n_workers > 1:
+            time.sleep(args.settle)  # the first worker's rebalance after the second joined
+            for p, log in zip(procs, logs):
+                wait_ready(p, log, timeout=60)
+        consumer = Consumer(base_settings.confluent_consumer(f"reader-{app_id}"))
+        consumer.subscribe([settings.topic_sequences])
+        count_of = _count_of(kind)
+        best: dict = {}
+        total = 0
+        t0 = time.perf_counter()
+        with EventProducer(settings, fingerprint=tok.fingerprint, **producer_overrides()) as producer:
+            producer.send_many(rows)
+        deadline = time.monotonic() + args.timeout
+        while total < len(rows) and time.monotonic() < deadline:
+            for m in consumer.consume(5000, 0.2):
+                if m.error():
+                    continue
+                user, n = count_of(m)
+                prev = best.get(user, 0)
+                if n > prev:
+                    best[user] = n
+                    total += n - prev
+        elapsed = time.perf_counter() - t0
+        consumer.close()
+        if total < len(rows):
+            raise SystemExit(f"{kind} x{n_workers}: only {total}/{len(rows)} events accounted for after {args.timeout} s; logs: {logs}")
+    finally:
+        for p in procs:
+            stop_process(p)
+        gc.collect()  # librdkafka handles in reference cycles: close them before the broker goes away
+    return len(rows) / elapsed
+
+
+def pure_rate(rows, tok, batch_size: int) -> float:
+    import msgspec
+
+    from streams.records import event_headers
+    from streams.tokenizer_agent import EventDecoders, Message, process_batch
+
+    enc = msgspec.json.Encoder()
+    headers = event_headers(tok.fingerprint)
+    msgs = [Message(r.user_id.encode(), enc.encode(r), headers, "e", 0, i, 0) for i, r in enumerate(rows)]
+    state: dict = {}
+    dec = EventDecoders(tok.event_struct)
+    t0 = time.perf_counter()
+    for i in range(0, len(msgs), batch_size):
+        process_batch(tok, dec, msgs[i : i + batch_size], state, tok.max_length)
+    return len(msgs) / (time.perf_counter() - t0)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--broker", choices=("apache", "embedded"), default="apache")
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4000)
+    ap.add_argument("--within", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=1, help="baseline/ours alternations; medians are reported")
+    ap.add_argument("--two-workers", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds for the rebalance after a second worker joins")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for our worker (repeatable)")
     args = ap.parse_args()
-    import msgspec
 
-    from streams.broker import EmbeddedBroker, ensure_topics
-    from streams.clients import EventProducer
-    from streams.demo import build_artifacts, event_rows, producer_overrides, start_tokenizer, stop_process, wait_ready
-    from streams.records import decode_sequence, event_headers
+    from streams.broker import ApacheKafkaBroker, EmbeddedBroker
+    from streams.demo import build_artifacts, event_rows
     from streams.settings import KafkaSettings
-    from streams.tokenizer_agent import EventDecoders, Message, process_batch
-    from confluent_kafka import Consumer
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
+    broker_cls = ApacheKafkaBroker if args.broker == "apache" else EmbeddedBroker
+    with tempfile.TemporaryDirectory() as tmp, broker_cls() as broker:
         work = Path(tmp)
-        settings = KafkaSettings(partitions=8).with_bootstrap(broker.bootstrap_servers)
-        ensure_topics(settings)
+        base = KafkaSettings(partitions=args.partitions).with_bootstrap(broker.bootstrap_servers)
         events, tok, tok_dir, _ = build_artifacts(work, "ecommerce", args.users, args.events)
         rows = event_rows(events, tok)
-        # pure function alone
-        enc = msgspec.json.Encoder()
-        headers = event_headers(tok.fingerprint)
-        msgs = [Message(r.user_id.encode(), enc.encode(r), headers, "e", 0, i, 0) for i, r in enumerate(rows)]
-        state: dict = {}
-        dec = EventDecoders(tok.event_struct)
-        t0 = time.perf_counter()
-        for i in range(0, len(msgs), 4000):
-            process_batch(tok, dec, msgs[i : i + 4000], state, tok.max_length)
-        t_pure = time.perf_counter() - t0
-        with EventProducer(settings, fingerprint=tok.fingerprint, **producer_overrides()) as p:
-            p.send_many(rows)
-        proc = start_tokenizer(settings, tok_dir, "bench-tok", work / "tok.log")
-        try:
-            wait_ready(proc, work / "tok.log", timeout=120)
-            t_ready = time.perf_counter()
-            consumer = Consumer(settings.confluent_consumer("bench-reader"))
-            consumer.subscribe([settings.topic_sequences])
-            best: dict[str, int] = {}
-            total = 0
-            deadline = time.monotonic() + 300
-            while total < args.events and time.monotonic() < deadline:
-                for m in consumer.consume(5000, 0.5):
-                    if m.error():
-                        continue
-                    rec = decode_sequence(m.value())
-                    prev = best.get(rec.user_id, 0)
-                    if rec.n_events > prev:
-                        best[rec.user_id] = rec.n_events
-                        total += rec.n_events - prev
-            t_worker = time.perf_counter() - t_ready
-            consumer.close()
-        finally:
-            stop_process(proc)
-    print(f"events={args.events} users={args.users} partitions=8 batch=take_events(4000, within=0.2)")
-    print(f"pure process_batch: {args.events / t_pure:,.0f} events/s")
-    print(f"Faust worker (from Ready to last sequence): {total / t_worker:,.0f} events/s ({total} events in {t_worker:.1f} s)")
+        pure = pure_rate(rows, tok, args.batch_size)
+        baseline, ours = [], []
+        for _ in range(args.rounds):
+            baseline.append(run_variant("baseline", base, work, rows, tok, tok_dir, 1, args))
+            ours.append(run_variant("ours", base, work, rows, tok, tok_dir, 1, args))
+        two = run_variant("ours", base, work, rows, tok, tok_dir, 2, args) if args.two_workers else None
+    b, o = statistics.median(baseline), statistics.median(ours)
+    print(f"broker={args.broker} events={args.events} users={args.users} partitions={args.partitions} "
+          f"batch=take_events({args.batch_size}, within={args.within}) rounds={args.rounds} cpus={os.cpu_count()}"
+          + (f" env={' '.join(args.env)}" if args.env else ""))
+    print(f"pure process_batch:                 {pure:10,.0f} events/s")
+    print(f"Faust baseline (Table, trivial):    {b:10,.0f} events/s  runs: {', '.join(f'{x:,.0f}' for x in baseline)}")
+    print(f"tokenizer worker, 1 worker:         {o:10,.0f} events/s  runs: {', '.join(f'{x:,.0f}' for x in ours)}")
+    print(f"ratio worker/baseline:              {o / b:10.2f}  (target >= 0.90)")
+    if two is not None:
+        print(f"tokenizer worker, 2 workers:        {two:10,.0f} events/s  ({two / o:.2f}x one worker)")
 
 
 if __name__ == "__main__":
