@@ -123,6 +123,25 @@ def test_streaming_small_batches_equal_one_batch(toy):
         assert pa.Table.from_batches(parts, schema=SEQUENCES_SCHEMA).equals(whole)
 
 
+def test_user_range_chunks_equal_one_chunk(toy, tmp_path):
+    tok, table = toy
+    # a user id with a quote exercises the SQL literal of the range bounds
+    users = pa.compute.replace_substring(table["user"], "u03", "o'u03")
+    table = table.set_column(0, "user", users)
+    whole = tok.tokenize(table, max_length=40)
+    assert "o'u03" in whole["user_id"].to_pylist()
+    pq.write_table(table, tmp_path / "events.parquet")
+    for chunk_events in (1, 37, 120):  # 1: every user is its own range (one scan each)
+        for data in (table, tmp_path / "events.parquet"):
+            stats = {}
+            got = pa.Table.from_batches(
+                list(tok.iter_tokenize(data, max_length=40, chunk_events=chunk_events, batch_size=16, stats=stats)),
+                schema=SEQUENCES_SCHEMA,
+            )
+            assert got.equals(whole), (chunk_events, data)
+            assert stats["events"] == sum(whole["n_events"].to_pylist())
+
+
 @pytest.mark.parametrize("max_length", [None, 20, 64, 10_000])
 def test_encode_events_equals_tokenize_for_every_user(toy, max_length):
     tok, table = toy
