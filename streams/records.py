@@ -16,6 +16,7 @@ HEADER_FINGERPRINT = "domaintok-fingerprint"
 HEADER_ERROR = "domaintok-error"
 HEADER_SOURCE = "domaintok-source"
 HEADER_STAGE = "domaintok-stage"
+HEADER_TRUNCATED = "domaintok-truncated"  # dead letter whose value was cut to fit: the original size in bytes
 
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_MSGPACK = "application/msgpack"
@@ -129,7 +130,7 @@ def dead_letter_headers(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
     reason = " ".join(str(error).split())[:1000]
-    ours = (HEADER_ERROR, HEADER_SOURCE, HEADER_STAGE)
+    ours = (HEADER_ERROR, HEADER_SOURCE, HEADER_STAGE, HEADER_TRUNCATED)
     headers: Headers = [
         (k, v.encode() if isinstance(v, str) else v) for k, v in (original or ()) if k not in ours
     ]

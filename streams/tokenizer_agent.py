@@ -2,27 +2,43 @@
 
 `process_batch` takes the batch's messages and a Table-like mapping (user key bytes -> msgpack UserWindow) and returns
 the dead letters and the SequenceRecords to send; the Faust agent in streams/app.py only decodes, calls it and sends.
+Whatever the bytes, no record raises out of `process_batch`: each bad one becomes a dead letter with its reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import math
+import time
+import typing
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import msgspec
 
+from domaintok.errors import EventError
 from domaintok.window import UserWindow, append_events, window_input_ids
 from streams.records import (
+    CONTENT_TYPE_MSGPACK,
     HEADER_FINGERPRINT,
+    HEADER_TRUNCATED,
     STAGE_TOKENIZE,
     Headers,
     SequenceRecord,
     content_type_of,
     dead_letter_headers,
     header_value,
-    CONTENT_TYPE_MSGPACK,
 )
+from streams.settings import DEAD_LETTER_MAX_BYTES
+
+# An event time more than this ahead of the worker's clock is refused (reason class "time"): a clock or unit error
+# (ms read as s, year 9999) that would otherwise stay the user's newest event, ahead of every later one, forever.
+# The worker's clock, not the record's Kafka timestamp: producers may set that to anything (backfills, tests).
+MAX_FUTURE_US = 24 * 3600 * 1_000_000
+# Room kept for the dead-letter headers when a dead letter must be cut to fit DEAD_LETTER_MAX_BYTES.
+_HEADER_ROOM = 64 * 1024
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class StoredWindow(UserWindow, kw_only=True):
@@ -69,7 +85,7 @@ class DeadLetterOut:
     key: bytes | None
     value: bytes | None
     headers: Headers
-    reason_class: str  # short label for metrics: "fingerprint", "decode", "tokenize"
+    reason_class: str  # short label for metrics: "fingerprint", "decode", "tokenize", "key", "time"
 
 
 @dataclasses.dataclass
@@ -80,24 +96,88 @@ class BatchResult:
     replayed: int = 0  # events already in their user's stored window (a replay after a crash), skipped
 
 
+def _fields_of_type(struct: type[msgspec.Struct], wanted: type) -> tuple[str, ...]:
+    """Names of the struct's fields typed `wanted` or `wanted | None`."""
+    out = []
+    for field in msgspec.structs.fields(struct):
+        if field.type is wanted or wanted in typing.get_args(field.type):
+            out.append(field.name)
+    return tuple(out)
+
+
 class EventDecoders:
-    """The per-tokenizer decoders of raw event bytes (JSON and msgpack), built once."""
+    """The per-tokenizer decoders of raw event bytes (JSON and msgspec), built once, plus the value checks the
+    types alone do not make: floats must be finite (msgpack carries NaN/inf) and ints must fit int64 (msgspec
+    accepts up to 2**64-1; Arrow and DuckDB do not)."""
 
     def __init__(self, event_struct: type[msgspec.Struct]) -> None:
         self.json = msgspec.json.Decoder(event_struct)
         self.msgpack = msgspec.msgpack.Decoder(event_struct)
+        self.float_fields = _fields_of_type(event_struct, float)
+        self.int_fields = _fields_of_type(event_struct, int)
 
     def decode(self, value: bytes, headers: Headers) -> Any:
+        """The event, or an exception (msgspec errors, UnicodeDecodeError, EventError) saying why not."""
         if content_type_of(headers) == CONTENT_TYPE_MSGPACK:
-            return self.msgpack.decode(value)
-        return self.json.decode(value)
+            event = self.msgpack.decode(value)
+        else:
+            event = self.json.decode(value)
+        for name in self.float_fields:
+            v = getattr(event, name)
+            if v is not None and not math.isfinite(v):
+                raise EventError(f"{name} is {v} (not a finite number)")
+        for name in self.int_fields:
+            v = getattr(event, name)
+            # -2**63 is out too: abs() of it overflows in DuckDB
+            if v is not None and not _INT64_MIN < v <= _INT64_MAX:
+                raise EventError(f"{name} = {v} does not fit a 64-bit integer")
+        return event
 
 
 def _dead(msg: Message, reason: str, reason_class: str) -> DeadLetterOut:
+    """The dead letter of `msg`: its own key, value and headers plus the reason. A record too large to carry whole
+    on the dead-letter topic (only possible when the events topic allows more than DEAD_LETTER_MAX_BYTES) keeps
+    the first bytes of its value and says the original size in a `domaintok-truncated` header."""
     headers = dead_letter_headers(
         msg.headers, error=reason, topic=msg.topic, partition=msg.partition, offset=msg.offset, stage=STAGE_TOKENIZE
     )
-    return DeadLetterOut(msg.key, msg.value, headers, reason_class)
+    value = msg.value
+    other = len(msg.key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    if value is not None and len(value) + other > DEAD_LETTER_MAX_BYTES - _HEADER_ROOM:
+        headers.append((HEADER_TRUNCATED, str(len(value)).encode()))
+        value = value[: max(0, DEAD_LETTER_MAX_BYTES - _HEADER_ROOM - other)]
+    return DeadLetterOut(msg.key, value, headers, reason_class)
+
+
+def _decode_reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"invalid event: not UTF-8 ({exc.reason} at byte {exc.start})"
+    return f"invalid event: {exc}"
+
+
+def _iso_us(us: int) -> str:
+    try:
+        return (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(us))).isoformat()
+    except OverflowError:
+        return f"{us} us"
+
+
+def _crashing_events(tok: Any, events: list[Any], previous: dict[str, int]) -> dict[int, str]:
+    """Index -> reason for the events on which tok.encode_event_tokens raises, found by bisection.
+
+    Why: the tokenizer reports bad rows in EventTokens.errors, but a value it did not foresee may still raise; then
+    the halves are tokenized again until each raising event is alone (log2(n) rounds, only on this failure path).
+    """
+    try:
+        tok.encode_event_tokens(events, previous_ts=previous)
+        return {}
+    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream: it is isolated below
+        if len(events) == 1:
+            return {0: f"cannot tokenize: {type(exc).__name__}: {' '.join(str(exc).split())}"}
+    half = len(events) // 2
+    found = _crashing_events(tok, events[:half], previous)
+    found.update({half + i: why for i, why in _crashing_events(tok, events[half:], previous).items()})
+    return found
 
 
 def process_batch(
@@ -106,12 +186,19 @@ def process_batch(
     messages: Sequence[Message],
     table: MutableMapping[bytes, bytes],
     max_length: int,
+    max_future_us: int | None = MAX_FUTURE_US,
+    now_us: int | None = None,
 ) -> BatchResult:
     """Validate, tokenize (ONE encode_event_tokens call) and fold `messages` into the per-user windows of `table`.
 
     Each changed user's window is read once and assigned back once (a Faust Table only persists assignments).
-    The table key is the record's Kafka key (so the changelog stays co-partitioned with the input), falling back
-    to the tokenizer's user id when a record has no key.
+    The table key is the record's Kafka key, which must be the event's user id (UTF-8): that keeps the changelog
+    co-partitioned with the input, so a record without a key or with another user's key is dead-lettered (reason
+    class "key") instead of updating a window its worker may not own. Dead-lettered too: a wrong or missing
+    fingerprint header, a null value, bytes that do not decode to the tokenizer's event struct (malformed JSON,
+    invalid UTF-8, wrong types, missing required or unknown fields, non-finite floats, ints beyond int64), events
+    the tokenizer rejects (null user id or time, schema filter) and event times more than `max_future_us` ahead of
+    `now_us` (default: the clock now; max_future_us=None: no limit). Event times in the past are all accepted.
     """
     fingerprint = tok.fingerprint
     dead: list[DeadLetterOut] = []
@@ -123,29 +210,45 @@ def process_batch(
             why = "missing domaintok-fingerprint header" if got is None else f"fingerprint {got!r} != tokenizer {fingerprint!r}"
             dead.append(_dead(msg, why, "fingerprint"))
             continue
+        if not msg.key:
+            dead.append(_dead(msg, "record has no key (the key must be the event's user id)", "key"))
+            continue
         if msg.value is None:
             dead.append(_dead(msg, "empty value", "decode"))
             continue
         try:
             events.append(decoders.decode(msg.value, msg.headers))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            dead.append(_dead(msg, f"invalid event: {exc}", "decode"))
+        except Exception as exc:  # noqa: BLE001 - whatever the bytes raise, the record goes to dead-letter
+            dead.append(_dead(msg, _decode_reason(exc), "decode"))
             continue
         kept.append(msg)
     if not events:
         return BatchResult([], dead, 0)
 
     # previous_ts: time_since_previous fields need each user's last event time from earlier batches
-    # (user ids come from the schema's expression; the record key is the same id by the producers' contract).
+    # (user ids come from the schema's expression; the record key is the same id, checked below).
     previous: dict[str, int] = {}
     windows: dict[bytes, UserWindow | None] = {}
     for msg in kept:
-        if msg.key is not None and msg.key not in windows:
+        if msg.key not in windows:
             w = windows[msg.key] = decode_window(table.get(msg.key))
             if w is not None and w.n_events:
                 previous[msg.key.decode("utf-8", "replace")] = w.last_event_ts
-    et = tok.encode_event_tokens(events, previous_ts=previous)
+    try:
+        et = tok.encode_event_tokens(events, previous_ts=previous)
+    except Exception:  # noqa: BLE001 - isolate the events that make the tokenizer raise, then go on without them
+        crashed = _crashing_events(tok, events, previous)
+        dead += [_dead(kept[i], why, "tokenize") for i, why in sorted(crashed.items())]
+        kept = [m for i, m in enumerate(kept) if i not in crashed]
+        events = [e for i, e in enumerate(events) if i not in crashed]
+        if not events:
+            return BatchResult([], dead, 0)
+        et = tok.encode_event_tokens(events, previous_ts=previous)
 
+    if max_future_us is None:
+        latest_ok = _INT64_MAX
+    else:
+        latest_ok = (now_us if now_us is not None else time.time_ns() // 1000) + max_future_us
     # group good events per user key, arrival order kept
     per_user: dict[bytes, tuple[str, list, list, list[int], list[Message]]] = {}
     replayed = 0
@@ -155,8 +258,15 @@ def process_batch(
             dead.append(_dead(msg, reason, "tokenize"))
             continue
         user = et.user_ids[i]
-        key = msg.key if msg.key is not None else user.encode("utf-8")
-        stored = windows[key] if key in windows else windows.setdefault(key, decode_window(table.get(key)))
+        key = msg.key
+        if key != user.encode("utf-8"):
+            dead.append(_dead(msg, f"record key {key[:100]!r} is not the event's user id {user[:100]!r}", "key"))
+            continue
+        if et.event_ts[i] > latest_ok:
+            why = f"event time {_iso_us(et.event_ts[i])} is more than {max_future_us / 3.6e9:g} h in the future"
+            dead.append(_dead(msg, why, "time"))
+            continue
+        stored = windows[key]
         if stored is not None and stored.partition == msg.partition and msg.offset <= stored.offset:
             replayed += 1
             continue
