@@ -117,8 +117,10 @@ def _count_of(kind: str):
     return ours
 
 
-def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_workers: int, args) -> float:
-    """Events/s of one Faust variant ("baseline" or "ours") with `n_workers` workers: first produce -> all counted."""
+def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_workers: int, args, consumer: str = "") -> float:
+    """Events/s of one Faust variant ("baseline" or "ours") with `n_workers` workers: first produce -> all counted.
+
+    `consumer` is our worker's DOMAINTOK_CONSUMER ("faust": stock Faust consumer, "batch": streams/fast_consumer.py)."""
     from confluent_kafka import Consumer
 
     from streams.clients import EventProducer
@@ -130,6 +132,8 @@ def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_work
     procs: list[subprocess.Popen] = []
     extra = {"DOMAINTOK_BATCH_SIZE": str(args.batch_size), "DOMAINTOK_BATCH_WITHIN": str(args.within)}
     extra.update(dict(kv.split("=", 1) for kv in args.env))
+    if consumer:
+        extra["DOMAINTOK_CONSUMER"] = consumer
     try:
         for i, log in enumerate(logs):
             if kind == "baseline":
@@ -196,7 +200,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4000)
     ap.add_argument("--within", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=1, help="baseline/ours alternations; medians are reported")
-    ap.add_argument("--two-workers", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--consumers", default="faust,batch",
+                    help="our worker's DOMAINTOK_CONSUMER values to measure (comma-separated)")
+    ap.add_argument("--two-workers", action=argparse.BooleanOptionalAction, default=True,
+                    help="also 2 workers in one group (with the last of --consumers)")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds for the rebalance after a second worker joins")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for our worker (repeatable)")
@@ -213,21 +220,27 @@ def main() -> None:
         events, tok, tok_dir, _ = build_artifacts(work, "ecommerce", args.users, args.events)
         rows = event_rows(events, tok)
         pure = pure_rate(rows, tok, args.batch_size)
-        baseline, ours = [], []
+        consumers = [c.strip() for c in args.consumers.split(",") if c.strip()]
+        baseline: list[float] = []
+        ours: dict[str, list[float]] = {c: [] for c in consumers}
         for _ in range(args.rounds):
             baseline.append(run_variant("baseline", base, work, rows, tok, tok_dir, 1, args))
-            ours.append(run_variant("ours", base, work, rows, tok, tok_dir, 1, args))
-        two = run_variant("ours", base, work, rows, tok, tok_dir, 2, args) if args.two_workers else None
-    b, o = statistics.median(baseline), statistics.median(ours)
+            for c in consumers:
+                ours[c].append(run_variant("ours", base, work, rows, tok, tok_dir, 1, args, c))
+        two = run_variant("ours", base, work, rows, tok, tok_dir, 2, args, consumers[-1]) if args.two_workers else None
+    b = statistics.median(baseline)
     print(f"broker={args.broker} events={args.events} users={args.users} partitions={args.partitions} "
           f"batch=take_events({args.batch_size}, within={args.within}) rounds={args.rounds} cpus={os.cpu_count()}"
           + (f" env={' '.join(args.env)}" if args.env else ""))
     print(f"pure process_batch:                 {pure:10,.0f} events/s")
     print(f"Faust baseline (Table, trivial):    {b:10,.0f} events/s  runs: {', '.join(f'{x:,.0f}' for x in baseline)}")
-    print(f"tokenizer worker, 1 worker:         {o:10,.0f} events/s  runs: {', '.join(f'{x:,.0f}' for x in ours)}")
-    print(f"ratio worker/baseline:              {o / b:10.2f}  (target >= 0.90)")
+    for c, runs in ours.items():
+        o = statistics.median(runs)
+        print(f"tokenizer worker, consumer={c:<6}   {o:10,.0f} events/s  runs: {', '.join(f'{x:,.0f}' for x in runs)}"
+              f"  ratio to baseline {o / b:.2f} (target >= 0.90)")
     if two is not None:
-        print(f"tokenizer worker, 2 workers:        {two:10,.0f} events/s  ({two / o:.2f}x one worker)")
+        o = statistics.median(ours[consumers[-1]])
+        print(f"2 workers, consumer={consumers[-1]:<6}          {two:10,.0f} events/s  ({two / o:.2f}x one worker)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""Batch delivery for Faust: a consumer that hands a stream each fetched partition batch at once, and the stream
+class whose `take_events` reads those batches. Selected with `DOMAINTOK_CONSUMER=batch` (see streams/app.py).
+
+Why: stock Faust moves every record through `Consumer._drain_messages` (one `wait_first` = four asyncio tasks per
+record), the conductor (a lock, flow-control and producer-buffer waits, an Event, a queue put) and the stream's
+per-event iterator (processors, sensors, an ack), ~125-140 us of CPU per record (notes/kafka-measurements.md).
+Here the drain loop does that work once per fetched partition batch for topics a `BatchStream.take_events` reads;
+every other topic (table changelogs during recovery, other agents) keeps the stock per-message path unchanged.
+
+Wiring, all through Faust's own extension points, no module globals touched:
+  * `BatchStream` is given as the app's `Stream` setting (`faust.App(..., Stream=BatchStream)`);
+  * `BatchTransport` (aiokafka driver, `Consumer = BatchConsumer`) is the app's consumer transport:
+    `use_batch_consumer(app)` sets it through the public `App.transport` property; a package can instead
+    register it under the `faust.transports` entry point and select it by URL scheme (`broker_consumer`).
+
+Guarantees kept (and tested in tests/streams/test_fast_consumer.py, including a worker joining and leaving):
+  * offsets: every delivered record is acked through `Consumer.ack` after the agent resumes the generator
+    (never on an exception or close, unlike stock `take_events`), so the committed offset only passes records
+    the agent finished, and gaps block commits exactly as in stock Faust;
+  * rebalance: queued batches are cleared by `flow_control.clear()` (queues are `clear_on_resume`), the drain
+    loop's put is abandoned when the flow is suspended, records of an older consumer generation are dropped
+    before they reach the agent, and the batch in the agent's hands is tracked as unacked, so the revoke
+    handler's `wait_empty()` waits for it before committing (stock Faust does not track it);
+  * limits: the fast path is taken only when the stream's channel is one plain topic (no pattern, no
+    `active_partitions`) that no other stream consumes; otherwise stock `take_events` runs. Per-event stream
+    sensors (`on_stream_event_in/out`, `on_message_in`) are not called on the fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP, EventT, Message
+from mode.utils.times import want_seconds
+
+__all__ = ["BatchConsumer", "BatchStream", "BatchTransport", "use_batch_consumer"]
+
+
+class BatchConsumer(aiokafka_driver.Consumer):
+    """aiokafka-driver consumer that puts whole fetched partition batches into per-topic queues.
+
+    `batch_queue(topic)` registers a topic for batch delivery (called by `BatchStream.take_events`); records of
+    other topics go through the stock per-message callback, one `wait_first` per record as upstream.
+    """
+
+    #: fetched batches waiting for the stream, per topic: bounds memory (each batch <= max_poll_records)
+    batch_queue_maxsize = 8
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch_queues: dict[str, asyncio.Queue] = {}
+
+    def batch_queue(self, topic: str) -> asyncio.Queue:
+        """The queue of `list[Message]` batches for `topic` (created on first call; cleared on rebalance)."""
+        queue = self._batch_queues.get(topic)
+        if queue is None:
+            queue = self.app.FlowControlQueue(maxsize=self.batch_queue_maxsize, clear_on_resume=True)
+            self._batch_queues[topic] = queue
+        return queue
+
+    def track_batch(self, messages: Sequence[Message]) -> None:
+        """Mark a batch as in progress, so a revoke waits (`wait_empty`) until the agent acked it."""
+        self._unacked_messages.update(messages)
+
+    def _fresh_records(self, tp: TP, records: list) -> list:
+        """Records at or after the read offset (as upstream), recording gaps so commits cannot skip over them."""
+        r_offset = self._read_offset[tp]
+        out = records if r_offset is None else [r for r in records if r.offset >= r_offset]
+        if out and r_offset:
+            first = out[0].offset
+            if first - r_offset > 1 and self.app.topics.acks_enabled_for(tp.topic):
+                self._add_gap(tp, r_offset + 1, first)
+            prev = first
+            for r in out[1:]:  # compacted topics / transaction markers leave holes inside a batch too
+                if r.offset - prev > 1 and self.app.topics.acks_enabled_for(tp.topic):
+                    self._add_gap(tp, prev + 1, r.offset)
+                prev = r.offset
+        return out
+
+    async def _deliver_batch(self, queue: asyncio.Queue, messages: list) -> None:
+        await self.app.flow_control.acquire()
+        await self.app.producer.buffer.wait_until_ebb()
+        await queue.put(messages)
+
+    async def _deliver_each(self, tp: TP, messages: list) -> None:
+        """Stock per-message delivery (conductor callback), as upstream's drain loop does it."""
+        callback = self.callback
+        set_read_offset = self._read_offset.__setitem__
+        for n, message in enumerate(messages):
+            if not self.flow_active:
+                return
+            if n and not n % 100:
+                await asyncio.sleep(0)
+            await self.wait_first(callback(message), self.suspend_flow.wait())
+            set_read_offset(tp, message.offset)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # noqa: C901 - mirrors upstream's loop
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        to_message = self._to_message
+        app = self.app
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                records, active = await self._wait_next_records(1.0)
+                await self.sleep(0)
+                if records is None or self.should_stop:
+                    continue
+                if not self.flow_active:
+                    await self.perform_seek()  # as upstream getmany: back to the committed offsets
+                    continue
+                generation = app.consumer_generation_id
+                for tp, recs in records.items():
+                    if not self.flow_active or app.consumer_generation_id != generation:
+                        break
+                    if active is not None and tp not in active and tp not in self._buffered_partitions:
+                        continue
+                    fresh = self._fresh_records(tp, recs)
+                    if not fresh:
+                        continue
+                    app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    messages = [to_message(tp, r) for r in fresh]
+                    queue = self._batch_queues.get(tp.topic)
+                    if queue is None:
+                        await self._deliver_each(tp, messages)
+                        continue
+                    if self._commit_every is not None and self._n_acked >= self._commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    await self.wait_first(self._deliver_batch(queue, messages), self.suspend_flow.wait())
+                    self._read_offset[tp] = messages[-1].offset
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+class BatchTransport(aiokafka_driver.Transport):
+    """The aiokafka transport with `BatchConsumer` as its consumer class."""
+
+    Consumer = BatchConsumer
+
+
+def use_batch_consumer(app: faust.App) -> faust.App:
+    """Make `app` consume through `BatchTransport` (before anything starts; the producer transport is unchanged)."""
+    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    return app
+
+
+class BatchStream(faust.Stream):
+    """`faust.Stream` whose `take_events` reads whole fetched batches from a `BatchConsumer` (else: stock)."""
+
+    def _batch_topic(self) -> str | None:
+        """The topic name when the fast path applies (see the module docstring), else None."""
+        channel = self.channel
+        topics = getattr(channel, "topics", None)
+        if not isinstance(self.app.consumer, BatchConsumer) or getattr(channel, "pattern", None) or not topics:
+            return None
+        if len(topics) != 1 or getattr(channel, "active_partitions", None) is not None:
+            return None
+        (name,) = topics
+        if any(name in getattr(t, "topics", ()) for t in self.app.topics if t is not channel):
+            return None  # another stream reads it too: batches would starve that one
+        return name
+
+    async def take_events(self, max_: int, within: Any) -> AsyncIterator[Sequence[EventT]]:
+        """Lists of at most `max_` events: yielded when `max_` are buffered or `within` seconds passed.
+
+        Same contract as `faust.Stream.take_events`, except that events are acked only when the consumer of the
+        generator asks for the next list (not when it raises or closes the generator).
+        """
+        topic = self._batch_topic()
+        if topic is None:
+            async for events in super().take_events(max_, within):
+                yield events
+            return
+        consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
+        queue = consumer.batch_queue(topic)
+        aiter(self.channel)  # subscribes the topic (app.topics) unless app.stream() did already, as stock does
+        self.log.info("batch delivery from topic %r (streams.fast_consumer)", topic)
+        timeout = want_seconds(within) if within else None
+        decode = self.channel.decode
+        carry: list = []
+        while not self.should_stop:
+            messages, carry = await self._collect(queue, carry, max_, timeout)
+            if not messages:
+                continue
+            consumer.track_batch(messages)
+            events = [await decode(m, propagate=True) for m in messages]
+            yield events
+            ack = consumer.ack
+            for m in messages:
+                ack(m)
+
+    async def _collect(self, queue: asyncio.Queue, carry: list, max_: int, timeout: float | None) -> tuple[list, list]:
+        """Up to `max_` messages of the current consumer generation: those carried over, then queued batches."""
+        generation = self.app.consumer_generation_id
+        messages = [m for m in carry if m.generation_id == generation]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(messages) < max_:
+            try:
+                batch = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                got = await self.wait_first(queue.get(), timeout=remaining)
+                if got.stopped or not got.done:
+                    break
+                batch = got.results[0]
+            if batch and batch[0].generation_id == self.app.consumer_generation_id:
+                messages.extend(batch)
+        return messages[:max_], messages[max_:]
