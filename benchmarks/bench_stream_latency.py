@@ -58,6 +58,19 @@ def produce_at_rate(bootstrap: str, topic: str, events_path: str, fingerprint: s
     producer.flush(30)
 
 
+def _start_encoder(settings, model_dir: Path, log_path: Path, enc_args: list[str], threads: int | None):
+    from streams.demo import start_encoder
+
+    old = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch at import in the child
+    try:
+        return start_encoder(settings, model_dir, "lat-enc", log_path, *enc_args)
+    finally:
+        if threads:
+            os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+
+
 def _write_events(rows, path: Path) -> None:
     import msgspec
 
@@ -84,16 +97,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--users", type=int, default=500)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--tok-within", type=float, default=None, help="DOMAINTOK_BATCH_WITHIN (default: the worker's)")
-    ap.add_argument("--enc-within", type=float, default=None, help="encoder --batch-within (default: the worker's)")
-    ap.add_argument("--enc-batch", type=int, default=None, help="encoder --batch-size (default: the worker's)")
+    ap.add_argument("--consumer", choices=("batch", "faust"), default="batch", help="tokenizer DOMAINTOK_CONSUMER")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="tokenizer window DOMAINTOK_MAX_LENGTH in tokens (default: the tokenizer's, 1024 here)")
+    ap.add_argument("--tok-within", type=float, default=0.05, help="tokenizer DOMAINTOK_BATCH_WITHIN seconds")
+    ap.add_argument("--enc-within", type=float, default=0.01, help="encoder --batch-within seconds")
+    ap.add_argument("--enc-batch", type=int, default=2048, help="encoder --batch-size (large: dedupe when behind)")
+    ap.add_argument("--enc-threads", type=int, default=None, help="torch threads of the encoder (OMP_NUM_THREADS)")
     ap.add_argument("--linger-ms", type=float, default=5.0, help="event producer linger.ms")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for the tokenizer worker")
     ap.add_argument("--logs", type=Path, default=None, help="copy the workers' logs here")
     args = ap.parse_args()
     from streams.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
     from streams.clients import EmbeddingConsumer
-    from streams.demo import build_artifacts, event_rows, start_encoder, start_tokenizer, stop_process, wait_ready
+    from streams.demo import build_artifacts, event_rows, start_tokenizer, stop_process, wait_ready
     from streams.records import decode_sequence
     from streams.settings import KafkaSettings
 
@@ -109,6 +126,9 @@ def main() -> None:
         events, tok, tok_dir, model_dir = build_artifacts(work, "ecommerce", args.users, n)
         _write_events(event_rows(events, tok), work / "events.jsonl")
         tok_env = dict(kv.split("=", 1) for kv in args.env)
+        tok_env["DOMAINTOK_CONSUMER"] = args.consumer
+        if args.max_length is not None:
+            tok_env["DOMAINTOK_MAX_LENGTH"] = str(args.max_length)
         if args.tok_within is not None:
             tok_env["DOMAINTOK_BATCH_WITHIN"] = str(args.tok_within)
         enc_args = ["--device", "cpu"]
@@ -117,7 +137,7 @@ def main() -> None:
         if args.enc_batch is not None:
             enc_args += ["--batch-size", str(args.enc_batch)]
         procs = [start_tokenizer(settings, tok_dir, "lat-tok", work / "tok.log", **tok_env),
-                 start_encoder(settings, model_dir, "lat-enc", work / "enc.log", *enc_args)]
+                 _start_encoder(settings, model_dir, work / "enc.log", enc_args, args.enc_threads)]
         try:
             wait_ready(procs[0], work / "tok.log", timeout=180)
             wait_ready(procs[1], work / "enc.log", marker="event=start", timeout=120)
@@ -173,8 +193,9 @@ def main() -> None:
     deliver = (recv - prod / 1e6) * 1000
     s = steady & ~np.isnan(seq)
     print(f"broker={args.broker} offered load {args.rate} events/s for {args.duration:.0f} s, {args.users} users, "
-          f"{args.partitions} partitions, tok_within={args.tok_within} enc_within={args.enc_within} "
-          f"enc_batch={args.enc_batch} linger_ms={args.linger_ms} cpus={os.cpu_count()}"
+          f"{args.partitions} partitions, consumer={args.consumer} max_length={args.max_length or 'tokenizer'} "
+          f"tok_within={args.tok_within} enc_within={args.enc_within} enc_batch={args.enc_batch} "
+          f"enc_threads={args.enc_threads or 'torch default'} linger_ms={args.linger_ms} cpus={os.cpu_count()}"
           + (f" env={' '.join(args.env)}" if args.env else ""))
     print(f"{len(recv)} embeddings, {int(steady.sum())} after the {args.warmup:.0f} s warm-up; "
           f"{int(s.sum())} matched to their sequence record")

@@ -125,7 +125,6 @@ def command(duration: float, rate: int, users: int, domain: str, show: int) -> N
 
     from streams.broker import EmbeddedBroker, ensure_topics
     from streams.clients import EmbeddingConsumer, EventProducer
-    from streams.records import decode_embedding
 
     console = Console()
     n_events = max(int(duration * rate), 1)
@@ -206,7 +205,6 @@ def command(duration: float, rate: int, users: int, domain: str, show: int) -> N
                 vec = np.asarray(rec.embedding)
                 console.print(f"user {rec.user_id}: n_events={rec.n_events} dim={len(vec)} "
                               f"[{', '.join(f'{x:+.3f}' for x in vec[:6])}, ...] model={rec.model_version}")
-            del decode_embedding
         finally:
             for proc in reversed(procs):
                 stop_process(proc)

@@ -37,8 +37,10 @@ log = logging.getLogger("domaintok.worker.encode")
 class EncoderConfig:
     model_dir: str
     group_id: str = "domaintok-encoder"
-    batch_size: int = 256  # sequences per micro-batch at most
-    batch_within: float = 0.05  # seconds to wait for a batch to fill
+    # Large: when the encoder falls behind, one batch holds several windows per user and select_newest keeps the
+    # newest only, so the work per batch is bounded by the number of users, not by the input rate.
+    batch_size: int = 2048  # sequences per micro-batch at most
+    batch_within: float = 0.01  # seconds to wait for a batch to fill once its first record is in (latency)
     device: str | None = None  # default: CUDA when present, else CPU
     tokenizer_dir: str | None = None  # when given, the model must match its fingerprint at start
     metrics_port: int = 0
