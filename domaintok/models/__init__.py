@@ -1,34 +1,38 @@
-"""Models: the NoPE GPT encoder, PLR and DCNv2 tabular layers, joint fusion; Auto-class registration.
+"""Models: the NoPE GPT encoder, PLR and DCNv2 tabular layers, joint fusion.
 
-This is the one module that registers the domain transformer with transformers' Auto classes.
+Names are imported on first use (PEP 562), so `import domaintok.models` costs nothing until a class is touched;
+the Auto-class registration lives in `domaintok._autoregister` and happens when transformers' Auto modules load.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
+from typing import Any
 
-from domaintok.models.configuration_domain_transformer import PRESETS, DomainTransformerConfig
-from domaintok.models.modeling_domain_transformer import (
-    DomainTransformerForCausalLM,
-    DomainTransformerModel,
-    DomainTransformerPreTrainedModel,
-)
-from domaintok.models.fusion import JointFusionConfig, JointFusionModel
-from domaintok.models.tabular import DCNv2, CrossLayer, PeriodicEmbeddings
+_WHERE = {
+    "PRESETS": "configuration_domain_transformer",
+    "DomainTransformerConfig": "configuration_domain_transformer",
+    "DomainTransformerPreTrainedModel": "modeling_domain_transformer",
+    "DomainTransformerModel": "modeling_domain_transformer",
+    "DomainTransformerForCausalLM": "modeling_domain_transformer",
+    "PeriodicEmbeddings": "tabular",
+    "CrossLayer": "tabular",
+    "DCNv2": "tabular",
+    "JointFusionConfig": "fusion",
+    "JointFusionModel": "fusion",
+}
 
-AutoConfig.register(DomainTransformerConfig.model_type, DomainTransformerConfig, exist_ok=True)
-AutoModel.register(DomainTransformerConfig, DomainTransformerModel, exist_ok=True)
-AutoModelForCausalLM.register(DomainTransformerConfig, DomainTransformerForCausalLM, exist_ok=True)
+__all__ = list(_WHERE)
 
-__all__ = [
-    "PRESETS",
-    "DomainTransformerConfig",
-    "DomainTransformerPreTrainedModel",
-    "DomainTransformerModel",
-    "DomainTransformerForCausalLM",
-    "PeriodicEmbeddings",
-    "CrossLayer",
-    "DCNv2",
-    "JointFusionConfig",
-    "JointFusionModel",
-]
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

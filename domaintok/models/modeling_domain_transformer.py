@@ -274,3 +274,8 @@ __all__ = [
     "causal_padding_mask",
     "last_token_index",
 ]
+
+
+from domaintok._autoregister import models_loaded  # noqa: E402  (registers the Auto classes: see that module)
+
+models_loaded()
