@@ -187,6 +187,30 @@ def test_text_pieces_truncation_blank_and_null():
     assert ids2.tolist() == rows[3].tolist() + rows[0].tolist()
 
 
+def test_text_chunk_by_chunk_bpe_equals_whole_text_bpe():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    corpus = ["WHITE HANGING HEART T-LIGHT HOLDER", "SET/3 RED SPOTTY 12 PENCILS", "it's a café crème 3.5cm",
+              "pack of 72 retrospot cake cases", "JUMBO  BAG", "l'été 2011 ÉTÉ"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus * 20, trainer=trainer)
+    texts = corpus + [
+        "IT 's", "it 's ok", "A  B", "A\tB", "x\u00a0y", "a\u3000b", "A \u200b B", "e\u0301 a", "emoji \U0001f600 x",
+        "a ,b", "'s 't", "HEART HEART HEART HEART HEART", "", "Z", "12 34", "-- --", "a\nb", "a\u2028b", "white hanging heart",
+    ]
+    for max_tokens in (3, 64):
+        enc = _enc("text", {"max_tokens": max_tokens})
+        enc.bpe, enc.bpe_base = bpe, 1000
+        arr = pa.array(texts)
+        chunked = pc.match_substring_regex(arr, __import__("domaintok.fields", fromlist=["_"])._CHUNKED_TEXT)
+        assert 10 < pc.sum(chunked).as_py() < len(texts)  # both paths are exercised
+        lengths, flat = enc._pieces(arr)
+        whole = enc._bpe_whole(texts)
+        assert lengths.tolist() == whole[0].tolist() and flat.tolist() == whole[1].tolist()
+
+
 def test_ragged_gather():
     counts, ids = ragged_gather(np.array([2, 0, 3]), np.array([1, 2, 3, 4, 5]), np.array([2, 0, 1, 2]))
     assert counts.tolist() == [3, 2, 0, 3] and ids.tolist() == [3, 4, 5, 1, 2, 3, 4, 5]
