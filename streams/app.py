@@ -44,6 +44,8 @@ class AppConfig:
     web_port: int = 6066  # DOMAINTOK_WEB_PORT: Faust web (worker passes --without-web unless asked)
     metrics_port: int = 0  # DOMAINTOK_METRICS_PORT: Prometheus /metrics on 127.0.0.1 (0 = off)
     store: str = "memory://"  # DOMAINTOK_STORE: Table store; state is rebuilt from the changelog on start
+    commit_interval: float = 2.8  # DOMAINTOK_COMMIT_INTERVAL: seconds between offset commits (a crash replays
+    # at most about this much input; replays are skipped by the stored positions, so it costs time, not counts)
     consumer: str = "faust"  # DOMAINTOK_CONSUMER: "batch" = streams/fast_consumer.py batch delivery, "faust" = stock
 
     @classmethod
@@ -62,6 +64,7 @@ class AppConfig:
                 web_port=int(env.get("DOMAINTOK_WEB_PORT", cls.web_port)),
                 metrics_port=int(env.get("DOMAINTOK_METRICS_PORT", cls.metrics_port)),
                 store=env.get("DOMAINTOK_STORE", cls.store),
+                commit_interval=float(env.get("DOMAINTOK_COMMIT_INTERVAL", cls.commit_interval)),
                 consumer=_consumer_kind(env.get("DOMAINTOK_CONSUMER", cls.consumer)),
             )
         except ValueError as exc:
@@ -96,6 +99,7 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         **settings.faust_settings(),
         store=config.store,
         consumer_auto_offset_reset="earliest",
+        broker_commit_interval=config.commit_interval,
         producer_linger=0.01,
         producer_max_batch_size=262144,
         web_host="127.0.0.1",

@@ -28,8 +28,11 @@ def command() -> None:
 @click.option("--batch-within", type=float, help="Seconds to fill a micro-batch [DOMAINTOK_BATCH_WITHIN, 0.2].")
 @click.option("--web-port", type=int, help="Enable Faust's web server on 127.0.0.1:PORT (off by default).")
 @click.option("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1:PORT [DOMAINTOK_METRICS_PORT].")
+@click.option("--commit-interval", type=float,
+              help="Seconds between offset commits [DOMAINTOK_COMMIT_INTERVAL, 2.8]; a crash replays about this much.")
 @click.option("--log-level", default="info", show_default=True)
-def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within, web_port, metrics_port, log_level) -> None:
+def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within, web_port, metrics_port,
+                     commit_interval, log_level) -> None:
     """Tokenizer worker: events -> per-user windows (Faust Table) -> sequences; bad events -> dead-letter.
 
     Kafka settings come from KAFKA_* / DOMAINTOK_TOPIC_* variables; KAFKA_BOOTSTRAP_SERVERS is required.
@@ -39,6 +42,7 @@ def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within
         ("DOMAINTOK_TOKENIZER_DIR", tokenizer_dir), ("DOMAINTOK_APP_ID", app_id), ("DOMAINTOK_MAX_LENGTH", max_length),
         ("DOMAINTOK_BATCH_SIZE", batch_size), ("DOMAINTOK_BATCH_WITHIN", batch_within),
         ("DOMAINTOK_WEB_PORT", web_port), ("DOMAINTOK_METRICS_PORT", metrics_port),
+        ("DOMAINTOK_COMMIT_INTERVAL", commit_interval),
     ):
         if value is not None:
             env[name] = str(value)

@@ -168,6 +168,14 @@ class Watcher(threading.Thread):
         with self.lock:
             return all(self.emb_max.get(u, 0) >= n for u, n in expected.items())
 
+    def rss_by_lag(self, role: str) -> tuple[int, int]:
+        """(peak RSS of `role` while the encoder lag was under 10% of its max, peak RSS while it was over 50%)."""
+        lag_at = {t: enc for t, _, enc in self.lag_samples}
+        top = max(lag_at.values(), default=0)
+        low = [rss for t, r, rss in self.rss_samples if r == role and t in lag_at and lag_at[t] <= top * 0.1]
+        high = [rss for t, r, rss in self.rss_samples if r == role and t in lag_at and lag_at[t] >= top * 0.5]
+        return max(low, default=0), max(high, default=0)
+
     @property
     def max_lag(self) -> tuple[int, int]:
         return (max((s[1] for s in self.lag_samples), default=0), max((s[2] for s in self.lag_samples), default=0))
@@ -211,9 +219,12 @@ class Harness:
     encoder_args: tuple[str, ...] = ()
     tokenizer_env: dict[str, str] = dataclasses.field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
+    watcher: Watcher | None = None  # set by run_load, for tests that look at lag/RSS samples
     starts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     kills: int = 0
     terms: int = 0
+    kills_by_role: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    stopped: set[str] = dataclasses.field(default_factory=set)  # killed/stopped on purpose and not restarted (yet)
 
     @property
     def encoder_group(self) -> str:
@@ -225,10 +236,13 @@ class Harness:
     def start(self, name: str, wait: bool = True) -> subprocess.Popen:
         """Start worker `name` ("tokenizer", "tokenizer2", "encoder"); with `wait`, block until it is ready."""
         self.starts[name] += 1
+        self.stopped.discard(name)
         log = self.log_path(name)
         if name.startswith("tokenizer"):
             # F_DATADIR: Faust's app directory (it creates one even for memory:// tables) outside the checkout
-            env = {"F_DATADIR": str(self.artifacts.work / "faust-data"), **self.tokenizer_env}
+            # 1 s commits: restarts resume from a committed offset with a backlog (faust-streaming issue 596's setting)
+            env = {"F_DATADIR": str(self.artifacts.work / "faust-data"), "DOMAINTOK_COMMIT_INTERVAL": "1.0",
+                   **self.tokenizer_env}
             proc = start_tokenizer(self.settings, self.artifacts.tok_dir, self.app_id, log, **env)
         else:
             proc = start_encoder(self.settings, self.artifacts.model_dir, self.encoder_group, log, *self.encoder_args)
@@ -247,17 +261,21 @@ class Harness:
         assert proc.poll() is None, f"{name} died by itself (exit {proc.returncode}); see {self.log_path(name)}"
         proc.kill()
         proc.wait(10)
+        self.stopped.add(name)
         self.kills += 1
+        self.kills_by_role[name.rstrip("0123456789")] += 1
 
     def terminate(self, name: str) -> None:
         """SIGTERM: the graceful stop a rolling deploy does."""
         proc = self.procs[name]
         assert proc.poll() is None, f"{name} died by itself (exit {proc.returncode}); see {self.log_path(name)}"
         stop_process(proc, timeout=30)
+        self.stopped.add(name)
         self.terms += 1
 
     def alive(self) -> dict[str, int | None]:
-        return {name: proc.poll() for name, proc in self.procs.items()}
+        """Exit status (None while running) of each worker that should be running."""
+        return {name: proc.poll() for name, proc in self.procs.items() if name not in self.stopped}
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -370,7 +388,7 @@ def run_load(harness: Harness, rate: float, faults, *, workers: tuple[str, ...] 
         harness.start(name, wait=False)
     for name in workers:
         harness.wait_ready(name)
-    watcher = Watcher(harness.settings, harness)
+    watcher = harness.watcher = Watcher(harness.settings, harness)
     producer = Producer(harness.settings, harness.artifacts, rate)
     t0 = time.monotonic()
     watcher.start()

@@ -23,7 +23,7 @@ from tests.streams.faults_support import Artifacts, Harness, kill_loop, run_load
 N_USERS = 60
 N_EVENTS = 4000
 KILLS = 5
-RATE = 150  # events/s: production lasts ~27 s, long enough for the faults to land under load
+# Rates are set so that production lasts about as long as each test's faults: every fault lands under load.
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_tokenizer_kill9_with_backlog_loses_nothing(kafka_settings, artifacts):
     """faust-streaming issue 596 territory: restarts with a backlog waiting and a Table to recover."""
     rng = random.Random(1)
     harness = Harness(kafka_settings, artifacts)
-    outcome = run_load(harness, RATE, lambda h: kill_loop(h, "tokenizer", KILLS, rng, up=(1.0, 6.0)))
+    outcome = run_load(harness, 100, lambda h: kill_loop(h, "tokenizer", KILLS, rng, up=(1.0, 4.0)))
     assert outcome.kills == KILLS
     _check(outcome, max_duplicates=N_USERS * (KILLS + 1) * 2)
 
@@ -60,7 +60,7 @@ def test_tokenizer_kill9_with_backlog_loses_nothing(kafka_settings, artifacts):
 def test_encoder_kill9_with_backlog_loses_nothing(kafka_settings, artifacts):
     rng = random.Random(2)
     harness = Harness(kafka_settings, artifacts)
-    outcome = run_load(harness, RATE, lambda h: kill_loop(h, "encoder", KILLS, rng, up=(0.5, 3.0)))
+    outcome = run_load(harness, 60, lambda h: kill_loop(h, "encoder", KILLS, rng, up=(0.5, 2.0)))
     assert outcome.kills == KILLS
     _check(outcome, max_duplicates=N_USERS * (KILLS + 1) * 2)
 
@@ -75,17 +75,16 @@ def test_rolling_sigterm_restart_zero_loss_bounded_duplicates(kafka_settings, ar
     rng = random.Random(3)
 
     def rolling(h: Harness) -> None:
-        for _ in range(2):
-            for name in ("tokenizer", "encoder"):
-                time.sleep(rng.uniform(1.0, 3.0))
-                h.terminate(name)
-                h.start(name)
+        for name in ("tokenizer", "encoder"):
+            time.sleep(rng.uniform(2.0, 4.0))
+            h.terminate(name)
+            h.start(name)
 
     harness = Harness(kafka_settings, artifacts)
-    outcome = run_load(harness, RATE, rolling)
-    assert outcome.terms == 4
+    outcome = run_load(harness, 150, rolling)
+    assert outcome.terms == 2
     # a graceful stop commits what it delivered: at most one batch per user is sent again per restart
-    _check(outcome, max_duplicates=N_USERS * 4)
+    _check(outcome, max_duplicates=N_USERS * 2)
 
 
 # -- broker restart --------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ def test_broker_restart_under_load_workers_reconnect(tmp_path, artifacts, kafka)
             broker.restart()  # SIGTERM (controlled shutdown), then start on the same port and log dir
             time.sleep(5)
 
-        outcome = run_load(Harness(settings, artifacts), RATE, restart_broker, timeout=150)
+        outcome = run_load(Harness(settings, artifacts), 150, restart_broker, timeout=150)
         _check(outcome, max_duplicates=N_USERS * 6)
     finally:
         broker.close()
@@ -128,7 +127,7 @@ def test_second_tokenizer_joins_and_leaves_windows_stay_correct(kafka_settings, 
         h.kill("tokenizer2")  # crash: they move back after the session timeout
 
     harness = Harness(kafka_settings, artifacts)
-    outcome = run_load(harness, RATE, join_leave)
+    outcome = run_load(harness, 150, join_leave)
     # the windows check in problems(): each user's final window equals the offline tokenization of its events
     _check(outcome, max_duplicates=N_USERS * 8)
 
@@ -140,13 +139,14 @@ def test_second_tokenizer_joins_and_leaves_windows_stay_correct(kafka_settings, 
 @pytest.mark.slow
 @pytest.mark.requires_apache("consumer-group lag read from committed offsets")
 def test_slow_encoder_lag_grows_then_drains_memory_bounded(kafka_settings, artifacts):
-    harness = Harness(kafka_settings, artifacts, encoder_args=("--batch-size", "16", "--throttle", "0.3"))
+    # the throttled encoder takes at most 32 sequences per 0.2 s (~160/s); the tokenizer emits up to ~300/s
+    harness = Harness(kafka_settings, artifacts, encoder_args=("--batch-size", "32", "--throttle", "0.2"))
     outcome = run_load(harness, 400, lambda h: None, timeout=180)
     _check(outcome, max_duplicates=N_USERS * 2)
     samples = harness.watcher.lag_samples
     encoder_lag = [s[2] for s in samples]
     print(f"encoder lag: max {max(encoder_lag)}, last {encoder_lag[-1]}")
-    assert max(encoder_lag) >= 500, "the throttled encoder never fell behind: the test does not test backpressure"
+    assert max(encoder_lag) >= 300, "the throttled encoder never fell behind: the test does not test backpressure"
     assert encoder_lag[-1] == 0, "the backlog did not drain"
     # memory bounded: the encoder's RSS while far behind stays within 200 MiB of its RSS when the lag was small
     rss = harness.watcher.rss_by_lag("encoder")
