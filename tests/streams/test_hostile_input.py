@@ -197,6 +197,18 @@ def generate(pool: list, fingerprint: str, n: int, *, big: int, per_spec: int = 
     return batches
 
 
+def big_cases(pool: list, fingerprint: str, size: int) -> list[Case]:
+    """Records with a `size`-character string, valid and invalid, so every run has some (the drawn ones are rare)."""
+    text = ("word " * (size // 5 + 1))[:size]
+    specs = [Spec("long_string", {"Description": text}, {})] * 3 + [
+        Spec("wrong_fingerprint", {"Description": text}, {"fp": b"other"}),
+        Spec("truncated_json", {"Description": text}, {"cut": 0.999}),
+        Spec("wrong_key", {"Description": text}, {"key_of": "zero"}),
+        Spec("far_future", {"Description": text, "InvoiceDate": dt.datetime(3000, 1, 1)}, {}),
+    ]
+    return [build(spec, pool[i * 7 % len(pool)], fingerprint) for i, spec in enumerate(specs)]
+
+
 # -- fixtures ---------------------------------------------------------------------------------------------------
 
 
@@ -232,6 +244,7 @@ def test_fuzz_100k_records_every_one_accounted_for(retail_domain_tokenizer, pool
     kinds: collections.Counter[str] = collections.Counter()
     started = time.perf_counter()
     batches = generate(pool, tok.fingerprint, 100_000, big=1_000_000)
+    batches[0] += big_cases(pool, tok.fingerprint, 1_000_000)
     generated = time.perf_counter() - started
     for cases in batches:
         msgs = _messages(cases, offsets)
@@ -266,3 +279,136 @@ def test_fuzz_100k_records_every_one_accounted_for(retail_domain_tokenizer, pool
 def _n_events(table, user: bytes) -> int:
     window = decode_window(table.get(user))
     return 0 if window is None else window.n_events
+
+
+# -- the same generator through the real Faust worker on Apache Kafka --------------------------------------------
+
+HEADER_CASE = "test-case"  # our own header: dead letters keep the original headers, so it names the case
+REASON_TEXT = {  # reason class -> what its domaintok-error header says
+    "fingerprint": ("fingerprint",),
+    "key": ("record has no key", "is not the event's user id"),
+    "decode": ("invalid event", "empty value"),
+    "tokenize": ("null user id", "null or unparseable event time", "excluded by the schema filter", "cannot tokenize"),
+    "time": ("in the future",),
+}
+
+
+def _sequence_counts(settings, expected: dict[str, int], timeout: float) -> dict[str, int]:
+    """Per user, the largest n_events on the sequences topic, read until it reaches `expected` or `timeout`."""
+    from streams.clients import _TopicReader
+    from streams.records import decode_sequence
+
+    class SequenceReader(_TopicReader):
+        def _decode(self, msg):
+            return decode_sequence(msg.value())
+
+    best: dict[str, int] = {}
+    with SequenceReader(settings, settings.topic_sequences) as reader:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(best.get(u, 0) < n for u, n in expected.items()):
+            for rec in reader.poll_batch(5000, timeout=0.5):
+                best[rec.user_id] = max(best.get(rec.user_id, 0), rec.n_events)
+    return best
+
+
+@pytest.mark.integration
+@pytest.mark.requires_apache("dead-letter and Table guarantees are tested on Apache Kafka")
+def test_real_worker_survives_hostile_sample(kafka_settings, retail_tokenizer, retail_domain_tokenizer, pool, tmp_path):
+    from streams.clients import DeadLetterReader, DeliveryError, EventProducer
+    from streams.demo import start_tokenizer, stop_process, wait_ready
+
+    tok = retail_domain_tokenizer
+    # ~900 kB strings: the largest that fit the producer's message.max.bytes (1,000,000) with the event around them
+    cases = [c for batch in generate(pool, tok.fingerprint, 12_000, big=900_000) for c in batch]
+    cases += big_cases(pool, tok.fingerprint, 900_000)
+    n_big = sum(c.value is not None and len(c.value) > 800_000 for c in cases)
+    log = tmp_path / "tokenizer.log"
+    app_id = f"hostile-{uuid.uuid4().hex[:8]}"
+    proc = start_tokenizer(kafka_settings, retail_tokenizer, app_id, log)
+    try:
+        wait_ready(proc, log)
+        producer = EventProducer(kafka_settings)
+        for i, case in enumerate(cases):
+            producer.send(case.value, case.key, [*case.headers, (HEADER_CASE, str(i).encode())])
+        # over the producer's message.max.bytes: refused by the client, counted, reported; the rest still flows
+        oversized = b'{"Description": "' + b"x" * 1_100_000 + b'"}'
+        producer.send(oversized, b"12345", [(HEADER_FINGERPRINT, tok.fingerprint.encode())])
+        with pytest.raises(DeliveryError, match=r"1 refused as larger than message.max.bytes \(1000000\)"):
+            producer.flush()
+        assert producer.too_large == 1 and producer.sent == len(cases)
+
+        expected = collections.Counter(c.user.decode() for c in cases if c.expect is None)
+        counts = _sequence_counts(kafka_settings, expected, timeout=180)
+        invalid = {i: c for i, c in enumerate(cases) if c.expect is not None}
+        with DeadLetterReader(kafka_settings) as reader:
+            dead = list(reader.records(max_records=len(invalid) + 10, idle_timeout=10))
+        assert proc.poll() is None, "the worker died"
+    finally:
+        stop_process(proc)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and text.count("[^Worker]: Ready") == 1
+
+    assert counts == dict(expected)  # every valid event counted exactly once in its user's window
+    seen = collections.Counter()
+    for d in dead:
+        i = int(header_value(d.headers, HEADER_CASE))
+        case = invalid[i]  # KeyError: a valid event was dead-lettered
+        seen[i] += 1
+        assert (d.key, d.value) == (case.key, case.value), case.kind
+        assert d.stage == "tokenize" and d.source.startswith(kafka_settings.topic_events + "/")
+        assert any(t in d.error for cls in case.expect for t in REASON_TEXT[cls]), (case.kind, d.error)
+    assert set(seen) == set(invalid) and max(seen.values()) == 1  # each invalid record exactly once
+    print(f"worker: {len(cases):,} records ({len(invalid):,} invalid, {n_big} of ~900 kB) -> "
+          f"{sum(expected.values()):,} events counted for {len(expected)} users, {len(dead):,} dead letters")
+
+
+# -- out-of-order events within a user ---------------------------------------------------------------------------
+
+
+def test_out_of_order_rule_on_windows():
+    """Insert by event time (ties after equal times), count every event, and never insert one older than an event
+    the window already dropped: it could not be among the newest events that fit."""
+    two = [[1, 2]]
+    w = None
+    for ts in (10, 30, 20):
+        w = append_events(w, two, [ts], max_length=1 + 6)  # room for three 2-token events
+    assert (w.event_ts, w.n_events, w.last_event_ts, w.dropped_ts) == ([10, 20, 30], 3, 30, None)
+    w = append_events(w, [[7, 7]], [20], max_length=7)  # a tie goes after the events already there: drops 10
+    assert (w.event_ts, w.ids[-4:-2], w.dropped_ts) == ([20, 20, 30], [7, 7], 10)
+    w = append_events(w, [[5, 5]], [5], max_length=7)  # older than the dropped 10: counted, not inserted
+    assert (w.event_ts, w.n_events, w.last_event_ts) == ([20, 20, 30], 5, 30)
+    w = append_events(w, [[25, 25]], [25], max_length=7)  # late but newer than what was dropped: inserted
+    assert (w.event_ts, w.n_events, w.last_event_ts, w.dropped_ts) == ([20, 25, 30], 6, 30, 20)
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_arrival_order_gives_the_offline_window(retail_domain_tokenizer, pool, data):
+    """Whatever order a user's events arrive in (and however they are split into batches), the final window holds
+    the same events, in the same order, as the offline tokenize() of the same events, and n_events counts them all.
+    Only time-since-previous tokens may differ: online they are computed when the event arrives, against the newest
+    earlier event of its user (GAP_FIRST when it is older than that one), and are not recomputed later."""
+    tok = retail_domain_tokenizer
+    by_user = collections.defaultdict(list)
+    for event in pool:
+        by_user[event.CustomerID].append(event)
+    user = data.draw(st.sampled_from(sorted(u for u, evs in by_user.items() if len(evs) >= 20)))
+    events = data.draw(st.permutations(by_user[user][:60]))
+    max_length = data.draw(st.sampled_from([24, 64, 200]))  # small windows: truncation and late events meet
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(events) - 1), max_size=5)))
+    decoders = EventDecoders(tok.event_struct)
+    table: dict[bytes, bytes] = {}
+    key = str(user).encode()
+    headers = [(HEADER_CONTENT_TYPE, b"application/json"), (HEADER_FINGERPRINT, tok.fingerprint.encode())]
+    msgs = [Message(key, _json.encode(e), headers, "events", 0, i, 0) for i, e in enumerate(events)]
+    record = None
+    for start, end in zip([0, *cuts], [*cuts, len(msgs)]):
+        result = process_batch(tok, decoders, msgs[start:end], table, max_length)
+        assert result.dead_letters == []
+        record = result.sequences[-1][1]
+    assert record.n_events == len(events)
+    offline = tok.encode_events(list(events), max_length=max_length).tolist()
+    names = tok.token_names()
+    assert len(record.input_ids) == len(offline)
+    assert [i if "_GAP_" not in names[i] else "gap" for i in record.input_ids] == [
+        i if "_GAP_" not in names[i] else "gap" for i in offline]
