@@ -1,6 +1,7 @@
 """`domaintok tokenize`: turn parquet events into sequences.parquet (one row per user) with a fitted tokenizer.
 
-Streams DuckDB record batches (flat memory); writes SEQ.parquet and its summary to SEQ.parquet.metrics.json.
+Reads the input in user-range chunks of at most DOMAINTOK_TOKENIZE_CHUNK_EVENTS events (bounded memory); writes
+SEQ.parquet and its summary to SEQ.parquet.metrics.json.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from domaintok.window import keep_newest_events
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID, MASK_ID = range(6)
 DEFAULT_MAX_LENGTH = 1024
-# DuckDB's budget for tokenize's sort: larger inputs spill to disk instead of growing the process (flat memory)
+# DuckDB's budget in tokenize (the scans and the per-user counts of a large input): beyond it DuckDB spills to disk
 TOKENIZE_MEMORY_LIMIT = "256MB"
 # tokenize holds at most this many events in memory: larger inputs are tokenized in user ranges of this size
 CHUNK_EVENTS = int(os.environ.get("DOMAINTOK_TOKENIZE_CHUNK_EVENTS", "1000000"))
