@@ -222,7 +222,9 @@ class KafkaSettings:
         from confluent_kafka import KafkaError  # heavy import, only when a client exists
 
         code = err.code()
-        if code not in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+        # the broker refusing our client certificate comes as a transport error carrying the TLS alert
+        refused_cert = code == KafkaError._TRANSPORT and re.search(r"SSL routines.*alert", err.str()) is not None
+        if code not in (KafkaError._AUTHENTICATION, KafkaError._SSL) and not refused_cert:
             return
         detail = re.sub(r"\s*\(after \d+ms in state \w+\)", "", err.str())
         detail = detail.split(": ", 1)[1] if "://" in detail.split(": ", 1)[0] else detail  # drop "sasl_ssl://h:p/id: "
