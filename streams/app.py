@@ -136,7 +136,8 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
             ]
             screened = guard.screen(messages, time.monotonic())
             for partition, offset in screened.seeks.items():
-                metrics.log_kv(log, "gap", partition=partition, seek_to=offset, dropped=screened.dropped)
+                metrics.log_kv(log, "gap", partition=partition, seek_to=offset, arrived=screened.arrived.get(partition),
+                               dropped=screened.dropped)
                 await app.consumer.seek(TP(settings.topic_events, partition), offset)
             for partition, first, last in screened.accepted_holes:
                 log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",

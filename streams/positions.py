@@ -47,6 +47,7 @@ class Screened:
     replayed: int = 0  # at or below the stored position: already in the Table
     dropped: int = 0  # past a hole: dropped, the partition is sought back
     seeks: dict[int, int] = dataclasses.field(default_factory=dict)  # partition -> offset to seek to
+    arrived: dict[int, int] = dataclasses.field(default_factory=dict)  # partition -> offset that came instead
     accepted_holes: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (partition, from, to)
 
 
@@ -93,6 +94,7 @@ class PositionGuard:
                 out.replayed += 1
                 continue
             if nxt is not None and msg.offset > nxt and not self._give_up(p, nxt, msg.offset, now, out):
+                out.arrived.setdefault(p, msg.offset)
                 blocked.add(p)
                 out.dropped += 1
                 continue

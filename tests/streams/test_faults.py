@@ -188,7 +188,7 @@ def test_guard_seeks_back_over_a_hole_and_drops_until_it_is_filled():
     guard = PositionGuard(table, 1, retry_after=2.0, max_seeks=3)
     guard.record([_Msg(0, 9)])
     hole = guard.screen([_Msg(0, 14), _Msg(0, 15)], now=0.0)  # 10..13 skipped by the consumer
-    assert hole.keep == [] and hole.dropped == 2 and hole.seeks == {0: 10}
+    assert hole.keep == [] and hole.dropped == 2 and hole.seeks == {0: 10} and hole.arrived == {0: 14}
     stale = guard.screen([_Msg(0, 16)], now=0.5)  # fetched before the seek: dropped, no second seek yet
     assert stale.keep == [] and stale.seeks == {}
     filled = guard.screen([_Msg(0, 10), _Msg(0, 11)], now=1.0)
