@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             harness = Harness(settings, artifacts)
             faults = random_kills(args.duration, rng, tuple(args.kill_every), tuple(args.down))
             outcome = run_load(harness, args.rate, faults, timeout=300)
+            holes = sum(log.read_text(errors="replace").count("event=gap") for log in work.glob("*tokenizer*.log"))
         finally:
             if broker is not None:
                 broker.close()
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kills survived      {outcome.kills} ({', '.join(f'{k} {v}' for k, v in sorted(harness.kills_by_role.items()))})")
     print(f"max lag             tokenizer {outcome.max_lag_tokenizer}, encoder {outcome.max_lag_encoder} records")
     print(f"peak RSS            {rss}")
+    print(f"holes sought back   {holes} (events Faust handed over past the stored position: issue 596)")
     print(f"wall time           {outcome.seconds:.0f} s")
     problems = outcome.problems()
     for problem in problems:
