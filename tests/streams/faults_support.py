@@ -169,10 +169,11 @@ class Watcher(threading.Thread):
             return all(self.emb_max.get(u, 0) >= n for u, n in expected.items())
 
     def rss_by_lag(self, role: str) -> tuple[int, int]:
-        """(peak RSS of `role` while the encoder lag was under 10% of its max, peak RSS while it was over 50%)."""
+        """(peak RSS of `role` before the encoder lag first passed 10% of its max, peak RSS while it was over 50%)."""
         lag_at = {t: enc for t, _, enc in self.lag_samples}
         top = max(lag_at.values(), default=0)
-        low = [rss for t, r, rss in self.rss_samples if r == role and t in lag_at and lag_at[t] <= top * 0.1]
+        rising = min((t for t, lag in lag_at.items() if lag > top * 0.1), default=float("inf"))
+        low = [rss for t, r, rss in self.rss_samples if r == role and t < rising]
         high = [rss for t, r, rss in self.rss_samples if r == role and t in lag_at and lag_at[t] >= top * 0.5]
         return max(low, default=0), max(high, default=0)
 
