@@ -46,7 +46,7 @@ class AppConfig:
     store: str = "memory://"  # DOMAINTOK_STORE: Table store; state is rebuilt from the changelog on start
     commit_interval: float = 2.8  # DOMAINTOK_COMMIT_INTERVAL: seconds between offset commits (a crash replays
     # at most about this much input; replays are skipped by the stored positions, so it costs time, not counts)
-    consumer: str = "faust"  # DOMAINTOK_CONSUMER: "batch" = streams/fast_consumer.py batch delivery, "faust" = stock
+    consumer: str = "batch"  # DOMAINTOK_CONSUMER: "batch" = streams/fast_consumer.py batch delivery, "faust" = stock
 
     @classmethod
     def from_env(cls, environ=None) -> AppConfig:
