@@ -55,6 +55,16 @@ def wait_for_metadata(client: Any, settings: KafkaSettings, topic: str | None = 
             )
 
 
+def check_connection(settings: KafkaSettings, timeout: float = 30.0) -> None:
+    """Connect and authenticate once with `settings`, or raise one line (KafkaAuthError / DomaintokError).
+
+    For commands that hand the connection to another client (the Faust worker, whose aiokafka login failure is a
+    traceback): checking first turns a wrong password or CA into the same one-line error the other commands give.
+    """
+    producer = Producer(settings.confluent_producer())
+    wait_for_metadata(producer, settings, timeout=timeout)
+
+
 class EventProducer:
     """Produces raw events to the events topic: key = user id, murmur2 partitioning, fingerprint header.
 

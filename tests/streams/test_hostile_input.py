@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import datetime as dt
 import itertools
+import random
 import time
 import uuid
 
@@ -336,6 +337,14 @@ def test_real_worker_survives_hostile_sample(kafka_settings, retail_tokenizer, r
         with pytest.raises(DeliveryError, match=r"1 refused as larger than message.max.bytes \(1000000\)"):
             producer.flush()
         assert producer.too_large == 1 and producer.sent == len(cases)
+        # near the events topic's own limit (1 MiB, random bytes: lz4 cannot shrink them) with a long bad
+        # fingerprint: its dead letter (value + reason) is over 1 MiB, which only the dead-letter topic's larger
+        # max.message.bytes lets through (with the default limit the agent crashes on MessageSizeTooLargeError)
+        edge = Case("edge_of_topic_limit", b"12345", random.Random(0).randbytes(1_047_300),
+                    [(HEADER_FINGERPRINT, b"f" * 900)], frozenset({"fingerprint"}))
+        cases.append(edge)
+        with EventProducer(kafka_settings, **{"message.max.bytes": 1_048_576}) as wide:
+            wide.send(edge.value, edge.key, [*edge.headers, (HEADER_CASE, str(len(cases) - 1).encode())])
 
         expected = collections.Counter(c.user.decode() for c in cases if c.expect is None)
         counts = _sequence_counts(kafka_settings, expected, timeout=180)
@@ -346,7 +355,8 @@ def test_real_worker_survives_hostile_sample(kafka_settings, retail_tokenizer, r
     finally:
         stop_process(proc)
     text = log.read_text(errors="replace")
-    assert "Traceback" not in text and text.count("[^Worker]: Ready") == 1
+    # an agent that crashes leaves the process alive: its log is what shows it
+    assert "Traceback" not in text and "Crashed" not in text and text.count("[^Worker]: Ready") == 1
 
     assert counts == dict(expected)  # every valid event counted exactly once in its user's window
     seen = collections.Counter()
@@ -360,6 +370,22 @@ def test_real_worker_survives_hostile_sample(kafka_settings, retail_tokenizer, r
     assert set(seen) == set(invalid) and max(seen.values()) == 1  # each invalid record exactly once
     print(f"worker: {len(cases):,} records ({len(invalid):,} invalid, {n_big} of ~900 kB) -> "
           f"{sum(expected.values()):,} events counted for {len(expected)} users, {len(dead):,} dead letters")
+
+
+def test_dead_letter_too_large_for_its_topic_is_cut_and_says_so(retail_domain_tokenizer):
+    from streams.records import HEADER_TRUNCATED
+    from streams.settings import DEAD_LETTER_MAX_BYTES
+
+    tok = retail_domain_tokenizer
+    huge = b"{" + b" " * (DEAD_LETTER_MAX_BYTES + 10) + b"}"  # only an events topic configured above 2 MiB has it
+    msg = Message(b"1", huge, [(HEADER_FINGERPRINT, tok.fingerprint.encode())], "events", 0, 0, 0)
+    [dead] = process_batch(tok, EventDecoders(tok.event_struct), [msg], {}, tok.max_length).dead_letters
+    size = len(dead.key) + len(dead.value) + sum(len(k) + len(v) for k, v in dead.headers)
+    assert size <= DEAD_LETTER_MAX_BYTES and huge.startswith(dead.value)
+    assert header_value(dead.headers, HEADER_TRUNCATED) == str(len(huge))
+    small = Message(b"1", b"{", msg.headers, "events", 0, 1, 0)
+    [dead] = process_batch(tok, EventDecoders(tok.event_struct), [small], {}, tok.max_length).dead_letters
+    assert dead.value == b"{" and header_value(dead.headers, HEADER_TRUNCATED) is None
 
 
 # -- out-of-order events within a user ---------------------------------------------------------------------------

@@ -136,11 +136,12 @@ def test_confluent_clients_authenticate(secure_broker, pki, protocol, mechanism)
     assert sorted(got, key=lambda r: r.n_events) == sent
 
 
-def test_aiokafka_and_faust_settings_authenticate(secure_broker, pki):
+@pytest.mark.parametrize("protocol,mechanism", [("SASL_SSL", "SCRAM-SHA-256"), ("SSL", None)])
+def test_aiokafka_and_faust_settings_authenticate(secure_broker, pki, protocol, mechanism):
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from faust.auth import SASLCredentials
+    from faust.auth import SASLCredentials, SSLCredentials
 
-    settings = secure_settings(secure_broker, pki, "SASL_SSL", "SCRAM-SHA-256")
+    settings = secure_settings(secure_broker, pki, protocol, mechanism)
     ensure_topics(settings, [settings.topic_events], partitions=1)
 
     async def round_trip() -> list[bytes]:
@@ -166,9 +167,20 @@ def test_aiokafka_and_faust_settings_authenticate(secure_broker, pki):
     assert asyncio.run(round_trip()) == [f"event-{i}".encode() for i in range(5)]
     faust = settings.faust_settings()
     creds = faust["broker_credentials"]
-    assert isinstance(creds, SASLCredentials) and creds.mechanism.value == "SCRAM-SHA-256"
-    assert creds.protocol.value == "SASL_SSL" and creds.ssl_context is not None
+    if protocol == "SSL":
+        assert isinstance(creds, SSLCredentials) and creds.context is not None
+    else:
+        assert isinstance(creds, SASLCredentials) and creds.mechanism.value == mechanism
+        assert creds.protocol.value == "SASL_SSL" and creds.ssl_context is not None
     assert_no_secret(repr(faust) + repr(creds), pki, "faust settings repr")
+
+
+def test_check_connection_fails_fast_on_a_wrong_password(secure_broker, pki):
+    from streams.clients import check_connection
+
+    check_connection(secure_settings(secure_broker, pki, "SASL_SSL", "SCRAM-SHA-512"))
+    with pytest.raises(KafkaAuthError, match="Kafka authentication failed"):
+        check_connection(secure_settings(secure_broker, pki, "SASL_SSL", "SCRAM-SHA-512", password="nope"))
 
 
 def test_no_secret_in_reprs_or_errors(pki):
