@@ -15,6 +15,7 @@ The first `--warmup` seconds are left out of the percentiles (JIT/allocator/firs
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import subprocess
@@ -71,6 +72,27 @@ def _start_encoder(settings, model_dir: Path, log_path: Path, enc_args: list[str
             os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _batch_stats(port: int, stage: str) -> tuple[int, float, float]:
+    """(batches, mean records per batch, mean seconds per batch) from a worker's Prometheus endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("domaintok_batch_size_count", "domaintok_batch_size_sum", "domaintok_batch_seconds_sum"):
+            if line.startswith(f'{name}{{stage="{stage}"}}'):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    n = values.get("domaintok_batch_size_count", 0.0)
+    if not n:
+        return 0, 0.0, 0.0
+    return int(n), values["domaintok_batch_size_sum"] / n, values["domaintok_batch_seconds_sum"] / n
+
+
 def _write_events(rows, path: Path) -> None:
     import msgspec
 
@@ -106,6 +128,7 @@ def main() -> None:
     ap.add_argument("--enc-threads", type=int, default=None, help="torch threads of the encoder (OMP_NUM_THREADS)")
     ap.add_argument("--linger-ms", type=float, default=5.0, help="event producer linger.ms")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for the tokenizer worker")
+    ap.add_argument("--drain", type=float, default=60.0, help="seconds after the load to wait for the backlog")
     ap.add_argument("--logs", type=Path, default=None, help="copy the workers' logs here")
     args = ap.parse_args()
     from streams.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
@@ -125,13 +148,19 @@ def main() -> None:
         ensure_topics(settings)
         events, tok, tok_dir, model_dir = build_artifacts(work, "ecommerce", args.users, n)
         _write_events(event_rows(events, tok), work / "events.jsonl")
+        sent = events.column(tok.schema.user_id).cast("string").to_pylist()[: int(args.rate * args.duration)]
+        expected = collections.Counter(sent)
         tok_env = dict(kv.split("=", 1) for kv in args.env)
         tok_env["DOMAINTOK_CONSUMER"] = args.consumer
         if args.max_length is not None:
             tok_env["DOMAINTOK_MAX_LENGTH"] = str(args.max_length)
         if args.tok_within is not None:
             tok_env["DOMAINTOK_BATCH_WITHIN"] = str(args.tok_within)
-        enc_args = ["--device", "cpu"]
+        from streams.broker import free_port
+
+        ports = {"tokenize": free_port(), "encode": free_port()}
+        tok_env["DOMAINTOK_METRICS_PORT"] = str(ports["tokenize"])
+        enc_args = ["--device", "cpu", "--metrics-port", str(ports["encode"])]
         if args.enc_within is not None:
             enc_args += ["--batch-within", str(args.enc_within)]
         if args.enc_batch is not None:
@@ -166,17 +195,24 @@ def main() -> None:
                 env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
             )
             t_start = time.time()
+            best: dict[str, int] = {}
             with EmbeddingConsumer(settings, **{"fetch.wait.max.ms": 10}) as reader:
-                while time.time() < t_start + args.duration + 20:
+                # until every user's embedding counts all its events (the pipeline drained), or --drain seconds more
+                while time.time() < t_start + args.duration + args.drain:
                     for rec in reader.poll_batch(5000, timeout=0.05):
                         rows_out.append((time.time(), rec.source_ts_ms, rec.produced_at))
                         keys.append((rec.user_id, rec.n_events))
-                    if producer.poll() is not None and time.time() > t_start + args.duration + 3:
+                        best[rec.user_id] = max(best.get(rec.user_id, 0), rec.n_events)
+                    if producer.poll() is not None and all(best.get(u, 0) >= c for u, c in expected.items()):
                         break
+            behind = sum(1 for u, c in expected.items() if best.get(u, 0) < c)
             producer.wait()
             time.sleep(0.5)
             stop.set()
             seq_thread.join(5)
+            load = os.getloadavg()[0]
+            cpu = {name: _cpu_seconds(p.pid) for name, p in zip(("tokenizer", "encoder"), procs)}
+            stats = {stage: _batch_stats(port, stage) for stage, port in ports.items()}
         finally:
             for p in procs:
                 stop_process(p)
@@ -198,9 +234,14 @@ def main() -> None:
           f"enc_threads={args.enc_threads or 'torch default'} linger_ms={args.linger_ms} cpus={os.cpu_count()}"
           + (f" env={' '.join(args.env)}" if args.env else ""))
     print(f"{len(recv)} embeddings, {int(steady.sum())} after the {args.warmup:.0f} s warm-up; "
-          f"{int(s.sum())} matched to their sequence record")
+          f"{int(s.sum())} matched to their sequence record; users not caught up at the end: {behind}")
     print(f"all embeddings: " + _line("total", total) + f"; last received {recv.max() - t_start:.1f} s after start")
     print("end-to-end " + _line("total", total[steady]))
+    wall = recv.max() - t_start
+    print(f"machine: 1-min load average {load:.1f} on {os.cpu_count()} cores; worker CPU over the run: "
+          + ", ".join(f"{k} {v:.1f} s ({v / wall:.0%} of a core)" for k, v in cpu.items()))
+    for stage, (n, size, seconds) in stats.items():
+        print(f"  {stage} worker: {n} batches, mean {size:.0f} records, mean {seconds * 1000:.1f} ms of work per batch")
     print("  stage    " + _line("tokenize", tokenize[s]))
     print("  stage    " + _line("encode", encode[s]))
     print("  stage    " + _line("deliver", deliver[s]))
