@@ -39,7 +39,23 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, EventT, Message
 from mode.utils.times import want_seconds
 
-__all__ = ["BatchConsumer", "BatchStream", "BatchTransport", "use_batch_consumer"]
+__all__ = ["BatchConsumer", "BatchConsumerThread", "BatchStream", "BatchTransport", "use_batch_consumer"]
+
+
+class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    """The aiokafka consumer thread with a shorter fetch wait than Faust's hard-coded 1,500 ms.
+
+    Why: aiokafka keeps one fetch in flight per broker and leaves out partitions that still have unconsumed
+    records; data arriving on those partitions waits until the in-flight fetch returns, which for idle partitions
+    is after fetch_max_wait_ms. On a single broker that added up to 1.5 s to the tokenizer's latency.
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        wait_ms = getattr(self.transport, "fetch_max_wait_ms", None)
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = int(wait_ms)  # read when the consumer starts its Fetcher
+        return consumer
 
 
 class BatchConsumer(aiokafka_driver.Consumer):
@@ -55,6 +71,9 @@ class BatchConsumer(aiokafka_driver.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._batch_queues: dict[str, asyncio.Queue] = {}
+
+    def _new_consumer_thread(self) -> BatchConsumerThread:
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def batch_queue(self, topic: str) -> asyncio.Queue:
         """The queue of `list[Message]` batches for `topic` (created on first call; cleared on rebalance)."""
@@ -157,11 +176,18 @@ class BatchTransport(aiokafka_driver.Transport):
     """The aiokafka transport with `BatchConsumer` as its consumer class."""
 
     Consumer = BatchConsumer
+    #: the worker consumer's fetch_max_wait_ms (None: Faust's 1,500)
+    fetch_max_wait_ms: int | None = None
 
 
-def use_batch_consumer(app: faust.App) -> faust.App:
-    """Make `app` consume through `BatchTransport` (before anything starts; the producer transport is unchanged)."""
-    app.transport = BatchTransport(app.conf.broker_consumer, app)
+def use_batch_consumer(app: faust.App, *, fetch_max_wait: float | None = 0.1) -> faust.App:
+    """Make `app` consume through `BatchTransport` (before anything starts; the producer transport is unchanged).
+
+    `fetch_max_wait`: seconds the broker may hold a fetch with no new data (None keeps Faust's 1.5 s).
+    """
+    transport = BatchTransport(app.conf.broker_consumer, app)
+    transport.fetch_max_wait_ms = None if fetch_max_wait is None else int(fetch_max_wait * 1000)
+    app.transport = transport
     return app
 
 
