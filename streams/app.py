@@ -22,12 +22,11 @@ import faust
 from faust.types import TP
 
 from domaintok.errors import DomaintokError
-from domaintok.tokenizer import DomainTokenizer
 from streams import metrics
 from streams.positions import PositionGuard
 from streams.records import encode_record
 from streams.settings import KafkaSettings
-from streams.tokenizer_agent import EventDecoders, Message, process_batch
+from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, process_batch
 
 log = logging.getLogger("domaintok.worker.tokenize")
 
@@ -94,7 +93,7 @@ def _consumer_settings(config: AppConfig) -> dict:
 
 
 def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
-    tok = DomainTokenizer.from_pretrained(config.tokenizer_dir)
+    tok = load_tokenizer(config.tokenizer_dir)  # refuses pickles, other versions, edited content
     max_length = config.max_length or tok.max_length
     decoders = EventDecoders(tok.event_struct)
     app = faust.App(

@@ -89,9 +89,9 @@ class EncoderWorker:
 
         expected = None
         if config.tokenizer_dir:
-            from domaintok.tokenizer import DomainTokenizer
+            from streams.tokenizer_agent import load_tokenizer
 
-            expected = DomainTokenizer.from_pretrained(config.tokenizer_dir).fingerprint
+            expected = load_tokenizer(config.tokenizer_dir).fingerprint
         self.model = load_encoder(config.model_dir, device=config.device, expected_fingerprint=expected)
         self.fingerprint = self.model.config.tokenizer_fingerprint
         self.version = model_version(config.model_dir)

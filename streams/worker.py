@@ -52,6 +52,12 @@ def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within
         raise DomaintokError("no tokenizer: pass --tokenizer DIR or set DOMAINTOK_TOKENIZER_DIR")
     if not KafkaSettings.from_env(env).bootstrap_servers:
         raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start a broker with `domaintok broker`)")
+    # Checked here, before exec: in the Faust worker a bad artifact or a refused login is a traceback and exit 1.
+    from streams.clients import check_connection
+    from streams.tokenizer_agent import load_tokenizer
+
+    load_tokenizer(env["DOMAINTOK_TOKENIZER_DIR"])
+    check_connection(KafkaSettings.from_env(env))
     argv = [sys.executable, "-m", "faust", "--loop", "uvloop", "-A", "streams.app", "worker", "-l", log_level]
     # Faust ignores web_enabled=False; without --without-web two workers on one host collide on port 6066.
     argv += ["--web-port", str(web_port), "--web-host", "127.0.0.1"] if web_port else ["--without-web"]

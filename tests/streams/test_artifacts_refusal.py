@@ -151,8 +151,6 @@ def test_tokenizer_dir_with_a_pickle_is_refused_unread(artifacts, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="streams/app.py and streams/encoder.py load tokenizers with "
-                   "DomainTokenizer.from_pretrained, not streams.tokenizer_agent.load_tokenizer (see the report)")
 def test_workers_refuse_a_tokenizer_dir_with_a_pickle_at_start(artifacts, tmp_path):
     tok_dir, model_dir, _ = artifacts
     tok = _copy(tok_dir, tmp_path / "tokenizer")
