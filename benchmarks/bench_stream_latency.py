@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--tok-within", type=float, default=0.05, help="tokenizer DOMAINTOK_BATCH_WITHIN seconds")
     ap.add_argument("--enc-within", type=float, default=0.01, help="encoder --batch-within seconds")
     ap.add_argument("--enc-batch", type=int, default=2048, help="encoder --batch-size (large: dedupe when behind)")
-    ap.add_argument("--enc-threads", type=int, default=None, help="torch threads of the encoder (OMP_NUM_THREADS)")
+    ap.add_argument("--enc-threads", type=int, default=1,
+                    help="torch threads of the encoder (OMP_NUM_THREADS; 0 = torch default): 1 leaves a core to the rest")
     ap.add_argument("--linger-ms", type=float, default=5.0, help="event producer linger.ms")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for the tokenizer worker")
     ap.add_argument("--drain", type=float, default=60.0, help="seconds after the load to wait for the backlog")
