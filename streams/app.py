@@ -26,7 +26,7 @@ from streams import metrics
 from streams.positions import PositionGuard
 from streams.records import encode_record
 from streams.settings import KafkaSettings
-from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, process_batch
+from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, process_batch, stored_sequences
 
 log = logging.getLogger("domaintok.worker.tokenize")
 
@@ -130,43 +130,69 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
     @app.agent(events)
     async def tokenize(stream):
         async for batch in stream.take_events(config.batch_size, within=config.batch_within):
-            messages = [
-                Message(
-                    m.key, m.value, list(m.headers or ()), m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000)
-                )
-                for m in (ev.message for ev in batch)
-            ]
-            screened = guard.screen(messages, time.monotonic())
-            for partition, offset in screened.seeks.items():
-                metrics.log_kv(log, "gap", partition=partition, seek_to=offset, arrived=screened.arrived.get(partition),
-                               dropped=screened.dropped)
-                await app.consumer.seek(TP(settings.topic_events, partition), offset)
-            for partition, first, last in screened.accepted_holes:
-                log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
-                            first, last, partition)
-            t0 = time.perf_counter()
-            result = process_batch(tok, decoders, screened.keep, windows, max_length)
-            guard.record(screened.keep)
-            metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
-            metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
-            metrics.EVENTS_IN.labels("tokenize").inc(len(messages))
-            futures = [await sequences.send(key=key, value=encode_record(rec)) for key, rec in result.sequences]
-            for d in result.dead_letters:
-                futures.append(await dead_letter.send(key=d.key, value=d.value, headers=d.headers))
-                metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
-            # Deliveries (sequences, dead letters, changelog) confirmed before take_events acks the batch.
-            await app.producer.flush()
-            if futures:
-                await asyncio.gather(*futures)
-            metrics.RECORDS_OUT.labels("tokenize").inc(len(result.sequences))
-            if result.dead_letters or result.replayed or screened.replayed or screened.dropped:
-                metrics.log_kv(log, "batch", events=len(messages), sequences=len(result.sequences),
-                               dead_lettered=len(result.dead_letters), replayed=result.replayed + screened.replayed,
-                               dropped=screened.dropped)
+            try:
+                await handle_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - every failure ends the process, see crash_exit
+                crash_exit(exc)
+
+    async def handle_batch(batch) -> None:
+        messages = [
+            Message(
+                m.key, m.value, list(m.headers or ()), m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000)
+            )
+            for m in (ev.message for ev in batch)
+        ]
+        screened = guard.screen(messages, time.monotonic())
+        for partition, offset in screened.seeks.items():
+            metrics.log_kv(log, "gap", partition=partition, seek_to=offset, arrived=screened.arrived.get(partition),
+                           dropped=screened.dropped)
+            await app.consumer.seek(TP(settings.topic_events, partition), offset)
+        for partition, first, last in screened.accepted_holes:
+            log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
+                        first, last, partition)
+        t0 = time.perf_counter()
+        result = process_batch(tok, decoders, screened.keep, windows, max_length)
+        # Users with replayed events get their stored window sent again (see stored_sequences: the first attempt's
+        # sends may never have been delivered); a duplicate at worst.
+        result.sequences += stored_sequences(tok, windows, screened.replays, {key for key, _ in result.sequences})
+        guard.record(screened.keep)
+        metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
+        metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
+        metrics.EVENTS_IN.labels("tokenize").inc(len(messages))
+        futures = [await sequences.send(key=key, value=encode_record(rec)) for key, rec in result.sequences]
+        for d in result.dead_letters:
+            futures.append(await dead_letter.send(key=d.key, value=d.value, headers=d.headers))
+            metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
+        # Deliveries (sequences, dead letters, changelog) confirmed before take_events acks the batch.
+        await app.producer.flush()
+        if futures:
+            await asyncio.gather(*futures)
+        metrics.RECORDS_OUT.labels("tokenize").inc(len(result.sequences))
+        if result.dead_letters or result.replayed or screened.replayed or screened.dropped:
+            metrics.log_kv(log, "batch", events=len(messages), sequences=len(result.sequences),
+                           dead_lettered=len(result.dead_letters), replayed=result.replayed + screened.replayed,
+                           dropped=screened.dropped)
 
     app.conf.domaintok_config = config  # for tests and the worker command
     metrics.serve(config.metrics_port)
     return app
+
+
+def crash_exit(exc: BaseException) -> None:
+    """End the worker process when the agent fails (a send refused by the broker, a bug).
+
+    Why: Faust logs a crashed agent and keeps the process alive with nothing consuming, so the worker would sit idle
+    with its partitions assigned. Exiting instead hands the partitions over and lets the process supervisor restart
+    it; nothing is lost because the failed batch was never acknowledged (the fault suite kills workers at random
+    points to prove that). CancelledError (rebalances, shutdown) is not an Exception and never gets here.
+    """
+    log.critical("tokenize agent failed, exiting (the batch was not acknowledged and will be replayed): %r", exc,
+                 exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_AGENT_FAILED)
+
+
+EXIT_AGENT_FAILED = 70  # EX_SOFTWARE
 
 
 def _app_from_env() -> faust.App:

@@ -45,6 +45,7 @@ class Screened:
 
     keep: list  # messages to process, in arrival order
     replayed: int = 0  # at or below the stored position: already in the Table
+    replays: list = dataclasses.field(default_factory=list)  # those messages (their users' windows are re-sent)
     dropped: int = 0  # past a hole: dropped, the partition is sought back
     seeks: dict[int, int] = dataclasses.field(default_factory=dict)  # partition -> offset to seek to
     arrived: dict[int, int] = dataclasses.field(default_factory=dict)  # partition -> offset that came instead
@@ -92,6 +93,7 @@ class PositionGuard:
                 continue
             if nxt is not None and msg.offset < nxt:
                 out.replayed += 1
+                out.replays.append(msg)
                 continue
             if nxt is not None and msg.offset > nxt and not self._give_up(p, nxt, msg.offset, now, out):
                 out.arrived.setdefault(p, msg.offset)

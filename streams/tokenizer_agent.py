@@ -12,7 +12,7 @@ import datetime as dt
 import math
 import time
 import typing
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import msgspec
@@ -276,6 +276,7 @@ def process_batch(
     # group good events per user key, arrival order kept
     per_user: dict[bytes, tuple[str, list, list, list[int], list[Message]]] = {}
     replayed = 0
+    replays: list[Message] = []
     for i, msg in enumerate(kept):
         reason = et.errors[i]
         if reason is not None:
@@ -293,6 +294,7 @@ def process_batch(
         stored = windows[key]
         if stored is not None and stored.partition == msg.partition and msg.offset <= stored.offset:
             replayed += 1
+            replays.append(msg)
             continue
         slot = per_user.get(key)
         if slot is None:
@@ -323,4 +325,37 @@ def process_batch(
                 ),
             )
         )
+    out += stored_sequences(tok, table, replays, skip_keys={key for key, _ in out})
     return BatchResult(out, dead, good, replayed)
+
+
+def stored_sequences(
+    tok: Any, table: Mapping[bytes, bytes], replays: Sequence[Message], skip_keys: set[bytes] | frozenset = frozenset()
+) -> list[tuple[bytes, SequenceRecord]]:
+    """The stored window of each user with a replayed event (first-seen order, users in `skip_keys` left out), to be
+    sent again.
+
+    Why: a replay means the batch that first folded the event was never acknowledged. Its Table writes can have
+    reached the changelog while its sequence sends did not (a crash between the two, or a send the broker refused),
+    so skipping the replay in silence would leave the user's newest window unsent until their next event. Sent
+    again, it is at worst a duplicate: the same window with the same n_events.
+    """
+    out: list[tuple[bytes, SequenceRecord]] = []
+    seen = set(skip_keys)
+    for msg in replays:
+        key = msg.key
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        window = decode_window(table.get(key))
+        if window is None:
+            continue
+        out.append((key, SequenceRecord(
+            user_id=key.decode("utf-8"),
+            input_ids=window_input_ids(window, tok.bos_token_id).tolist(),
+            n_events=window.n_events,
+            last_event_ts=window.last_event_ts,
+            source_ts_ms=msg.timestamp_ms,
+            fingerprint=tok.fingerprint,
+        )))
+    return out
