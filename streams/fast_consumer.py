@@ -87,18 +87,18 @@ class BatchConsumer(aiokafka_driver.Consumer):
         """Mark a batch as in progress, so a revoke waits (`wait_empty`) until the agent acked it."""
         self._unacked_messages.update(messages)
 
-    def _fresh_records(self, tp: TP, records: list) -> list:
+    async def _fresh_records(self, tp: TP, records: list) -> list:
         """Records at or after the read offset (as upstream), recording gaps so commits cannot skip over them."""
         r_offset = self._read_offset[tp]
         out = records if r_offset is None else [r for r in records if r.offset >= r_offset]
         if out and r_offset:
             first = out[0].offset
             if first - r_offset > 1 and self.app.topics.acks_enabled_for(tp.topic):
-                self._add_gap(tp, r_offset + 1, first)
+                await self._add_gap(tp, r_offset + 1, first)
             prev = first
             for r in out[1:]:  # compacted topics / transaction markers leave holes inside a batch too
                 if r.offset - prev > 1 and self.app.topics.acks_enabled_for(tp.topic):
-                    self._add_gap(tp, prev + 1, r.offset)
+                    await self._add_gap(tp, prev + 1, r.offset)
                 prev = r.offset
         return out
 
@@ -140,7 +140,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
                         break
                     if active is not None and tp not in active and tp not in self._buffered_partitions:
                         continue
-                    fresh = self._fresh_records(tp, recs)
+                    fresh = await self._fresh_records(tp, recs)
                     if not fresh:
                         continue
                     app.monitor.track_tp_end_offset(tp, self.highwater(tp))

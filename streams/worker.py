@@ -71,8 +71,8 @@ def tokenize_command(tokenizer_dir, app_id, max_length, batch_size, batch_within
               help="Refuse to start unless the model was trained with this tokenizer.")
 @click.option("--group-id", default=lambda: os.environ.get("DOMAINTOK_ENCODER_GROUP", "domaintok-encoder"),
               show_default="domaintok-encoder", help="Consumer group [DOMAINTOK_ENCODER_GROUP].")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--batch-within", type=float, default=0.05, show_default=True, help="Seconds to fill a batch.")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch at most [default: EncoderConfig's, 2048].")
+@click.option("--batch-within", type=float, help="Seconds to fill a micro-batch [default: EncoderConfig's, 0.01].")
 @click.option("--device", help="torch device (default: cuda when present, else cpu).")
 @click.option("--metrics-port", type=int, default=lambda: int(os.environ.get("DOMAINTOK_METRICS_PORT", "0")),
               help="Prometheus /metrics on 127.0.0.1:PORT (0 = off) [DOMAINTOK_METRICS_PORT].")
@@ -90,7 +90,8 @@ def encode_command(model_dir, tokenizer_dir, group_id, batch_size, batch_within,
     settings = KafkaSettings.from_env()
     if not settings.bootstrap_servers:
         raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start a broker with `domaintok broker`)")
-    config = EncoderConfig(model_dir=model_dir, group_id=group_id, batch_size=batch_size, batch_within=batch_within,
-                           device=device, tokenizer_dir=tokenizer_dir, metrics_port=metrics_port,
-                           throttle=throttle)
+    given = {"batch_size": batch_size, "batch_within": batch_within}  # unset options keep EncoderConfig's defaults
+    config = EncoderConfig(model_dir=model_dir, group_id=group_id, device=device, tokenizer_dir=tokenizer_dir,
+                           metrics_port=metrics_port, throttle=throttle,
+                           **{k: v for k, v in given.items() if v is not None})
     run_encoder(config, settings, max_idle=max_idle)
