@@ -309,13 +309,15 @@ def test_pipeline_over_sasl_ssl(secure_broker, pki, artifacts, tmp_path):
 
 @pytest.mark.parametrize("protocol,mechanism", [("SASL_PLAINTEXT", "PLAIN"), ("SASL_SSL", "SCRAM-SHA-512")])
 def test_wrong_password_is_one_clear_line(secure_broker, pki, artifacts, protocol, mechanism):
-    _, _, _, model_dir = artifacts
+    _, _, tok_dir, model_dir = artifacts
     wrong = f"wrong-{uuid.uuid4().hex}"
     settings = secure_settings(secure_broker, pki, protocol, mechanism, password=wrong)
     runs = {
         "produce": ["produce", "--synthetic", "ecommerce", "--events", "10", "--users", "2", "--quiet"],
         "consume": ["consume", "--timeout", "5"],
         "worker encode": ["worker", "encode", "--model", str(model_dir), "--max-idle", "20", "--device", "cpu"],
+        # checked before Faust starts (in Faust a refused login is a traceback)
+        "worker tokenize": ["worker", "tokenize", "--tokenizer", str(tok_dir)],
     }
     for name, args in runs.items():
         started = time.monotonic()
@@ -325,7 +327,7 @@ def test_wrong_password_is_one_clear_line(secure_broker, pki, artifacts, protoco
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         assert err[-1].startswith(f"domaintok {name.split()[0]}: error: Kafka authentication failed for user '{USER}'")
         assert mechanism in err[-1] and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
-        if name != "worker encode":  # the encoder logs its start; the CLIs print nothing else
+        if name != "worker encode":  # the encoder logs its start; the others print nothing else
             assert len(err) == 1, (name, proc.stderr)
         assert wrong not in proc.stdout + proc.stderr and PASSWORD not in proc.stdout + proc.stderr
         assert seconds < 60, (name, seconds)
@@ -372,6 +374,8 @@ def test_worker_command_binds_faust_web_to_loopback(monkeypatch, retail_tokenize
 
     execs = []
     monkeypatch.setattr(worker.os, "execve", lambda path, argv, env: execs.append(argv))
+    # argv only: the login check before exec is tested against real brokers elsewhere in this module
+    monkeypatch.setattr("streams.clients.check_connection", lambda settings, timeout=30.0: None)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
     for extra in ([], ["--web-port", "16066"]):
         result = CliRunner().invoke(worker.command, ["tokenize", "--tokenizer", str(retail_tokenizer), *extra])
