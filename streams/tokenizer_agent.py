@@ -339,6 +339,10 @@ def stored_sequences(
     reached the changelog while its sequence sends did not (a crash between the two, or a send the broker refused),
     so skipping the replay in silence would leave the user's newest window unsent until their next event. Sent
     again, it is at worst a duplicate: the same window with the same n_events.
+
+    Only the replay of the event the stored window ends with re-sends it: that event is in every replay of the
+    unacknowledged batch, and the check keeps a window read at any other moment (one seen mid-rebalance, once in a
+    CI run, was 57 events behind) from going out as a record whose n_events goes backwards.
     """
     out: list[tuple[bytes, SequenceRecord]] = []
     seen = set(skip_keys)
@@ -346,10 +350,10 @@ def stored_sequences(
         key = msg.key
         if not key or key in seen:
             continue
-        seen.add(key)
         window = decode_window(table.get(key))
-        if window is None:
-            continue
+        if window is None or (window.partition, window.offset) != (msg.partition, msg.offset):
+            continue  # only the replay of the window's newest event re-sends it (see below)
+        seen.add(key)
         out.append((key, SequenceRecord(
             user_id=key.decode("utf-8"),
             input_ids=window_input_ids(window, tok.bos_token_id).tolist(),
