@@ -132,7 +132,13 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 if records is None or self.should_stop:
                     continue
                 if not self.flow_active:
-                    await self.perform_seek()  # as upstream getmany: back to the committed offsets
+                    # As upstream getmany: back to the committed offsets. Mid-rebalance a partition can already be
+                    # gone (IllegalStateError "No current assignment"); upstream logs that and goes on, and so do
+                    # we: the new assignment seeks on its own, and letting it escape crashed the Fetcher.
+                    try:
+                        await self.perform_seek()
+                    except Exception as exc:  # noqa: BLE001 - same handling as upstream
+                        self.log.warning("exception performing seek when flow not active: %r", exc)
                     continue
                 generation = app.consumer_generation_id
                 for tp, recs in records.items():
