@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(prog, exc.format_message())
     except DomaintokError as exc:
         return _fail(prog, str(exc))
+    except OSError as exc:  # a path the command could not read or write: say which, not a traceback
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _fail(prog, f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         return 130
     return rv if isinstance(rv, int) else 0

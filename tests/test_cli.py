@@ -65,6 +65,19 @@ def test_domain_error_is_one_line(monkeypatch, capsys):
     assert err == "domaintok explode: error: schema 'x.yaml': field 'amount': source column 'amt' not in input (second line)\n"
 
 
+def test_unwritable_path_is_one_line(monkeypatch, tmp_path, capsys):
+    @click.command("write")
+    def write():
+        """Fail the way a command fails on a path it cannot write."""
+        open(tmp_path / "a-file", "w").close()
+        open(tmp_path / "a-file" / "under-a-file.parquet", "w")
+
+    monkeypatch.setitem(cli.cli.commands, "write", write)
+    assert cli.main(["write"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("domaintok write: error: Not a directory: ") and "under-a-file" in err
+
+
 def test_console_script_exit_code():
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from domaintok.cli import main; sys.exit(main(['--version']))"],
