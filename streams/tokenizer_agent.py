@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from domaintok.artifacts import pickle_files
 from domaintok.errors import ArtifactError, EventError
 from domaintok.window import UserWindow, append_events, window_input_ids
 from streams.records import (
@@ -39,9 +40,6 @@ MAX_FUTURE_US = 24 * 3600 * 1_000_000
 # Room kept for the dead-letter headers when a dead letter must be cut to fit DEAD_LETTER_MAX_BYTES.
 _HEADER_ROOM = 64 * 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# Files that unpickle when loaded (arbitrary code execution): the list of domaintok.models.embedding.PICKLE_PATTERNS,
-# repeated here because that module imports torch, which the tokenizer worker never needs (a test keeps them equal).
-PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 def load_tokenizer(directory: Any) -> Any:
@@ -59,7 +57,7 @@ def load_tokenizer(directory: Any) -> Any:
     path = Path(directory)
     if not path.is_dir():
         raise ArtifactError(f"tokenizer dir {str(path)!r} does not exist")
-    pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.rglob(pattern))
+    pickled = pickle_files(path, recursive=True)
     if pickled:
         raise ArtifactError(f"tokenizer dir {str(path)!r}: refusing pickle files {', '.join(pickled)} (JSON only)")
     return DomainTokenizer.from_pretrained(path)

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from domaintok.artifacts import pickle_files
 from domaintok.errors import ArtifactError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
@@ -30,8 +31,6 @@ EMBEDDINGS_SCHEMA = pa.schema(
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )
-# Weight files that unpickle on load (arbitrary code execution); a directory holding any of them is refused.
-PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 def default_device() -> torch.device:
@@ -43,7 +42,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path}: not a model directory (no config.json)")
-    pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    pickled = pickle_files(path)
     if pickled:
         raise ArtifactError(f"{path}: refusing pickle weights {', '.join(pickled)}; only safetensors are loaded")
     if not any(path.glob("model*.safetensors")):

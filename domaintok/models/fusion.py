@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from domaintok.artifacts import pickle_files
 from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
-from domaintok.models.embedding import PICKLE_PATTERNS
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.tabular import DCNv2, PeriodicEmbeddings
 
@@ -389,7 +389,7 @@ class JointFusionModel(nn.Module):
         path = Path(model_dir)
         if not (path / CONFIG_NAME).is_file():
             raise ArtifactError(f"{path}: not a joint fusion model directory (no {CONFIG_NAME})")
-        pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+        pickled = pickle_files(path)
         if pickled:
             raise ArtifactError(f"{path}: refusing pickle files {', '.join(pickled)}; only safetensors are loaded")
         if not (path / WEIGHTS_NAME).is_file():

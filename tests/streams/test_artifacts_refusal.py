@@ -90,11 +90,12 @@ def assert_one_line_refusal(proc: subprocess.CompletedProcess, *needles: str) ->
 # -- pickles ------------------------------------------------------------------------------------------------------
 
 
-def test_pickle_patterns_are_the_models_patterns():
-    from domaintok.models.embedding import PICKLE_PATTERNS as MODEL_PATTERNS
-    from streams.tokenizer_agent import PICKLE_PATTERNS
+def test_pickle_patterns_cover_the_pickle_formats():
+    # One list (domaintok.artifacts) serves the tokenizer, model and fusion loaders; it must name every format that
+    # unpickles on load.
+    from domaintok.artifacts import PICKLE_PATTERNS
 
-    assert PICKLE_PATTERNS == MODEL_PATTERNS
+    assert PICKLE_PATTERNS == ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "model.pt", "opt.pth",
