@@ -26,7 +26,7 @@ from streams import metrics
 from streams.positions import PositionGuard
 from streams.records import encode_record
 from streams.settings import KafkaSettings
-from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, process_batch, stored_sequences
+from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, process_batch
 
 log = logging.getLogger("domaintok.worker.tokenize")
 
@@ -151,10 +151,8 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
             log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
                         first, last, partition)
         t0 = time.perf_counter()
-        result = process_batch(tok, decoders, screened.keep, windows, max_length)
-        # Users with replayed events get their stored window sent again (see stored_sequences: the first attempt's
-        # sends may never have been delivered); a duplicate at worst.
-        result.sequences += stored_sequences(tok, windows, screened.replays, {key for key, _ in result.sequences})
+        # the guard's replays are not folded again, but re-send their users' stored windows (see stored_sequences)
+        result = process_batch(tok, decoders, screened.keep, windows, max_length, replays=screened.replays)
         guard.record(screened.keep)
         metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
         metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))

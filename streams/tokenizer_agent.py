@@ -210,6 +210,7 @@ def process_batch(
     max_length: int,
     max_future_us: int | None = MAX_FUTURE_US,
     now_us: int | None = None,
+    replays: Sequence[Message] = (),
 ) -> BatchResult:
     """Validate, tokenize (ONE encode_event_tokens call) and fold `messages` into the per-user windows of `table`.
 
@@ -221,6 +222,9 @@ def process_batch(
     invalid UTF-8, wrong types, missing required or unknown fields, non-finite floats, ints beyond int64), events
     the tokenizer rejects (null user id or time, schema filter) and event times more than `max_future_us` ahead of
     `now_us` (default: the clock now; max_future_us=None: no limit). Event times in the past are all accepted.
+
+    `replays`: messages the caller already screened out as replays (the worker's position guard). They are not folded
+    again, but, like the replays found here, they re-send their users' stored windows (see stored_sequences).
     """
     fingerprint = tok.fingerprint
     dead: list[DeadLetterOut] = []
@@ -245,7 +249,7 @@ def process_batch(
             continue
         kept.append(msg)
     if not events:
-        return BatchResult([], dead, 0)
+        return BatchResult(stored_sequences(tok, table, replays), dead, 0)
 
     # previous_ts: time_since_previous fields need each user's last event time from earlier batches
     # (user ids come from the schema's expression; the record key is the same id, checked below).
@@ -264,7 +268,7 @@ def process_batch(
         kept = [m for i, m in enumerate(kept) if i not in crashed]
         events = [e for i, e in enumerate(events) if i not in crashed]
         if not events:
-            return BatchResult([], dead, 0)
+            return BatchResult(stored_sequences(tok, table, replays), dead, 0)
         et = tok.encode_event_tokens(events, previous_ts=previous)
 
     if max_future_us is None:
@@ -274,7 +278,7 @@ def process_batch(
     # group good events per user key, arrival order kept
     per_user: dict[bytes, tuple[str, list, list, list[int], list[Message]]] = {}
     replayed = 0
-    replays: list[Message] = []
+    replays = list(replays)
     for i, msg in enumerate(kept):
         reason = et.errors[i]
         if reason is not None:
@@ -323,7 +327,7 @@ def process_batch(
                 ),
             )
         )
-    out += stored_sequences(tok, table, replays, skip_keys={key for key, _ in out})
+    out += stored_sequences(tok, table, replays, skip_keys={key for key, _ in out})  # ours and the caller's
     return BatchResult(out, dead, good, replayed)
 
 

@@ -107,3 +107,6 @@ def test_a_replay_sends_the_stored_window_again(retail_domain_tokenizer, retail_
     assert dict(again.sequences).keys() == first.keys()
     for key, rec in again.sequences:
         assert (rec.n_events, rec.input_ids) == (first[key].n_events, first[key].input_ids)
+    # the same when the worker's position guard screened the replays out before process_batch
+    screened = process_batch(tok, decoders, [], state, tok.max_length, replays=msgs)
+    assert screened.replayed == 0 and dict(screened.sequences).keys() == first.keys()
