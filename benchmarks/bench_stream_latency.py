@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def produce_at_rate(bootstrap: str, topic: str, events_path: str, fingerprint: s
         if delay > 0:
             time.sleep(delay)
     producer.flush(30)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(usage.ru_utime + usage.ru_stime)  # CPU seconds, read by the parent
 
 
 def _start_encoder(settings, model_dir: Path, log_path: Path, enc_args: list[str], threads: int | None):
@@ -129,6 +132,8 @@ def main() -> None:
                     help="torch threads of the encoder (OMP_NUM_THREADS; 0 = torch default): 1 leaves a core to the rest")
     ap.add_argument("--linger-ms", type=float, default=5.0, help="event producer linger.ms")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for the tokenizer worker")
+    ap.add_argument("--reader-fetch-wait-ms", type=int, default=100,
+                    help="fetch.wait.max.ms of this script's two readers (embeddings, sequences)")
     ap.add_argument("--drain", type=float, default=60.0, help="seconds after the load to wait for the backlog")
     ap.add_argument("--logs", type=Path, default=None, help="copy the workers' logs here")
     args = ap.parse_args()
@@ -177,7 +182,7 @@ def main() -> None:
             def read_sequences() -> None:
                 from confluent_kafka import Consumer, TopicPartition
 
-                c = Consumer(settings.confluent_consumer("lat-seq-reader", **{"fetch.wait.max.ms": 10}))
+                c = Consumer(settings.confluent_consumer("lat-seq-reader", **{"fetch.wait.max.ms": args.reader_fetch_wait_ms}))
                 c.assign([TopicPartition(settings.topic_sequences, p, 0) for p in range(args.partitions)])
                 while not stop.is_set():
                     for m in c.consume(1000, 0.1):
@@ -193,11 +198,11 @@ def main() -> None:
                  "int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]))", broker.bootstrap_servers,
                  settings.topic_events, str(work / "events.jsonl"), tok.fingerprint, str(args.rate),
                  str(args.duration), str(args.linger_ms)],
-                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
+                stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
             )
             t_start = time.time()
             best: dict[str, int] = {}
-            with EmbeddingConsumer(settings, **{"fetch.wait.max.ms": 10}) as reader:
+            with EmbeddingConsumer(settings, **{"fetch.wait.max.ms": args.reader_fetch_wait_ms}) as reader:
                 # until every user's embedding counts all its events (the pipeline drained), or --drain seconds more
                 while time.time() < t_start + args.duration + args.drain:
                     for rec in reader.poll_batch(5000, timeout=0.05):
@@ -208,11 +213,15 @@ def main() -> None:
                         break
             behind = sum(1 for u, c in expected.items() if best.get(u, 0) < c)
             producer.wait()
+            producer_cpu = float(producer.stdout.read().split()[-1])
             time.sleep(0.5)
             stop.set()
             seq_thread.join(5)
             load = os.getloadavg()[0]
             cpu = {name: _cpu_seconds(p.pid) for name, p in zip(("tokenizer", "encoder"), procs)}
+            cpu["broker"] = _cpu_seconds(broker.process.pid)
+            cpu["event producer"] = producer_cpu
+            cpu["this reader"] = _cpu_seconds(os.getpid())
             stats = {stage: _batch_stats(port, stage) for stage, port in ports.items()}
         finally:
             for p in procs:

@@ -82,9 +82,8 @@ def embed_batch(model: DomainTransformerModel, batch: PaddedBatch) -> torch.Tens
     batch = batch.to(device)
     with torch.inference_mode():
         # Right padding: a causal query never sees a later pad key, so the real positions need no padding mask,
-        # and leaving it out lets SDPA use its fused causal kernel.
-        hidden = model(batch.input_ids, attention_mask=None, return_dict=True).last_hidden_state  # (B, T, H)
-        return model.user_embedding(hidden, batch.attention_mask)  # (B, H)
+        # and leaving it out lets SDPA use its fused causal kernel. The last block runs for the final token only.
+        return model.embed(batch.input_ids, batch.attention_mask, right_padded=True)  # (B, H)
 
 
 def embed_sequences(

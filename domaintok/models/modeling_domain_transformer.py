@@ -76,6 +76,20 @@ class DomainTransformerAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H)  # (B, N, T, D) -> (B, T, H)
         return self.out_proj(out)
 
+    def forward_one_query(self, hidden_states: torch.Tensor, index: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H) for one query per row, at position `index` (B,), over the keys `key_mask` (B, T)
+        allows; keys and values are computed for every position, the query only where it is asked for."""
+        B, T, H = hidden_states.shape
+        weight, bias = self.qkv_proj.weight, self.qkv_proj.bias  # (3H, H), (3H,)
+        kv = F.linear(hidden_states, weight[H:], None if bias is None else bias[H:])  # (B, T, 2H)
+        k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, N, T, D)
+        query_states = hidden_states[torch.arange(B, device=index.device), index]  # (B, H)
+        q = F.linear(query_states, weight[:H], None if bias is None else bias[:H])  # (B, H)
+        q = q.view(B, self.num_heads, 1, self.head_dim)  # (B, N, 1, D)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout)
+        return self.out_proj(out.reshape(B, H))  # (B, N, 1, D) -> (B, H)
+
 
 class DomainTransformerMLP(nn.Module):
     def __init__(self, config: DomainTransformerConfig):
@@ -102,6 +116,15 @@ class DomainTransformerBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = hidden_states + self.dropout(self.attn(self.attn_norm(hidden_states), attn_mask))
         return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))  # (B, T, H)
+
+    def forward_one_query(self, hidden_states: torch.Tensor, index: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """The block's output (B, H) at position `index` (B,) of each row only; equal to forward()[b, index[b]]
+        when `key_mask` (B, T) is the causal + padding row of that position. The residual stream of the other
+        positions is never needed after the last block, so neither their attention nor their MLP is computed."""
+        attended = self.attn.forward_one_query(self.attn_norm(hidden_states), index, key_mask)  # (B, H)
+        rows = torch.arange(hidden_states.shape[0], device=index.device)
+        hidden = hidden_states[rows, index] + self.dropout(attended)  # (B, H)
+        return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))  # (B, H)
 
 
 class DomainTransformerPreTrainedModel(PreTrainedModel):
@@ -167,17 +190,7 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        T = input_ids.shape[1]
-        hidden_states = self.embed_tokens(input_ids)  # (B, T, H)
-        if self.embed_positions is not None:
-            if T > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"sequence of {T} tokens is longer than max_position_embeddings="
-                    f"{self.config.max_position_embeddings} of this learned-position model"
-                )
-            positions = torch.arange(T, device=input_ids.device)
-            hidden_states = hidden_states + self.embed_positions(positions)[None]  # (1, T, H) broadcast over B
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = self._input_states(input_ids)  # (B, T, H)
         attn_mask = None if attention_mask is None else causal_padding_mask(attention_mask)  # (B, 1, T, T)
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -192,21 +205,55 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
             return tuple(v for v in (hidden_states, all_hidden_states) if v is not None)
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
 
-    def user_embedding(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The user embedding (B, H): the final real token's last hidden state, LayerNorm'd if configured."""
-        index = last_token_index(attention_mask)  # (B,)
-        batch = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
-        embedding = last_hidden_state[batch, index]  # (B, T, H) -> (B, H)
+    def _input_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token (+ learned position) embeddings (B, T, H), after dropout: the input of the first block."""
+        T = input_ids.shape[1]
+        hidden_states = self.embed_tokens(input_ids)  # (B, T, H)
+        if self.embed_positions is not None:
+            if T > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than max_position_embeddings="
+                    f"{self.config.max_position_embeddings} of this learned-position model"
+                )
+            positions = torch.arange(T, device=input_ids.device)
+            hidden_states = hidden_states + self.embed_positions(positions)[None]  # (1, T, H) broadcast over B
+        return self.dropout(hidden_states)
+
+    def _pool(self, embedding: torch.Tensor) -> torch.Tensor:
         if self.config.embedding_layernorm:
             embedding = F.layer_norm(embedding, (embedding.shape[-1],), eps=self.config.layer_norm_eps)
         return embedding
 
-    def embed(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T), right-padded, and their mask -> user embeddings (B, H)."""
+    def user_embedding(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The user embedding (B, H): the final real token's last hidden state, LayerNorm'd if configured."""
+        index = last_token_index(attention_mask)  # (B,)
+        batch = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
+        return self._pool(last_hidden_state[batch, index])  # (B, T, H) -> (B, H)
+
+    def embed(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, right_padded: bool = False
+    ) -> torch.Tensor:
+        """Token ids (B, T) and their mask -> user embeddings (B, H), equal to user_embedding(forward(...)).
+
+        Only the final real token's last hidden state is read, so the last block runs for that one query per row
+        (its keys and values still cover every position): for the 2-layer `tiny` model that is about a third of
+        the work. `right_padded=True` promises that padding only follows the real tokens; then the earlier blocks
+        need no padding mask (a causal query never sees a later key) and SDPA keeps its fused causal kernel.
+        Any padding side works without it.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state  # (B, T, H)
-        return self.user_embedding(hidden, attention_mask)
+        index = last_token_index(attention_mask)  # (B,)
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)
+        key_mask = attention_mask.bool() & (positions[None, :] <= index[:, None])  # (B, T): real keys up to the query
+        attn_mask = None if right_padded else causal_padding_mask(attention_mask)  # (B, 1, T, T)
+        hidden_states = self._input_states(input_ids)  # (B, T, H)
+        *blocks, last = self.layers
+        for layer in blocks:
+            hidden_states = layer(hidden_states, attn_mask)
+        hidden = last.forward_one_query(hidden_states, index, key_mask)  # (B, H)
+        return self._pool(self.norm(hidden))
 
 
 class DomainTransformerForCausalLM(DomainTransformerPreTrainedModel):

@@ -122,6 +122,52 @@ def test_mask_handles_left_padding_too(lm):
     torch.testing.assert_close(alone, padded, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_hidden_layers": 1}, {"num_hidden_layers": 3, "embedding_layernorm": True},
+     {"position_embedding_type": "learned", "max_position_embeddings": 32}, {"bias": False}],
+)
+def test_embed_runs_the_last_block_for_the_final_token_only_and_equals_the_full_forward(overrides):
+    """embed() computes the last block at one query per row; it must equal user_embedding(forward()) for every
+    padding layout, and right_padded=True (no mask in the earlier blocks) must too when padding is on the right."""
+    torch.manual_seed(1)
+    model = DomainTransformerModel(tiny(**overrides)).eval()
+    lengths = [9, 1, 5, 12]
+    T = max(lengths)
+    right = torch.zeros(len(lengths), T, dtype=torch.long)
+    left = torch.zeros_like(right)
+    right_mask, left_mask = torch.zeros_like(right), torch.zeros_like(right)
+    for row, n in enumerate(lengths):
+        ids = torch.randint(1, VOCAB, (n,))
+        right[row, :n], right_mask[row, :n] = ids, 1
+        left[row, T - n :], left_mask[row, T - n :] = ids, 1
+    with torch.no_grad():
+        full = model.user_embedding(model(right, attention_mask=right_mask).last_hidden_state, right_mask)
+        alone = torch.cat([model.user_embedding(model(right[i : i + 1, :n]).last_hidden_state,
+                                                right_mask[i : i + 1, :n]) for i, n in enumerate(lengths)])
+        torch.testing.assert_close(model.embed(right, right_mask), full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.embed(right, right_mask, right_padded=True), full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(full, alone, rtol=0, atol=1e-5)
+        if model.config.position_embedding_type == "none":  # learned positions shift with left padding
+            torch.testing.assert_close(model.embed(left, left_mask), full, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.embed(right[:, :5]), model(right[:, :5]).last_hidden_state[:, -1]
+                                   if not model.config.embedding_layernorm else model.embed(right[:, :5]))
+
+
+def test_embed_is_differentiable_like_the_full_forward():
+    torch.manual_seed(2)
+    model = DomainTransformerModel(tiny(attention_dropout=0.0))  # train mode, no dropout: comparable
+    ids = torch.randint(1, VOCAB, (3, 7))
+    model.embed(ids).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.user_embedding(model(ids).last_hidden_state, torch.ones_like(ids)).sum().backward()
+    slow = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert fast.keys() == slow.keys() and "layers.1.attn.qkv_proj.weight" in fast
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=2e-5)
+
+
 def test_mask_helpers():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     assert last_token_index(mask).tolist() == [2, 0, 0]
