@@ -46,6 +46,8 @@ class AppConfig:
     commit_interval: float = 2.8  # DOMAINTOK_COMMIT_INTERVAL: seconds between offset commits (a crash replays
     # at most about this much input; replays are skipped by the stored positions, so it costs time, not counts)
     consumer: str = "batch"  # DOMAINTOK_CONSUMER: "batch" = streams/fast_consumer.py batch delivery, "faust" = stock
+    producer_linger: float = 0.002  # DOMAINTOK_PRODUCER_LINGER: seconds a send may wait for more records to batch;
+    # each micro-batch ends with a flush that waits this long for its last partial batch (sends are bursty anyway)
     fetch_max_wait: float = 0.1  # DOMAINTOK_FETCH_MAX_WAIT: seconds a fetch may wait at the broker (batch consumer;
     # Faust's own 1.5 s delays partitions left out of the in-flight fetch by up to that much)
 
@@ -68,6 +70,7 @@ class AppConfig:
                 commit_interval=float(env.get("DOMAINTOK_COMMIT_INTERVAL", cls.commit_interval)),
                 consumer=_consumer_kind(env.get("DOMAINTOK_CONSUMER", cls.consumer)),
                 fetch_max_wait=float(env.get("DOMAINTOK_FETCH_MAX_WAIT", cls.fetch_max_wait)),
+                producer_linger=float(env.get("DOMAINTOK_PRODUCER_LINGER", cls.producer_linger)),
             )
         except ValueError as exc:
             raise DomaintokError(f"bad DOMAINTOK_* setting: {exc}") from None
@@ -102,7 +105,7 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         store=config.store,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=config.commit_interval,
-        producer_linger=0.01,
+        producer_linger=config.producer_linger,
         producer_max_batch_size=262144,
         web_host="127.0.0.1",
         web_port=config.web_port,
