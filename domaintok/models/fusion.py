@@ -312,9 +312,8 @@ class JointFusionModel(nn.Module):
     def user_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token ids (B, T) and mask -> user embeddings (B, H) from the last hidden states."""
         # Right padding: a causal query never sees a later pad key, so no padding mask is needed for the final
-        # real token, and SDPA keeps its fused causal kernel.
-        hidden = self.transformer(input_ids, attention_mask=None, return_dict=True).last_hidden_state  # (B, T, H)
-        embedding = self.transformer.user_embedding(hidden, attention_mask)  # (B, H)
+        # real token, and SDPA keeps its fused causal kernel; the last block runs for that token only.
+        embedding = self.transformer.embed(input_ids, attention_mask, right_padded=True)  # (B, H)
         if self.config.embedding_layernorm and not self.transformer.config.embedding_layernorm:
             embedding = F.layer_norm(embedding, (embedding.shape[-1],))
         return embedding

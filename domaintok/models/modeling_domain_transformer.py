@@ -80,11 +80,10 @@ class DomainTransformerAttention(nn.Module):
         """Attention output (B, H) for one query per row, at position `index` (B,), over the keys `key_mask` (B, T)
         allows; keys and values are computed for every position, the query only where it is asked for."""
         B, T, H = hidden_states.shape
-        weight, bias = self.qkv_proj.weight, self.qkv_proj.bias  # (3H, H), (3H,)
-        kv = F.linear(hidden_states, weight[H:], None if bias is None else bias[H:])  # (B, T, 2H)
-        k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, N, T, D)
-        query_states = hidden_states[torch.arange(B, device=index.device), index]  # (B, H)
-        q = F.linear(query_states, weight[:H], None if bias is None else bias[:H])  # (B, H)
+        # The projection runs as a module (not on its weight slices), so adapters wrapped around it (LoRA) apply.
+        qkv = self.qkv_proj(hidden_states)  # (B, T, 3H)
+        k, v = qkv[..., H:].view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, N, T, D)
+        q = qkv[torch.arange(B, device=index.device), index, :H]  # (B, H)
         q = q.view(B, self.num_heads, 1, self.head_dim)  # (B, N, 1, D)
         dropout = self.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout)
