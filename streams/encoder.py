@@ -61,7 +61,7 @@ def select_newest(records: Sequence[SequenceRecord]) -> list[SequenceRecord]:
     return list(best.values())
 
 
-def encode_batch(model: Any, records: Sequence[SequenceRecord], version: str, batch_size: int = 64) -> list[EmbeddingRecord]:
+def encode_batch(model: Any, records: Sequence[SequenceRecord], version: str, batch_size: int = 256) -> list[EmbeddingRecord]:
     """EmbeddingRecords for `records` (already deduplicated), one embed_sequences call."""
     from domaintok.models.embedding import embed_sequences  # torch only where the model runs
 

@@ -29,12 +29,14 @@ from streams.settings import KafkaSettings
 ENCODER_READY = "event=start"  # the encoder's first log line once the model is loaded and it subscribed
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of `pid` (0 once it is gone): what "memory stays bounded" is measured with."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of `pid` (0 once it is gone). `field="RssAnon"`: its anonymous part (heap, buffers, queues),
+    what a backlog held in memory would grow; VmRSS also counts the file-backed pages of libraries, which grow as
+    code paths are first run (libtorch is hundreds of MB) and so move with the shapes seen, not with the backlog."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -84,6 +86,7 @@ class Watcher(threading.Thread):
         self.lag_samples: list[tuple[float, int, int]] = []  # (t, tokenizer lag, encoder lag)
         self.peak_rss: dict[str, int] = collections.defaultdict(int)
         self.rss_samples: list[tuple[float, str, int]] = []
+        self.anon_samples: list[tuple[float, str, int]] = []  # RssAnon, same times as rss_samples
         self.errors: list[str] = []
 
     def _consumer(self) -> Consumer:
@@ -136,9 +139,11 @@ class Watcher(threading.Thread):
         for name, proc in list(self.harness.procs.items()):
             role = name.rstrip("0123456789")
             rss = rss_bytes(proc.pid) if proc.poll() is None else 0
+            anon = rss_bytes(proc.pid, "RssAnon") if rss else 0
             self.peak_rss[role] = max(self.peak_rss[role], rss)
             if rss:
                 self.rss_samples.append((now, role, rss))
+                self.anon_samples.append((now, role, anon))
 
     def run(self) -> None:
         consumer = self._consumer()
@@ -168,13 +173,15 @@ class Watcher(threading.Thread):
         with self.lock:
             return all(self.emb_max.get(u, 0) >= n for u, n in expected.items())
 
-    def rss_by_lag(self, role: str) -> tuple[int, int]:
-        """(peak RSS of `role` before the encoder lag first passed 10% of its max, peak RSS while it was over 50%)."""
+    def rss_by_lag(self, role: str, anon: bool = False) -> tuple[int, int]:
+        """(peak RSS of `role` before the encoder lag first passed 10% of its max, peak RSS while it was over 50%);
+        `anon`: of its anonymous memory (RssAnon) instead."""
         lag_at = {t: enc for t, _, enc in self.lag_samples}
         top = max(lag_at.values(), default=0)
         rising = min((t for t, lag in lag_at.items() if lag > top * 0.1), default=float("inf"))
-        low = [rss for t, r, rss in self.rss_samples if r == role and t < rising]
-        high = [rss for t, r, rss in self.rss_samples if r == role and t in lag_at and lag_at[t] >= top * 0.5]
+        samples = self.anon_samples if anon else self.rss_samples
+        low = [rss for t, r, rss in samples if r == role and t < rising]
+        high = [rss for t, r, rss in samples if r == role and t in lag_at and lag_at[t] >= top * 0.5]
         return max(low, default=0), max(high, default=0)
 
     @property
