@@ -1,13 +1,11 @@
 """The encoder worker: sequences topic -> model -> embeddings topic, in size/time-bounded micro-batches.
 
-Offsets are committed only after the producer confirmed every record of the batch (at-least-once), but the worker
-does not stop to wait: the next batch is embedded while the last one's deliveries are in flight. SIGTERM finishes
-the batch in hand, waits for its deliveries, commits and closes. `select_newest` and `encode_batch` are pure so they are tested without Kafka.
+Offsets are committed only after the producer confirmed every record of the batch (at-least-once); SIGTERM finishes
+the batch in hand, commits and closes. `select_newest` and `encode_batch` are pure so they are tested without Kafka.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import signal
@@ -83,46 +81,8 @@ def encode_batch(model: Any, records: Sequence[SequenceRecord], version: str, ba
     ]
 
 
-DELIVERY_TIMEOUT = 60.0  # seconds a batch's records may take to be confirmed before the worker gives up (exits)
-
-
-@dataclasses.dataclass
-class _Pending:
-    """One processed micro-batch whose records (embeddings and dead letters) are not all confirmed yet."""
-
-    offsets: list[TopicPartition]  # next offset to read, per partition of the batch: what a commit stores
-    waiting: int = 0  # deliveries not yet reported
-    failures: list[str] = dataclasses.field(default_factory=list)
-    source_ts_ms: list[int] = dataclasses.field(default_factory=list)  # per embedding, for the latency histogram
-
-    def on_delivery(self, err, msg) -> None:
-        self.waiting -= 1
-        if err is not None:
-            self.failures.append(f"{msg.topic()}: {err.str()}")
-
-
-def batch_offsets(msgs: Sequence[Any]) -> list[TopicPartition]:
-    """The offset to commit after `msgs`, per partition: one past the newest record of each (errors skipped)."""
-    newest: dict[tuple[str, int], int] = {}
-    for msg in msgs:
-        if msg.error() is None:
-            key = (msg.topic(), msg.partition())
-            newest[key] = max(newest.get(key, -1), msg.offset())
-    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(newest.items())]
-
-
 class EncoderWorker:
-    """confluent-kafka consumer (manual commits, 6 s session) + producer around the model.
-
-    Deliveries and commits are pipelined: a batch's embeddings are produced and the next batch is polled and
-    embedded while they are in flight; each batch's offsets are committed (asynchronously, in batch order) once
-    every record it produced is confirmed. At most `max_in_flight` batches wait at once; when idle, on a
-    revoke and at shutdown the worker flushes and commits synchronously.
-    """
-
-    #: batches whose deliveries may be outstanding while the next one is embedded (a crash re-encodes at most
-    #: this many batches more than without the pipeline)
-    max_in_flight = 1
+    """confluent-kafka consumer (manual commits, 6 s session) + producer around the model."""
 
     def __init__(self, config: EncoderConfig, settings: KafkaSettings) -> None:
         from domaintok.models.embedding import load_encoder, model_version
@@ -142,19 +102,22 @@ class EncoderWorker:
         )
         self.producer = Producer(settings.confluent_producer(**{"linger.ms": 2}))
         self._stop = False
-        self._pending: collections.deque[_Pending] = collections.deque()
+        self._failed: list[str] = []
         self.encoded = 0
 
     def stop(self, *_: Any) -> None:
         self._stop = True
 
-    def _dead(self, msg, reason: str, pending: _Pending) -> None:
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._failed.append(f"{msg.topic()}: {err.str()}")
+
+    def _dead(self, msg, reason: str) -> None:
         headers = dead_letter_headers(
             msg.headers(), error=reason, topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), stage=STAGE_ENCODE
         )
-        pending.waiting += 1
         self.producer.produce(self.settings.topic_dead_letter, value=msg.value(), key=msg.key(), headers=headers,
-                              on_delivery=pending.on_delivery)
+                              on_delivery=self._on_delivery)
         metrics.DEAD_LETTERED.labels("encode", reason.split(":", 1)[0][:40]).inc()
 
     def poll_batch(self) -> list:
@@ -177,9 +140,7 @@ class EncoderWorker:
         return msgs
 
     def process(self, msgs: list) -> int:
-        """Decode, dedupe, embed and produce; commit the batches whose deliveries are all confirmed (this one
-        included once it is). Returns the embeddings produced."""
-        pending = _Pending(batch_offsets(msgs))
+        """Decode, dedupe, embed, produce, wait for every delivery, then commit. Returns embeddings produced."""
         records: list[SequenceRecord] = []
         for msg in msgs:
             if msg.error():
@@ -191,10 +152,10 @@ class EncoderWorker:
             try:
                 rec = decode_sequence(msg.value(), content_type_of(msg.headers()))
             except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
-                self._dead(msg, f"invalid sequence record: {exc}", pending)
+                self._dead(msg, f"invalid sequence record: {exc}")
                 continue
             if rec.fingerprint != self.fingerprint:
-                self._dead(msg, f"fingerprint: sequence {rec.fingerprint!r} != model {self.fingerprint!r}", pending)
+                self._dead(msg, f"fingerprint: sequence {rec.fingerprint!r} != model {self.fingerprint!r}")
                 continue
             records.append(rec)
         metrics.EVENTS_IN.labels("encode").inc(len(msgs))
@@ -202,71 +163,26 @@ class EncoderWorker:
         t0 = time.perf_counter()
         out = encode_batch(self.model, select_newest(records), self.version)
         metrics.BATCH_SECONDS.labels("encode").observe(time.perf_counter() - t0)
-        topic = self.settings.topic_embeddings
         for rec in out:
-            pending.waiting += 1
-            self.producer.produce(topic, key=rec.user_id.encode(), value=encode_record(rec),
-                                  on_delivery=pending.on_delivery)
-        pending.source_ts_ms = [rec.source_ts_ms for rec in out]
-        self._pending.append(pending)
-        self.producer.poll(0)  # sends, and runs the delivery reports already in
-        deadline = time.monotonic() + DELIVERY_TIMEOUT
-        while len(self._pending) > self.max_in_flight and self._pending[0].waiting > 0:
-            if time.monotonic() > deadline:
-                raise DomaintokError(f"embeddings not delivered ({self._pending[0].waiting} pending after "
-                                     f"{DELIVERY_TIMEOUT:.0f} s)")
-            self.producer.poll(0.005)  # the older batch is still in flight: wait for it, not for this one
-        self.settle()
-        metrics.RECORDS_OUT.labels("encode").inc(len(out))
-        self.encoded += len(out)
-        return len(out)
-
-    def settle(self, wait: bool = False, timeout: float = DELIVERY_TIMEOUT) -> None:
-        """Commit the offsets of the leading batches whose deliveries are all confirmed, in batch order.
-
-        `wait`: flush the producer first and commit synchronously (idle, revoke, shutdown, too many in flight). A
-        failed delivery raises DomaintokError before anything at or after that batch is committed: those sequences
-        are consumed again after a restart, so nothing is lost.
-        """
-        if wait and self._pending:
-            self.producer.flush(timeout)
-        offsets: dict[tuple[str, int], TopicPartition] = {}
+            self.producer.produce(self.settings.topic_embeddings, key=rec.user_id.encode(), value=encode_record(rec),
+                                  on_delivery=self._on_delivery)
+        remaining = self.producer.flush(60)
+        if remaining or self._failed:
+            # no commit: these sequences are consumed again after a restart
+            raise DomaintokError(f"embeddings not delivered ({remaining} pending, failures: {self._failed[:3]})")
         now = time.time()
-        while self._pending and self._pending[0].waiting <= 0:
-            done = self._pending.popleft()
-            if done.failures:
-                self._pending.appendleft(done)
-                raise DomaintokError(f"embeddings not delivered (failures: {done.failures[:3]})")
-            for tp in done.offsets:
-                offsets[(tp.topic, tp.partition)] = tp
-            for ts in done.source_ts_ms:
-                metrics.observe_latency(ts, now)
-        if wait and self._pending:
-            waiting = sum(p.waiting for p in self._pending)
-            raise DomaintokError(f"embeddings not delivered ({waiting} pending after {timeout:.0f} s)")
-        if offsets:
+        for rec in out:
+            metrics.observe_latency(rec.source_ts_ms, now)
+        if msgs:
             try:
-                self.consumer.commit(offsets=list(offsets.values()), asynchronous=not wait)
+                self.consumer.commit(asynchronous=False)
             except KafkaException as exc:
                 # e.g. the broker restarting or the group rebalancing: the batch is delivered, so not committing
                 # only means it is encoded again later (a duplicate), never lost
                 metrics.log_kv(log, "commit_failed", error=exc.args[0].str() if exc.args else exc)
-
-    def _on_revoke(self, consumer, partitions) -> None:
-        """Before partitions move to another member: confirm and commit what was produced from them."""
-        try:
-            self.settle(wait=True)
-        except DomaintokError as exc:
-            # not committed: the new owner encodes these sequences again (a duplicate, never a loss); the failure
-            # itself surfaces again at the next settle
-            metrics.log_kv(log, "revoke_settle_failed", error=str(exc))
-
-    def _on_lost(self, consumer, partitions) -> None:
-        """Partitions taken without a revoke (session expired): their offsets can no longer be committed."""
-        lost = {(tp.topic, tp.partition) for tp in partitions}
-        self.producer.flush(60)
-        for pending in self._pending:
-            pending.offsets = [tp for tp in pending.offsets if (tp.topic, tp.partition) not in lost]
+        metrics.RECORDS_OUT.labels("encode").inc(len(out))
+        self.encoded += len(out)
+        return len(out)
 
     def _update_lag(self) -> None:
         try:
@@ -282,7 +198,7 @@ class EncoderWorker:
 
     def run(self, max_idle: float | None = None) -> None:
         """Consume until stopped (SIGTERM/SIGINT) or `max_idle` seconds without records."""
-        self.consumer.subscribe([self.settings.topic_sequences], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.consumer.subscribe([self.settings.topic_sequences])
         idle_since = time.monotonic()
         metrics.log_kv(log, "start", model_version=self.version, topic=self.settings.topic_sequences,
                        group=self.config.group_id)
@@ -295,11 +211,8 @@ class EncoderWorker:
                     self._update_lag()
                     if self.config.throttle > 0:
                         time.sleep(self.config.throttle)
-                else:
-                    self.settle(wait=True)  # nothing new: confirm and commit what is in flight
-                    if max_idle is not None and time.monotonic() - idle_since > max_idle:
-                        break
-            self.settle(wait=True)
+                elif max_idle is not None and time.monotonic() - idle_since > max_idle:
+                    break
         finally:
             self.producer.flush(10)
             self.consumer.close()

@@ -10,7 +10,7 @@ import pytest
 from domaintok.errors import ArtifactError
 from streams.clients import DeadLetterReader, EmbeddingConsumer
 from streams.demo import build_artifacts
-from streams.encoder import EncoderConfig, EncoderWorker, _Pending, batch_offsets, select_newest
+from streams.encoder import EncoderConfig, EncoderWorker, select_newest
 from streams.records import SequenceRecord, encode_record
 
 
@@ -21,44 +21,6 @@ def _seq(user, n, fp="fp"):
 def test_select_newest_keeps_max_n_events_per_user():
     out = select_newest([_seq("a", 3), _seq("b", 1), _seq("a", 5), _seq("a", 4)])
     assert [(r.user_id, r.n_events) for r in out] == [("a", 5), ("b", 1)]
-
-
-class _Msg:
-    """The part of a confluent_kafka.Message that batch_offsets reads."""
-
-    def __init__(self, topic, partition, offset, error=None):
-        self._t, self._p, self._o, self._e = topic, partition, offset, error
-
-    def topic(self):
-        return self._t
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def error(self):
-        return self._e
-
-
-def test_batch_offsets_is_one_past_the_newest_record_per_partition_skipping_errors():
-    msgs = [_Msg("s", 1, 7), _Msg("s", 0, 3), _Msg("s", 1, 9), _Msg("s", 1, 8), _Msg("s", 2, -1001, error="eof")]
-    assert [(tp.topic, tp.partition, tp.offset) for tp in batch_offsets(msgs)] == [("s", 0, 4), ("s", 1, 10)]
-    assert batch_offsets([]) == []
-
-
-def test_pending_batch_counts_deliveries_and_keeps_failures():
-    class Err:
-        def str(self):
-            return "Broker: Message size too large"
-
-    pending = _Pending(batch_offsets([_Msg("s", 0, 1)]), waiting=3)
-    pending.on_delivery(None, _Msg("emb", 0, 5))
-    pending.on_delivery(Err(), _Msg("emb", 1, -1))
-    assert pending.waiting == 1 and pending.failures == ["emb: Broker: Message size too large"]
-    pending.on_delivery(None, _Msg("emb", 0, 6))
-    assert pending.waiting == 0
 
 
 @pytest.fixture(scope="module")
