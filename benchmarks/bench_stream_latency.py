@@ -146,8 +146,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--broker", choices=("apache", "embedded"), default="apache")
     ap.add_argument("--rate", type=int, default=2000)
-    ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--duration", type=float, default=50.0)
+    ap.add_argument("--warmup", type=float, default=25.0,
+                    help="seconds of load left out of the steady-state percentiles (JIT, allocator, windows filling)")
     ap.add_argument("--users", type=int, default=500)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--consumer", choices=("batch", "faust"), default="batch", help="tokenizer DOMAINTOK_CONSUMER")

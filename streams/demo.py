@@ -117,7 +117,11 @@ def event_rows(events, tok) -> list:
 @click.option("--users", type=int, default=200, show_default=True, help="Number of synthetic users.")
 @click.option("--domain", type=click.Choice(["ecommerce", "finance"]), default="ecommerce", show_default=True)
 @click.option("--show", type=int, default=3, show_default=True, help="Embeddings to print at the end.")
-def command(duration: float, rate: int, users: int, domain: str, show: int) -> None:
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="Tokens per user window (DOMAINTOK_MAX_LENGTH): the CPU encoder's work per embedding grows with it.")
+@click.option("--within", type=float, default=0.05, show_default=True,
+              help="Seconds an event may wait for its tokenizer micro-batch (DOMAINTOK_BATCH_WITHIN).")
+def command(duration: float, rate: int, users: int, domain: str, show: int, max_length: int, within: float) -> None:
     """Run the online pipeline locally (embedded broker, synthetic events, tiny model) and show live numbers."""
     from rich.console import Console
     from rich.live import Live
@@ -138,7 +142,8 @@ def command(duration: float, rate: int, users: int, domain: str, show: int) -> N
             rows = event_rows(events, tok)
         console.print(f"broker {broker.bootstrap_servers}; tokenizer {tok.fingerprint}; vocab {tok.vocab_size}")
         try:
-            procs.append(start_tokenizer(settings, tok_dir, "demo-tokenizer", work / "tokenizer.log"))
+            procs.append(start_tokenizer(settings, tok_dir, "demo-tokenizer", work / "tokenizer.log",
+                                         DOMAINTOK_MAX_LENGTH=str(max_length), DOMAINTOK_BATCH_WITHIN=str(within)))
             procs.append(start_encoder(settings, model_dir, "demo-encoder", work / "encoder.log"))
             with console.status("starting the tokenizer and encoder workers"):
                 wait_ready(procs[0], work / "tokenizer.log")
