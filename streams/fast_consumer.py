@@ -263,12 +263,11 @@ class BatchStream(faust.Stream):
         of the first leftover message, the leftovers).
         """
         generation = self.app.consumer_generation_id
-        first_arrival, carried = carry
+        last_arrival, carried = carry  # arrival of the newest batch collected so far
         messages = [m for m in carried if m.generation_id == generation]
         deadline = None
         if messages and timeout is not None:
-            deadline = first_arrival + timeout
-        arrivals: list[tuple[int, float]] = [(0, first_arrival)] if messages else []  # (index, arrival) per batch
+            deadline = last_arrival + timeout
         while len(messages) < max_:
             try:
                 arrived, batch = queue.get_nowait()
@@ -283,10 +282,7 @@ class BatchStream(faust.Stream):
             if batch and batch[0].generation_id == self.app.consumer_generation_id:
                 if not messages and timeout is not None:
                     deadline = arrived + timeout
-                arrivals.append((len(messages), arrived))
+                last_arrival = arrived
                 messages.extend(batch)
-        if len(messages) <= max_:
-            return messages, (0.0, [])
-        # the leftovers' first message arrived with the last batch that started at or before index max_
-        leftover_arrival = max(t for i, t in arrivals if i <= max_)
-        return messages[:max_], (leftover_arrival, messages[max_:])
+        # The loop stops once max_ is reached, so leftovers come from the newest batch (or from the carry itself)
+        return messages[:max_], (last_arrival, messages[max_:])

@@ -31,8 +31,8 @@ ENCODER_READY = "event=start"  # the encoder's first log line once the model is 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     """Resident set size of `pid` (0 once it is gone). `field="RssAnon"`: its anonymous part (heap, buffers, queues),
-    what a backlog held in memory would grow; VmRSS also counts the file-backed pages of libraries, which grow as
-    code paths are first run (libtorch is hundreds of MB) and so move with the shapes seen, not with the backlog."""
+    what a backlog held in memory would grow; VmRSS also counts the file-backed pages of libraries (libtorch is
+    hundreds of MB), which fault in as code paths are first run, not as a backlog builds."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:

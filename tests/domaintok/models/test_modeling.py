@@ -150,8 +150,9 @@ def test_embed_runs_the_last_block_for_the_final_token_only_and_equals_the_full_
         torch.testing.assert_close(full, alone, rtol=0, atol=1e-5)
         if model.config.position_embedding_type == "none":  # learned positions shift with left padding
             torch.testing.assert_close(model.embed(left, left_mask), full, rtol=0, atol=1e-5)
-        torch.testing.assert_close(model.embed(right[:, :5]), model(right[:, :5]).last_hidden_state[:, -1]
-                                   if not model.config.embedding_layernorm else model.embed(right[:, :5]))
+        unpadded = right[:, :5]  # no mask given: every token is real
+        torch.testing.assert_close(model.embed(unpadded), model.user_embedding(
+            model(unpadded).last_hidden_state, torch.ones_like(unpadded)), rtol=0, atol=1e-5)
 
 
 def test_embed_is_differentiable_like_the_full_forward():
