@@ -13,7 +13,10 @@ import click
 from rich.console import Console
 
 from domaintok.schema import load_schema
-from domaintok.tokenizer import DEFAULT_MAX_LENGTH, DomainTokenizer
+from domaintok.tokenizer import DEFAULT_MAX_LENGTH, DomainTokenizer, EventFilter
+
+BEFORE_HELP = "Read only events strictly before this time (ISO date or time; naive = the schema's timezone)."
+USERS_HELP = "Read only these users: a parquet file (user_id column, or its only column) or a text file, one id a line."
 
 
 @click.command("fit")
@@ -24,8 +27,11 @@ from domaintok.tokenizer import DEFAULT_MAX_LENGTH, DomainTokenizer
 )
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Tokenizer directory to write.")
 @click.option("--bpe-vocab-size", type=click.IntRange(256, 100000), default=None, help="Byte-level BPE size for text fields (default: the schema's).")
-@click.option("--max-length", type=click.IntRange(2), default=DEFAULT_MAX_LENGTH, show_default=True, help="Default window length in tokens, saved with the tokenizer.")
-def command(schema_ref: str, inputs: tuple[Path, ...], output: Path, bpe_vocab_size: int | None, max_length: int) -> None:
+@click.option("--max-length", type=click.IntRange(2), default=DEFAULT_MAX_LENGTH, show_default=True, help="Default window length in tokens, saved with the tokenizer (tokenize and pretrain use it unless told otherwise).")
+@click.option("--before", default=None, metavar="TIMESTAMP", help=BEFORE_HELP)
+@click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help=USERS_HELP)
+def command(schema_ref: str, inputs: tuple[Path, ...], output: Path, bpe_vocab_size: int | None, max_length: int,
+            before: str | None, users_file: Path | None) -> None:
     """Fit a domain tokenizer on parquet events.
 
     Computes quantile bins, category vocabularies, calendar ranges and the text BPE with DuckDB over every input,
@@ -34,17 +40,20 @@ def command(schema_ref: str, inputs: tuple[Path, ...], output: Path, bpe_vocab_s
     """
     console = Console(stderr=True)
     schema = load_schema(schema_ref)
+    restrict = EventFilter.from_options(before, users_file)
     start = time.perf_counter()
     with console.status("fitting") as status:
         tok = DomainTokenizer.fit(
             schema, list(inputs), bpe_vocab_size=bpe_vocab_size, max_length=max_length,
-            progress=lambda step: status.update(f"fit: {step}"),
+            progress=lambda step: status.update(f"fit: {step}"), restrict=restrict,
         )
         status.update("saving")
         tok.save_pretrained(output)
     metrics = {
         "schema": schema.name,
         "inputs": [str(p) for p in inputs],
+        **restrict.describe(),
+        "users_file": None if users_file is None else str(users_file),
         **tok.fit_stats,
         "max_length": tok.max_length,
         "fingerprint": tok.fingerprint,
@@ -54,5 +63,6 @@ def command(schema_ref: str, inputs: tuple[Path, ...], output: Path, bpe_vocab_s
     click.echo(
         f"fit {schema.name}: {metrics['events']:,} events, {metrics['users']:,} users, "
         f"{metrics['tokens_per_event']:.1f} tokens/event, vocab {metrics['vocab_size']:,}, "
+        f"window {tok.max_length:,} tokens (~{(tok.max_length - 1) / max(metrics['tokens_per_event'], 1e-9):,.0f} events), "
         f"{metrics['seconds']:.1f} s -> {output}"
     )

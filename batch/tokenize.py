@@ -13,8 +13,9 @@ import click
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from batch.fit import BEFORE_HELP, USERS_HELP
 from domaintok.errors import DomaintokError
-from domaintok.tokenizer import DomainTokenizer
+from domaintok.tokenizer import DomainTokenizer, EventFilter
 
 
 def _rows(path: Path) -> int:
@@ -33,7 +34,10 @@ def _rows(path: Path) -> int:
 )
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="sequences.parquet to write.")
 @click.option("--max-length", type=click.IntRange(2), default=None, help="Window length in tokens (default: the tokenizer's).")
-def command(tokenizer_dir: Path, inputs: tuple[Path, ...], output: Path, max_length: int | None) -> None:
+@click.option("--before", default=None, metavar="TIMESTAMP", help=BEFORE_HELP)
+@click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help=USERS_HELP)
+def command(tokenizer_dir: Path, inputs: tuple[Path, ...], output: Path, max_length: int | None, before: str | None,
+            users_file: Path | None) -> None:
     """Tokenize parquet events into per-user sequences.
 
     Output columns: user_id, input_ids ([BOS] e1 [SEP] ... en [SEP], the newest whole events that fit max_length),
@@ -41,25 +45,48 @@ def command(tokenizer_dir: Path, inputs: tuple[Path, ...], output: Path, max_len
     OUTPUT.metrics.json.
     """
     tok = DomainTokenizer.from_pretrained(tokenizer_dir)
+    restrict = EventFilter.from_options(before, users_file)
+    window = max_length or tok.max_length
+    source = "--max-length" if max_length else "the tokenizer's max_length"
+    click.echo(f"tokenize: window {window:,} tokens ({source})")
     total = sum(_rows(p) for p in inputs)
     columns = [TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn()]
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("rows", total=total)
-        stats = tok.tokenize_to_parquet(list(inputs), output, max_length, on_rows=lambda n: progress.advance(task, n))
+        stats = tok.tokenize_to_parquet(
+            list(inputs), output, max_length, on_rows=lambda n: progress.advance(task, n), restrict=restrict
+        )
     metrics = {
         "tokenizer": str(tokenizer_dir),
         "fingerprint": tok.fingerprint,
         "inputs": [str(p) for p in inputs],
+        **restrict.describe(),
+        "users_file": None if users_file is None else str(users_file),
         "output": str(output),
         "input_rows": total,
         **stats,
         "events_per_second": stats["events"] / max(stats["seconds"], 1e-9),
-        "max_length": max_length or tok.max_length,
+        "max_length": window,
         "vocab_size": tok.vocab_size,
     }
+    warning = window_warning(window, stats)
+    if warning:
+        click.echo(f"tokenize: warning: {warning}", err=True)
     metrics_path = output.with_name(output.name + ".metrics.json")
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     click.echo(
         f"tokenize: {stats['events']:,} events, {stats['users']:,} users, {stats['tokens_per_event']:.1f} tokens/event, "
         f"{stats['sequence_tokens']:,} tokens in sequences, vocab {tok.vocab_size:,}, {stats['seconds']:.1f} s ({metrics['events_per_second']:,.0f} events/s) -> {output}"
+    )
+
+
+def window_warning(window: int, stats: dict) -> str | None:
+    """One line when the window is shorter than the median user's full sequence: how much it cuts."""
+    median = stats.get("median_user_tokens", 0)
+    if not stats.get("users") or median <= window:
+        return None
+    return (
+        f"the {window:,}-token window is shorter than the median user's sequence ({median:,.0f} tokens): "
+        f"{stats['truncated_users'] / stats['users']:.0%} of users keep only their newest events, "
+        f"{stats['truncated_token_fraction']:.0%} of event tokens are left out (raise --max-length to keep more)"
     )

@@ -154,16 +154,18 @@ class DomainTokenizer:
         bpe_vocab_size: int | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
         progress: Callable[[str], None] | None = None,
+        restrict: EventFilter | None = None,
     ) -> DomainTokenizer:
         """Fit quantile edges, vocabularies, calendar year range and the shared text BPE over all of `data`
-        (parquet path(s) or an Arrow table) with DuckDB queries; nothing is loaded into Python row by row."""
+        (parquet path(s) or an Arrow table) with DuckDB queries; nothing is loaded into Python row by row.
+        `restrict` (a time cutoff, a user subset) drops events before anything is fitted."""
         if not isinstance(schema, DomainSchema):
             schema = load_schema(schema)
         if max_length < 2:
             raise DomaintokError(f"max_length must be >= 2, got {max_length}")
         report = progress or (lambda step: None)
         con = _connect(schema)
-        view = _create_events_view(con, schema, data)
+        view = _create_events_view(con, schema, data, restrict=restrict)
         con.execute(f"CREATE TEMP VIEW __fit AS SELECT * FROM {view} WHERE {_KEEP}")
         encoders = [make_encoder(spec) for spec in schema.fields]
         for i, enc in enumerate(encoders):
@@ -305,6 +307,7 @@ class DomainTokenizer:
         memory_limit: str | None = TOKENIZE_MEMORY_LIMIT,
         stats: dict[str, int] | None = None,
         chunk_events: int | None = None,
+        restrict: EventFilter | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Yield SEQUENCES_SCHEMA record batches, one row per user in user order, memory bounded by one chunk.
 
@@ -314,14 +317,16 @@ class DomainTokenizer:
         filled in after the ordering. Inputs with more rows than `chunk_events` (DOMAINTOK_TOKENIZE_CHUNK_EVENTS) are
         split into user ranges of at most that many events (a user is never split), one scan each. `stats`, when
         given, receives the counts `events` and `event_tokens` (tokens of every event before truncation, [SEP]
-        included).
+        included), `truncated_users` and `truncated_tokens` (users and event tokens left out of the windows) and
+        `user_tokens` (a list of arrays: each user's full sequence length, [BOS] included). `restrict` (a time
+        cutoff, a user subset) drops events before tokenizing.
         """
         max_length = self._check_max_length(max_length)
         chunk_events = int(chunk_events or CHUNK_EVENTS)
         stats = stats if stats is not None else {}
         con = _tokenize_connection(self.schema, memory_limit)
         try:
-            view = _create_events_view(con, self.schema, data)
+            view = _create_events_view(con, self.schema, data, restrict=restrict)
             for where in self._user_ranges(con, view, data, chunk_events):
                 chunk = self._scan_chunk(con, view, where, batch_size, on_rows)
                 if chunk is not None:
@@ -362,11 +367,15 @@ class DomainTokenizer:
             Path(tmp).unlink(missing_ok=True)
             raise
         events = counts.get("events", 0)
+        user_tokens = np.concatenate(counts.get("user_tokens") or [np.zeros(0, np.int64)])
         return {
             "users": users,
             "events": events,
             "sequence_tokens": tokens,
             "tokens_per_event": counts.get("event_tokens", 0) / max(events, 1),
+            "median_user_tokens": float(np.median(user_tokens)) if user_tokens.size else 0.0,
+            "truncated_users": counts.get("truncated_users", 0),
+            "truncated_token_fraction": counts.get("truncated_tokens", 0) / max(counts.get("event_tokens", 0), 1),
             "seconds": time.perf_counter() - start,
         }
 
@@ -454,6 +463,11 @@ class DomainTokenizer:
         stats["events"] = stats.get("events", 0) + n
         stats["event_tokens"] = stats.get("event_tokens", 0) + int(lengths.sum())
         keep = keep_newest_events(ends, lengths, max_length)
+        csum = np.concatenate([[0], np.cumsum(lengths)])
+        user_tokens = csum[ends] - csum[starts] + 1  # + [BOS]
+        stats.setdefault("user_tokens", []).append(user_tokens)
+        stats["truncated_users"] = stats.get("truncated_users", 0) + int((user_tokens > max_length).sum())
+        stats["truncated_tokens"] = stats.get("truncated_tokens", 0) + int(lengths[~keep].sum())
         _, flat = self._compact(matrix[keep])
         kept_csum = np.zeros(n + 1, np.int64)
         np.cumsum(np.where(keep, lengths, 0), out=kept_csum[1:])
@@ -684,6 +698,71 @@ class DomainTokenizer:
 
 # ---------------------------------------------------------------------- DuckDB plumbing
 _KEEP = "__user IS NOT NULL AND __ts IS NOT NULL AND __keep"
+_USERS_TABLE = "__domaintok_keep_users"
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events fit and tokenize read: those strictly before `before` (a naive time is in the schema's
+    timezone) and of the user ids in `users` only; None keeps everything. Applied in DuckDB before any fitting."""
+
+    before: dt.datetime | None = None
+    users: pa.Array | None = None  # distinct string user ids
+
+    @classmethod
+    def from_options(cls, before: str | None = None, users: str | os.PathLike | None = None) -> EventFilter:
+        """From CLI text: an ISO time (`2011-06-01`, `2011-06-01T12:00:00+00:00`) and a user-id file."""
+        when = None
+        if before is not None:
+            try:
+                when = dt.datetime.fromisoformat(before)
+            except ValueError:
+                raise DomaintokError(f"--before {before!r}: not an ISO date or time (e.g. 2011-06-01)") from None
+        return cls(before=when, users=None if users is None else read_user_ids(users))
+
+    def condition(self, con, schema: DomainSchema) -> str:
+        """The SQL condition on the raw event row (registers the user table on `con`); 'true' when empty."""
+        parts = []
+        if self.before is not None:
+            # isoformat of a parsed datetime holds only digits, '-', ':', '.', 'T', '+': safe as a literal
+            parts.append(f"TRY_CAST(({schema.event_time}) AS TIMESTAMPTZ) < TIMESTAMPTZ '{self.before.isoformat()}'")
+        if self.users is not None:
+            con.register(_USERS_TABLE, pa.table({"user_id": self.users}))
+            parts.append(f"CAST(({schema.user_id}) AS VARCHAR) IN (SELECT user_id FROM {_USERS_TABLE})")
+        return " AND ".join(parts) or "true"
+
+    def describe(self) -> dict[str, Any]:
+        """What metrics JSON records: the cutoff (ISO) and how many user ids were kept."""
+        return {
+            "before": None if self.before is None else self.before.isoformat(),
+            "users_filter": None if self.users is None else len(self.users),
+        }
+
+
+def read_user_ids(path: str | os.PathLike) -> pa.Array:
+    """Distinct user ids (strings) from a parquet file (its `user_id` column, or its only column) or a text file
+    (one id per line, blank lines ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DomaintokError(f"users file {str(path)!r}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise DomaintokError(f"users file {str(path)!r}: cannot read as parquet: {exc}") from None
+        if "user_id" in table.column_names:
+            column = table.column("user_id")
+        elif table.num_columns == 1:
+            column = table.column(0)
+        else:
+            raise DomaintokError(
+                f"users file {str(path)!r}: no user_id column (columns: {', '.join(table.column_names)})"
+            )
+        ids = pc.drop_null(column.cast(pa.string())).combine_chunks()
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        ids = pa.array([line for line in lines if line], pa.string())
+    return pc.unique(ids)
 
 
 def _db_config(memory_limit: str | None) -> dict[str, Any]:
@@ -783,9 +862,12 @@ def _with_row_numbers(table: pa.Table) -> pa.Table:
     return table.append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
-def _create_events_view(con, schema: DomainSchema, data: DataLike, online: bool = False) -> str:
+def _create_events_view(
+    con, schema: DomainSchema, data: DataLike, online: bool = False, restrict: EventFilter | None = None
+) -> str:
     """Create the view `__events`: per input, map each declared column (by name or alias) and cast it; UNION ALL BY
-    NAME; then the user id, event time, filter flag and every field's source cast to its encoder's type."""
+    NAME; then the user id, event time, filter flag (the schema's filter and `restrict`) and every field's source
+    cast to its encoder's type."""
     selects = []
     for k, item in enumerate(_inputs(data)):
         name = ONLINE_INPUT if online else f"__input_{k}"
@@ -820,6 +902,8 @@ def _create_events_view(con, schema: DomainSchema, data: DataLike, online: bool 
         f"CAST(({spec.source}) AS {SQL_TYPE_BY_FIELD[spec.type]}) AS __f{i}" for i, spec in enumerate(schema.fields)
     )
     keep = f"coalesce(({schema.filter}), false)" if schema.filter else "true"
+    if restrict is not None:
+        keep = f"({keep}) AND coalesce(({restrict.condition(con, schema)}), false)"
     view = ONLINE_VIEW if online else "__events"
     try:
         con.execute(
