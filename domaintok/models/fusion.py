@@ -29,6 +29,7 @@ from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.tabular import DCNv2, PeriodicEmbeddings
+from domaintok.window import keep_newest_events
 
 MODEL_TYPE = "domaintok_joint_fusion"
 CONFIG_NAME = "fusion_config.json"
@@ -60,6 +61,11 @@ class JointFusionConfig:
         dcn_cross_layers, dcn_deep_layers, dcn_rank, dcn_structure, dropout: DCNv2 hyperparameters.
         head_hidden: width of the joint head's hidden layer.
         use_sequence: whether the transformer branch is used (False: the tabular branch alone).
+        sequence_gate: multiply the user embedding by a learned scalar that starts at 0, so an untrained fused
+            model computes exactly what its tabular path computes and the sequence branch only contributes as
+            far as training moves the gate.
+        sequence_dropout: probability of zeroing a row's whole user embedding in training (the head learns to
+            predict from the tabular branch alone too); 0 disables it.
         embedding_layernorm: standardize the user embedding with a parameter-free LayerNorm before fusion.
         transformer_config: `DomainTransformerConfig.to_dict()` of the encoder (None when use_sequence is False).
         tokenizer_fingerprint: the fingerprint of the tokenizer that made the input sequences.
@@ -88,6 +94,8 @@ class JointFusionConfig:
     dropout: float = 0.1
     head_hidden: int = 64
     use_sequence: bool = True
+    sequence_gate: bool = False
+    sequence_dropout: float = 0.0
     embedding_layernorm: bool = True
     transformer_config: dict[str, Any] | None = None
     tokenizer_fingerprint: str | None = None
@@ -107,6 +115,8 @@ class JointFusionConfig:
             raise ValueError("use_sequence needs a transformer_config")
         if not self.use_sequence and not self.has_tabular:
             raise ValueError("a model with neither a sequence nor tabular features has no input")
+        if not 0.0 <= self.sequence_dropout < 1.0:
+            raise ValueError(f"sequence_dropout must be in [0, 1), got {self.sequence_dropout}")
 
     @property
     def has_tabular(self) -> bool:
@@ -213,17 +223,27 @@ def encode_tabular(config: JointFusionConfig, table: pa.Table) -> tuple[torch.Te
 
 
 def truncate_window(ids: np.ndarray, max_length: int, sep_token_id: int | None) -> np.ndarray:
-    """Keep [BOS] and the most recent whole events so that the length is <= max_length (the tokenizer's rule)."""
+    """Keep [BOS] and the newest whole events whose tokens fit max_length (the tokenizer's rule,
+    `domaintok.window.keep_newest_events`); [BOS] alone when even the newest event does not fit.
+
+    An event is the tokens after the previous [SEP] up to and including its own [SEP]; trailing tokens without a
+    [SEP] count as one more event. Without a sep_token_id the newest max_length - 1 tokens are kept.
+    """
     ids = np.asarray(ids)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     if len(ids) <= max_length:
         return ids
-    tail = ids[len(ids) - (max_length - 1):]
-    if sep_token_id is not None:
-        # Start right after the first [SEP] so the window opens on a whole event.
-        seps = np.flatnonzero(tail == sep_token_id)
-        if seps.size and seps[0] + 1 < len(tail):
-            tail = tail[seps[0] + 1:]
-    return np.concatenate([ids[:1], tail])
+    body = ids[1:]
+    if sep_token_id is None:
+        return np.concatenate([ids[:1], body[len(body) - (max_length - 1):]])
+    ends = np.flatnonzero(body == sep_token_id) + 1  # exclusive end of each event in body
+    if ends.size == 0 or ends[-1] != len(body):
+        ends = np.append(ends, len(body))
+    lengths = np.diff(ends, prepend=0)
+    keep = keep_newest_events(np.array([len(lengths)]), lengths, max_length)  # a suffix of the events
+    start = len(body) if not keep.any() else int(ends[int(keep.argmax())] - lengths[int(keep.argmax())])
+    return np.concatenate([ids[:1], body[start:]])
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -233,9 +253,12 @@ class JointFusionModel(nn.Module):
     """Transformer user embedding (B, H) ++ DCNv2(PLR(numeric) ++ Embedding(categorical)) -> MLP head -> (B, C).
 
     The user embedding is the final real token's last hidden state of `DomainTransformerModel` (never logits),
-    LayerNorm'd without parameters when `embedding_layernorm`. The whole model trains end to end; with `lora`
-    in the config the encoder's attention/MLP Linear layers carry PEFT LoRA adapters and its base weights are
-    frozen.
+    LayerNorm'd without parameters when `embedding_layernorm`, then scaled by the sequence gate (a scalar that
+    starts at 0) when `sequence_gate`. The whole model trains end to end; with `lora` in the config the encoder's
+    attention/MLP Linear layers carry PEFT LoRA adapters and its base weights are frozen.
+
+    `sequence_open` (not saved) switches the sequence branch off: the encoder does not run and the user embedding
+    is zeros, so the model is its tabular path (staged training's first stage, where the gate stays closed).
     """
 
     def __init__(self, config: JointFusionConfig, transformer: DomainTransformerModel | None = None):
@@ -250,6 +273,8 @@ class JointFusionModel(nn.Module):
             if config.lora is not None:
                 self._inject_lora(config.lora)
             width += transformer.config.hidden_size
+        self.sequence_gate = nn.Parameter(torch.zeros(())) if config.use_sequence and config.sequence_gate else None
+        self.sequence_open = True
         n_num, n_cat = len(config.numeric_features), len(config.categorical_features)
         self.plr = (
             PeriodicEmbeddings(
@@ -334,8 +359,12 @@ class JointFusionModel(nn.Module):
                 raise ValueError("this model reads token sequences: input_ids is required")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            embedding = self.user_embedding(input_ids, attention_mask)  # (B, H)
-            parts.append(embedding)
+            if self.sequence_open:
+                embedding = self.user_embedding(input_ids, attention_mask)  # (B, H)
+                parts.append(self.gated(embedding))
+            else:
+                hidden = self.transformer.config.hidden_size
+                parts.append(input_ids.new_zeros((input_ids.shape[0], hidden), dtype=self.head[0].weight.dtype))
         if self.dcn is not None:
             tabular = []
             if self.plr is not None:
@@ -346,6 +375,15 @@ class JointFusionModel(nn.Module):
         logits = self.head(torch.cat(parts, dim=-1))  # (B, C)
         loss = None if labels is None else self.loss(logits, labels)
         return JointFusionOutput(loss=loss, logits=logits, user_embedding=embedding)
+
+    def gated(self, embedding: torch.Tensor) -> torch.Tensor:
+        """User embeddings (B, H) as the head sees them: times the gate, and row-wise sequence dropout in training."""
+        if self.sequence_gate is not None:
+            embedding = embedding * self.sequence_gate
+        if self.training and self.config.sequence_dropout > 0:
+            keep = torch.ones_like(embedding[:, :1])  # (B, 1): one draw per row drops the whole embedding
+            embedding = embedding * F.dropout(keep, self.config.sequence_dropout, training=True)
+        return embedding
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """BCE-with-logits (binary, labels 0/1), cross-entropy (multiclass, class indices), MSE (regression,

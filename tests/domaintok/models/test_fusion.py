@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.models import DomainTransformerConfig, DomainTransformerModel
@@ -186,5 +188,34 @@ def test_load_refuses_pickle_and_missing_dirs(tmp_path):
 def test_truncate_window_keeps_bos_and_whole_recent_events():
     ids = np.array([BOS, 5, 6, SEP, 7, 8, SEP, 9, SEP])
     assert truncate_window(ids, 20, SEP).tolist() == ids.tolist()
-    assert truncate_window(ids, 6, SEP).tolist() == [BOS, 9, SEP]
-    assert truncate_window(ids, 7, SEP).tolist() == [BOS, 7, 8, SEP, 9, SEP]
+    assert truncate_window(ids, 6, SEP).tolist() == [BOS, 7, 8, SEP, 9, SEP]
+    assert truncate_window(ids, 5, SEP).tolist() == [BOS, 9, SEP]
+    # A cut landing on an event boundary keeps the event after it (it used to drop one event too many).
+    assert truncate_window(np.array([BOS, 5, SEP, 6, SEP, 7, SEP]), 5, SEP).tolist() == [BOS, 6, SEP, 7, SEP]
+    # Even the newest event does not fit: [BOS] alone, as the tokenizer writes it.
+    assert truncate_window(np.array([BOS, 5, 6, 7, SEP]), 3, SEP).tolist() == [BOS]
+    assert truncate_window(np.array([BOS, 5, 6, 7, 8]), 3, None).tolist() == [BOS, 7, 8]
+
+
+def _reference_window(events: list[list[int]], max_length: int) -> list[int]:
+    """The rule spelled out: walk back from the newest event while [BOS] + the kept events fit."""
+    kept: list[list[int]] = []
+    used = 1
+    for event in reversed(events):
+        if used + len(event) > max_length:
+            break
+        kept.insert(0, event)
+        used += len(event)
+    return [BOS] + [t for event in kept for t in event]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=12),
+    max_length=st.integers(min_value=1, max_value=40),
+)
+def test_truncate_window_matches_the_rule_for_random_event_lengths(lengths, max_length):
+    # Event i is (length - 1) content tokens 10 + i then [SEP].
+    events = [[10 + i] * (n - 1) + [SEP] for i, n in enumerate(lengths)]
+    ids = np.array([BOS] + [t for event in events for t in event])
+    assert truncate_window(ids, max_length, SEP).tolist() == _reference_window(events, max_length)
