@@ -1,19 +1,21 @@
-"""`domaintok evaluate`: domain tokens vs text serialization vs LightGBM on the Online Retail tasks, end to end.
+"""`domaintok evaluate`: on any data set (a schema, its events, a TASKS.yaml), compare LightGBM on generic aggregates
+with the domain transformer (alone, fused, as frozen embeddings) and a text-serialization transformer.
 
-One run builds the tasks at a cutoff, fits both tokenizers and pretrains both transformers on pre-cutoff events of
-train+valid users, fine-tunes (with and without joint fusion), trains LightGBM on RFM features, writes results.md/json.
+A method is a row of data (`METHODS`): which model trains it, which inputs it reads, which pretrained LM
+(`LANGUAGE_MODELS`: PretrainSettings options) and which FinetuneSettings options. Tokenizers and pretraining see
+only the pre-cutoff events of train+valid users; LightGBM and fine-tuning stop early on valid; test is scored once.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 import numpy as np
@@ -21,324 +23,515 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.finetune import FinetuneSettings, finetune, task_metrics
-from batch.pretrain import PretrainSettings, pretrain
-from batch.retail_tasks import (
-    CATEGORICAL_FEATURES,
-    DEFAULT_CUTOFF,
-    DEFAULT_HORIZON_DAYS,
-    NUMERIC_FEATURES,
-    RetailTasks,
-    build_retail_tasks,
+from batch.aggregates import DEFAULT_WINDOWS, aggregate_features, join_extra_features
+from batch.eval_report import HEADLINE, bootstrap_relative, kind_metrics, plot_relative, render_markdown
+from batch.finetune import FinetuneSettings
+from batch.pretrain import PretrainSettings
+from batch.tasks import (
+    EVENTS_TABLE,
+    POPULATION_TABLE,
+    TS,
+    USER,
+    TaskSpec,
+    TasksFile,
+    assign_split,
+    build_labels,
+    build_population,
+    describe_task,
+    load_tasks,
+    open_events,
+    raw_column_names,
+    register_split,
 )
-from batch.text_baseline import fit_text_baseline
 from domaintok.errors import DomaintokError
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "online_retail"
 
-# Sizes of one evaluation. Both transformers get the same architecture, context and step budgets.
+@dataclass(frozen=True)
+class LanguageModel:
+    """A pretrained transformer: which tokens it reads ("domain" or "text") and its PretrainSettings options
+    (over the preset's)."""
+
+    tokens: str
+    pretrain: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison.
+
+    trainer: "lightgbm" (inputs from "aggregates", "embeddings" of `lm`) or "finetune" (inputs from "sequence" of
+    `lm`, "aggregates"; without "sequence" the fusion model's tabular branch trains alone). `finetune` holds
+    FinetuneSettings options over the preset's.
+    """
+
+    title: str
+    trainer: str
+    inputs: tuple[str, ...]
+    lm: str | None = None
+    finetune: dict = field(default_factory=dict)
+
+
+# Add a pretrained LM here (e.g. "domain_coles": LanguageModel("domain", {"objective": "clm+coles"})) and a row
+# below that names it; options are checked against PretrainSettings / FinetuneSettings when a run starts.
+LANGUAGE_MODELS: dict[str, LanguageModel] = {
+    "domain": LanguageModel("domain"),
+    "text": LanguageModel("text"),
+}
+METHODS: dict[str, Method] = {
+    "lightgbm": Method("LightGBM on the aggregates", "lightgbm", ("aggregates",)),
+    "lightgbm_emb": Method("LightGBM on the aggregates + frozen domain embeddings", "lightgbm",
+                           ("aggregates", "embeddings"), lm="domain"),
+    "lightgbm_emb_only": Method("LightGBM on frozen domain embeddings alone", "lightgbm", ("embeddings",), lm="domain"),
+    "tabular_dcnv2": Method("PLR/DCNv2 on the aggregates (fusion's tabular branch alone)", "finetune",
+                            ("aggregates",), lm="domain"),
+    "text_bpe": Method("Transformer on text serialization (byte-level BPE)", "finetune", ("sequence",), lm="text"),
+    "domain": Method("Transformer on domain tokens, fine-tuned", "finetune", ("sequence",), lm="domain"),
+    "domain_fusion": Method("Domain tokens + joint fusion with the aggregates", "finetune",
+                            ("sequence", "aggregates"), lm="domain"),
+}
+
+# Sizes of one evaluation; every LM gets the same architecture, context and step budget.
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    # The test's smoke run (< 3 minutes on 2 CPU cores): 400 users, a 2-layer width-32 model, a few steps.
-    "tiny": {
-        "model_preset": "tiny", "model_overrides": {}, "context_length": 64, "pretrain_steps": 30,
-        "pretrain_batch_size": 16, "finetune_epochs": 1, "finetune_batch_size": 16, "domain_bpe_vocab": 300,
-        "max_users": 400, "lightgbm_rounds": 200, "tabular_epochs": 5,
+    # A smoke run (about 1 minute on 2 CPU cores for two tasks and every method): at most 400 users, a 2-layer width-32 model.
+    "quick": {
+        "pretrain": {"preset": "tiny", "overrides": {}, "context_length": 64, "max_steps": 30, "batch_size": 16},
+        "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
+        "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
+        "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "bootstrap": 200,
     },
-    # The full CPU run: every customer, 2 layers of width 64, 128-token windows (about 8 line items as domain
-    # tokens, 5 as text), 600 pretraining steps of 32 sequences, up to 5 fine-tuning epochs: under 10 minutes on 2
-    # cores for both tasks (measured 6.6 minutes with 3 epochs on a shared 2-core machine). A 512-token
-    # window cost about 5x and did not help in one trial (domain-token AUC 0.65 vs 0.71, text 0.745 vs 0.737).
+    # The README's CPU size: 2 layers of width 64, 128-token windows, 600 pretraining steps of 32 sequences.
     "small": {
-        "model_preset": "tiny",
-        "model_overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                            "intermediate_size": 256},
-        "context_length": 128, "pretrain_steps": 600, "pretrain_batch_size": 32, "finetune_epochs": 5,
-        "finetune_batch_size": 32, "domain_bpe_vocab": 2000, "max_users": None,
-        "lightgbm_rounds": 2000, "tabular_epochs": 30,
+        "pretrain": {"preset": "tiny", "context_length": 128, "max_steps": 600, "batch_size": 32,
+                     "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "intermediate_size": 256}},
+        "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
+        "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
+        "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "bootstrap": 1000,
     },
 }
-TASK_NAMES = ("purchase", "spend")
-# What the table compares; each sequence method fine-tunes its own pretrained transformer.
-METHODS = ("lightgbm", "tabular_dcnv2", "text_bpe", "domain", "domain_fusion")
-METHOD_TITLES = {
-    "lightgbm": "LightGBM on RFM features",
-    "tabular_dcnv2": "PLR/DCNv2 on RFM features alone (fusion's tabular branch)",
-    "text_bpe": "Transformer on text serialization (byte-level BPE)",
-    "domain": "Transformer on domain tokens",
-    "domain_fusion": "Domain tokens + joint fusion (PLR/DCNv2 on RFM features)",
-}
+PRESET_ALIASES = {"tiny": "quick"}
 
 
 @dataclass
 class EvaluateSettings:
-    """An evaluation run: where the data is, where results go, which preset, and overrides."""
+    """An evaluation run: the data (schema, events, tasks), where results go, the preset and its overrides."""
 
-    data_dir: Path = DEFAULT_DATA_DIR
-    output: Path = Path("runs/eval_retail")
-    preset: str = "small"
-    max_steps: int | None = None
+    schema: str | Path
+    events: tuple[Path, ...]
+    tasks: Path
+    output: Path
+    preset: str = "quick"
+    methods: tuple[str, ...] = tuple(METHODS)
+    features: Path | None = None
+    folds: int = 1
     max_users: int | None = None
+    max_steps: int | None = None
     context_length: int | None = None
-    cutoff: dt.datetime = DEFAULT_CUTOFF
-    horizon_days: int = DEFAULT_HORIZON_DAYS
-    tasks: tuple[str, ...] = TASK_NAMES
-    schema: str | Path = "online_retail"
-    methods: tuple[str, ...] = METHODS
+    windows: tuple[int, ...] = DEFAULT_WINDOWS
     seed: int = 0
-    bootstrap: int = 1000
+    bootstrap: int | None = None
     progress: bool = True
-    log: Any = field(default=print, repr=False)
+    log: Callable[[str], None] = field(default=print, repr=False)
 
-    def resolved(self) -> dict[str, Any]:
-        if self.preset not in EVAL_PRESETS:
-            raise DomaintokError(
-                f"unknown evaluation preset {self.preset!r}: expected one of {', '.join(EVAL_PRESETS)}"
-            )
-        bad = [t for t in self.tasks if t not in TASK_NAMES]
-        if bad:
-            raise DomaintokError(f"unknown task {bad[0]!r}: expected one of {', '.join(TASK_NAMES)}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or "lightgbm" not in self.methods:
-            raise DomaintokError(f"methods must include lightgbm (the reference) and come from {', '.join(METHODS)}")
-        p = dict(EVAL_PRESETS[self.preset])
+    def resolved_preset(self) -> dict[str, Any]:
+        name = PRESET_ALIASES.get(self.preset, self.preset)
+        if name not in EVAL_PRESETS:
+            raise DomaintokError(f"unknown evaluation preset {self.preset!r}: expected one of {', '.join(EVAL_PRESETS)}")
+        p = json.loads(json.dumps(EVAL_PRESETS[name]))  # a deep copy
         if self.max_steps is not None:
-            p["pretrain_steps"] = self.max_steps
+            p["pretrain"]["max_steps"] = self.max_steps
+        if self.context_length is not None:
+            p["pretrain"]["context_length"] = self.context_length
         if self.max_users is not None:
             p["max_users"] = self.max_users
-        if self.context_length is not None:
-            p["context_length"] = self.context_length
+        if self.bootstrap is not None:
+            p["bootstrap"] = self.bootstrap
         return p
 
 
-# --- LightGBM baseline -------------------------------------------------------------------------------------------
+def check_options(settings_class: type, options: dict, where: str) -> None:
+    """Raise a one-line error for an option the settings dataclass does not have (so a table row written for a
+    newer PretrainSettings/FinetuneSettings fails clearly, not deep inside a run)."""
+    known = {f.name for f in dataclasses.fields(settings_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DomaintokError(f"{where}: {settings_class.__name__} has no option {unknown[0]!r} "
+                             f"(available: {', '.join(sorted(known))})")
 
 
-def lightgbm_baseline(tasks: RetailTasks, task: str, rounds: int, seed: int) -> tuple[dict, dict[str, float]]:
-    """LightGBM on the RFM features (country as a categorical), early-stopped on valid; test metrics and
-    {user_id: prediction} on the test users."""
+def selected_methods(names: tuple[str, ...]) -> list[str]:
+    """The methods to run in table order, LightGBM (the reference) always first; their options checked."""
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise DomaintokError(f"unknown method {unknown[0]!r}: expected one of {', '.join(METHODS)}")
+    chosen = [m for m in METHODS if m == "lightgbm" or m in names]
+    for name in chosen:
+        method = METHODS[name]
+        if method.lm is not None:
+            if method.lm not in LANGUAGE_MODELS:
+                raise DomaintokError(f"method {name!r}: unknown language model {method.lm!r}")
+            check_options(PretrainSettings, LANGUAGE_MODELS[method.lm].pretrain, f"language model {method.lm!r}")
+        check_options(FinetuneSettings, method.finetune, f"method {name!r}")
+    return chosen
+
+
+# --- LightGBM ----------------------------------------------------------------------------------------------------
+
+
+def _matrix(table: pa.Table, columns: list[str], train: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Feature matrix (N, F): numbers as float (null -> NaN), strings as codes of the train split's values (unseen
+    and null -> -1, LightGBM's missing category), list<float> columns expanded to one column per dimension."""
+    parts, categorical = [], []
+    train_rows = pa.array(np.flatnonzero(train))
+    for name in columns:
+        col = table.column(name).combine_chunks()
+        t = col.type
+        if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+            width = len(col[0].values) if len(col) else 0
+            parts.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), width))
+        elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+            col = pc.cast(col, pa.string())
+            vocabulary = pc.unique(pc.drop_null(col.take(train_rows)))
+            codes = pc.fill_null(pc.index_in(col, value_set=vocabulary), -1)
+            categorical.append(sum(p.shape[1] for p in parts))
+            parts.append(codes.to_numpy(zero_copy_only=False).astype(np.float64)[:, None])
+        else:
+            parts.append(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)[:, None])
+    return np.hstack(parts), categorical
+
+
+def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: int, rounds: int, seed: int,
+                     threads: int = 2) -> tuple[np.ndarray, dict]:
+    """Train on the train split, early-stop on valid; predictions (P(y=1), class probabilities or values) for the
+    test rows, and the best iteration."""
     import lightgbm as lgb
 
-    joined = _features_with_labels(tasks, task)
-    split = np.asarray(joined.column("split").to_pylist())
-    train = split == "train"
-    columns = [joined.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in NUMERIC_FEATURES]
-    categorical_index = []
-    for name in CATEGORICAL_FEATURES:
-        values = joined.column(name).to_pylist()
-        # Codes from the train split only; unseen and null values share -1 (LightGBM's missing category).
-        vocabulary = {v: i for i, v in enumerate(sorted({v for v, t in zip(values, train) if t and v is not None}))}
-        columns.append(np.array([vocabulary.get(v, -1) for v in values], dtype=np.float64))
-        categorical_index.append(len(columns) - 1)
-    X = np.stack(columns, axis=1)  # (N, features)
-    y = joined.column("target").to_numpy(zero_copy_only=False).astype(np.float64)
-    valid, test = split == "valid", split == "test"
+    split = table.column("split").to_numpy(zero_copy_only=False)
+    train, valid, test = split == "train", split == "valid", split == "test"
+    X, categorical = _matrix(table, columns, train)
+    y = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+    objective = {"binary": ("binary", "auc"), "multiclass": ("multiclass", "multi_logloss"),
+                 "regression": ("regression", "rmse")}[kind]
     params = {
-        "objective": "binary" if task == "purchase" else "regression",
-        "metric": "auc" if task == "purchase" else "rmse",
-        "learning_rate": 0.03, "num_leaves": 15, "min_data_in_leaf": 20, "feature_fraction": 0.8,
-        "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0, "num_threads": 2, "seed": seed,
-        "verbose": -1, "deterministic": True, "force_col_wise": True,
+        "objective": objective[0], "metric": objective[1], "learning_rate": 0.03, "num_leaves": 15,
+        "min_data_in_leaf": 20, "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1,
+        "lambda_l2": 1.0, "num_threads": threads, "seed": seed, "verbose": -1, "deterministic": True,
+        "force_col_wise": True,
     }
-    names = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
-    train_set = lgb.Dataset(X[train], y[train], feature_name=names, categorical_feature=categorical_index)
+    if kind == "multiclass":
+        params["num_class"] = n_classes
+    train_set = lgb.Dataset(X[train], y[train], categorical_feature=categorical or "auto", free_raw_data=False)
     valid_set = lgb.Dataset(X[valid], y[valid], reference=train_set)
     booster = lgb.train(params, train_set, num_boost_round=rounds, valid_sets=[valid_set],
                         callbacks=[lgb.early_stopping(50, verbose=False)])
-    pred = booster.predict(X[test], num_iteration=booster.best_iteration)
-    metrics = task_metrics("binary" if task == "purchase" else "regression", y[test], pred)
-    metrics["best_iteration"] = int(booster.best_iteration)
-    importance = booster.feature_importance("gain")
-    metrics["top_features"] = [names[i] for i in np.argsort(-importance)[:5]]
-    users = np.asarray(joined.column("user_id").to_pylist())[test]
-    return metrics, dict(zip(users.tolist(), pred.tolist()))
+    return booster.predict(X[test], num_iteration=booster.best_iteration), {"best_iteration": booster.best_iteration}
 
 
-def _features_with_labels(tasks: RetailTasks, task: str) -> pa.Table:
-    target = "label" if task == "purchase" else "spend"
-    labels = tasks.labels.select(["user_id", "split", target]).rename_columns(["user_id", "split", "target"])
-    return labels.join(tasks.features, "user_id", join_type="left outer").sort_by("user_id")
+def _attach(table: pa.Table, other: pa.Table) -> pa.Table:
+    """`table` with `other`'s columns (all but user_id) appended, matched on user_id; users `other` lacks get nulls."""
+    rows = pc.index_in(table.column("user_id"), value_set=other.column("user_id"))
+    taken = other.take(rows)
+    for name in other.column_names:
+        if name != "user_id":
+            table = table.append_column(name, taken.column(name))
+    return table
 
 
-# --- paired bootstrap of metric differences ----------------------------------------------------------------------
+def _embedding_table(path: Path) -> pa.Table:
+    table = pq.read_table(path, columns=["user_id", "embedding"])
+    return table.rename_columns(["user_id", "__embedding"])
 
 
-def fast_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by the rank-sum formula (ties get average ranks)."""
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p), dtype=np.float64)
-    sorted_p = p[order]
-    # Average ranks over runs of equal scores.
-    boundaries = np.flatnonzero(np.diff(sorted_p)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(p)]])
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    n_pos = y.sum()
-    n_neg = len(y) - n_pos
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+# --- the pipeline ------------------------------------------------------------------------------------------------
 
 
-def bootstrap_delta(y: np.ndarray, base: np.ndarray, other: np.ndarray, task: str, n: int, seed: int) -> dict:
-    """Paired bootstrap over test users of (other - base): AUC for binary, RMSE for regression; 95% interval."""
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        yy = y[idx]
-        if task == "purchase":
-            if yy.min() == yy.max():
-                continue
-            deltas.append(fast_auc(yy, other[idx]) - fast_auc(yy, base[idx]))
-        else:
-            deltas.append(np.sqrt(np.mean((other[idx] - yy) ** 2)) - np.sqrt(np.mean((base[idx] - yy) ** 2)))
-    if not deltas:
-        return {}
-    deltas = np.asarray(deltas)
-    return {"low": float(np.quantile(deltas, 0.025)), "high": float(np.quantile(deltas, 0.975)),
-            "p_better": float(np.mean(deltas > 0) if task == "purchase" else np.mean(deltas < 0))}
+class _Clock:
+    """Stage timings with a progress line per finished stage."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.started, self.last, self.timings = log, time.perf_counter(), time.perf_counter(), {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self.last, 1)
+        self.log(f"[{now - self.started:7.1f}s] {stage}: {now - self.last:.1f}s")
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
 
 
-# --- the pipeline -------------------------------------------------------------------------------------------------
-
-
-def _write_sequences(table: pa.Table, users: set[str] | None, path: Path) -> Path:
-    if users is not None:
-        keep = pc.is_in(table.column("user_id"), value_set=pa.array(sorted(users), pa.string()))
-        table = table.filter(keep)
+def _write_events(con, path: Path, columns: list[str], cutoff, splits: tuple[str, ...] | None) -> int:
+    """Pre-cutoff events of population users (of `splits`, or all), raw columns only, ordered by user and time:
+    the only input the tokenizers and pretraining ever read."""
+    cols = ", ".join('e."' + c.replace('"', '""') + '"' for c in columns)
+    where = "" if splits is None else " AND p.split IN (" + ", ".join(f"'{s}'" for s in splits) + ")"
+    rel = con.sql(
+        f"SELECT {cols} FROM {EVENTS_TABLE} e JOIN {POPULATION_TABLE} p USING ({USER}) "
+        f"WHERE e.{TS} < $cutoff{where} ORDER BY e.{USER}, e.{TS}",
+        params={"cutoff": cutoff},
+    )
+    table = rel.to_arrow_table()
     pq.write_table(table, path)
-    return path
+    return table.num_rows
+
+
+def _filter_users(table: pa.Table, users: np.ndarray) -> pa.Table:
+    return table.filter(pc.is_in(table.column("user_id"), value_set=pa.array(users.tolist(), pa.string())))
 
 
 def _mean_tokens(table: pa.Table) -> float:
-    return float(pc.mean(pc.list_value_length(table.column("input_ids"))).as_py())
+    return float(pc.mean(pc.list_value_length(table.column("input_ids"))).as_py() or 0.0)
 
 
-def _pretrain(name: str, sequences: Path, tokenizer: Path, work: Path, p: dict, seed: int) -> dict:
-    output = work / "models" / f"{name}_lm"
-    checkpoints = output.with_name(output.name + ".checkpoints")
-    if checkpoints.exists():  # a rerun starts over rather than resuming another run's schedule
-        shutil.rmtree(checkpoints)
-    metrics = pretrain(PretrainSettings(
-        sequences=sequences, tokenizer=tokenizer, output=output, preset=p["model_preset"],
-        context_length=p["context_length"], max_steps=p["pretrain_steps"], batch_size=p["pretrain_batch_size"],
-        save_steps=p["pretrain_steps"], seed=seed, overrides=dict(p["model_overrides"]),
+@dataclass
+class _Fold:
+    """Everything one fold built: where its files are, and its per-LM metrics."""
+
+    index: int
+    dir: Path
+    split: np.ndarray
+    sequences: dict[str, Path] = field(default_factory=dict)  # token kind -> sequences of every population user
+    models: dict[str, Path] = field(default_factory=dict)  # LM name -> pretrained model dir
+    embeddings: dict[str, Path] = field(default_factory=dict)
+    pretrain: dict[str, dict] = field(default_factory=dict)
+
+
+def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, events_all: Path, users: list[str],
+                           lms: list[str], embed_lms: list[str], clock: _Clock) -> None:
+    from batch.embed import embed_parquet
+    from batch.pretrain import pretrain
+    from batch.text_baseline import fit_text_baseline
+    from domaintok.tokenizer import DomainTokenizer
+
+    context = p["pretrain"]["context_length"]
+    fit_users = np.asarray(users)[fold.split != "test"]
+    events_fit = fold.dir / "events_fit.parquet"
+    tokens = {LANGUAGE_MODELS[lm].tokens for lm in lms}
+    vocab = None
+    if "domain" in tokens or "text" in tokens:
+        # The text BPE gets the domain tokenizer's vocabulary size, so both transformers have the same size.
+        tok = DomainTokenizer.fit(schema, events_fit, max_length=context, bpe_vocab_size=p["domain_bpe_vocab"])
+        vocab = tok.vocab_size
+        if "domain" in tokens:
+            tok.save_pretrained(fold.dir / "domain_tokenizer")
+            table = tok.tokenize(events_all, max_length=context)
+            fold.sequences["domain"] = fold.dir / "domain_sequences.parquet"
+            pq.write_table(table, fold.sequences["domain"])
+            pq.write_table(_filter_users(table, fit_users), fold.dir / "domain_pretrain.parquet")
+            fold.pretrain["domain_tokens_mean"] = _mean_tokens(table)
+        clock.lap(f"fold {fold.index}: domain tokenizer")
+    if "text" in tokens:
+        _, table = fit_text_baseline(schema, events_fit, events_all, fold.dir / "text_tokenizer", context,
+                                     vocab_size=vocab or 2000)
+        fold.sequences["text"] = fold.dir / "text_sequences.parquet"
+        pq.write_table(table, fold.sequences["text"])
+        pq.write_table(_filter_users(table, fit_users), fold.dir / "text_pretrain.parquet")
+        fold.pretrain["text_tokens_mean"] = _mean_tokens(table)
+        clock.lap(f"fold {fold.index}: text tokenizer")
+    for lm in lms:
+        kind = LANGUAGE_MODELS[lm].tokens
+        output = fold.dir / "models" / lm
+        options = {**p["pretrain"], **LANGUAGE_MODELS[lm].pretrain}
+        options.setdefault("save_steps", options.get("max_steps"))
+        settings = PretrainSettings(sequences=fold.dir / f"{kind}_pretrain.parquet",
+                                    tokenizer=fold.dir / f"{kind}_tokenizer", output=output, seed=s.seed, **options)
+        shutil.rmtree(settings.resolved_checkpoint_dir(), ignore_errors=True)  # a rerun starts over
+        m = pretrain(settings)
+        shutil.rmtree(settings.resolved_checkpoint_dir(), ignore_errors=True)
+        fold.models[lm] = output
+        fold.pretrain[lm] = {k: m.get(k) for k in ("parameters", "non_embedding_parameters", "vocab_size", "steps",
+                                                   "train_loss", "eval_loss", "train_seconds", "tokens_per_second")}
+        fold.pretrain[lm]["tokens_mean"] = fold.pretrain[f"{kind}_tokens_mean"]
+        clock.lap(f"fold {fold.index}: pretrain {lm}")
+    for lm in embed_lms:
+        fold.embeddings[lm] = fold.dir / f"embeddings_{lm}.parquet"
+        embed_parquet(fold.models[lm], fold.sequences[LANGUAGE_MODELS[lm].tokens], fold.embeddings[lm], progress=False)
+        clock.lap(f"fold {fold.index}: embed {lm}")
+
+
+def _classes(labels: pa.Table, kind: str) -> list[str]:
+    return sorted(set(labels.column("label").to_pylist())) if kind == "multiclass" else []
+
+
+def _encoded_labels(labels: pa.Table, kind: str, classes: list[str]) -> np.ndarray:
+    if kind == "multiclass":
+        return pc.index_in(labels.column("label"), value_set=pa.array(classes, pa.string())).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+    return labels.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _run_lightgbm(method: Method, kind: str, labels: pa.Table, features: pa.Table, fold: _Fold, classes: list[str],
+                  rounds: int, seed: int) -> tuple[list[str], np.ndarray, dict]:
+    table = labels
+    if kind == "multiclass":
+        table = table.set_column(2, "label", pa.array(_encoded_labels(labels, kind, classes)))
+    columns: list[str] = []
+    table = table.sort_by("user_id")
+    if "aggregates" in method.inputs:
+        table = _attach(table, features)
+        columns += [c for c in features.column_names if c != "user_id"]
+    if "embeddings" in method.inputs:
+        table = _attach(table, _embedding_table(fold.embeddings[method.lm]))
+        table = table.filter(pc.is_valid(table.column("__embedding")))
+        columns.append("__embedding")
+    pred, info = lightgbm_predict(kind, table, columns, len(classes), rounds, seed)
+    test_users = table.filter(pc.equal(table.column("split"), "test")).column("user_id").to_pylist()
+    return test_users, pred, info
+
+
+def _read_predictions(path: Path, kind: str, classes: list[str], class_names: list[str]) -> tuple[list[str], np.ndarray]:
+    """A finetune predictions.parquet as (users, predictions), multiclass probabilities reordered to `classes`."""
+    table = pq.read_table(path)
+    users = table.column("user_id").to_pylist()
+    if kind != "multiclass":
+        return users, table.column("prediction").to_numpy(zero_copy_only=False).astype(np.float64)
+    if "probabilities" in table.column_names:
+        probs = table.column("probabilities").combine_chunks()
+        width = len(class_names)
+        matrix = probs.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(users), width)
+        columns = {name: matrix[:, i] for i, name in enumerate(class_names)}
+    else:  # one column per class, named after it
+        columns = {}
+        for name in classes:
+            found = [c for c in table.column_names if c in (name, f"p_{name}", f"prob_{name}", f"probability_{name}")]
+            if not found:
+                raise DomaintokError(f"{path}: no probability column for class {name!r} (columns: {table.column_names})")
+            columns[name] = table.column(found[0]).to_numpy(zero_copy_only=False).astype(np.float64)
+    return users, np.stack([columns.get(c, np.zeros(len(users))) for c in classes], axis=1)
+
+
+def _run_finetune(s: EvaluateSettings, p: dict, name: str, method: Method, task: TaskSpec, fold: _Fold,
+                  labels_path: Path, features_path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, dict]:
+    from batch.finetune import finetune
+
+    use_sequence = "sequence" in method.inputs
+    base = p["finetune_sequence"] if use_sequence else p["finetune_tabular"]
+    options = {**base, **method.finetune}
+    output = fold.dir / "finetuned" / f"{task.name}_{name}"
+    metrics = finetune(FinetuneSettings(
+        model=fold.models[method.lm], sequences=fold.sequences[LANGUAGE_MODELS[method.lm].tokens],
+        labels=labels_path, features=features_path if "aggregates" in method.inputs else None,
+        use_sequence=use_sequence, output=output, task=task.kind, split="column", seed=s.seed,
+        progress=s.progress, **options,
     ))
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return metrics
+    users, pred = _read_predictions(output / "predictions.parquet", task.kind, classes, metrics.get("class_names") or [])
+    info = {k: metrics.get(k) for k in ("best_step", "steps", "train_seconds", "trainable_parameters")}
+    return users, pred, info
 
 
 def run_evaluation(settings: EvaluateSettings) -> dict:
-    """Run the whole comparison; writes <output>/results.json and results.md and returns the results."""
-    from domaintok.tokenizer import DomainTokenizer
+    """Run the whole comparison; writes results.json, results.md and results.png into settings.output."""
+    from domaintok.schema import load_schema
 
     s = settings
-    p = s.resolved()
-    log = s.log
+    p = s.resolved_preset()
+    methods = selected_methods(s.methods)
+    if s.folds < 1:
+        raise DomaintokError(f"--folds must be >= 1, got {s.folds}")
+    spec: TasksFile = load_tasks(s.tasks)
+    schema = load_schema(s.schema)
+    for key, options in (("finetune_sequence", p["finetune_sequence"]), ("finetune_tabular", p["finetune_tabular"])):
+        check_options(FinetuneSettings, options, f"preset {s.preset!r} {key}")
+    check_options(PretrainSettings, p["pretrain"], f"preset {s.preset!r} pretrain")
     out = Path(s.output)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock = _Clock(s.log)
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 1)
-        log(f"[{now - t0:7.1f}s] {name} done in {now - since:.1f}s")
-        return now
+    con = open_events(schema, [Path(e) for e in s.events])
+    users = build_population(con, spec, p["max_users"])
+    register_split(con, users, assign_split(users, spec.split))
+    clock.lap(f"events: {len(users):,} users")
+    features = aggregate_features(con, schema, spec.cutoff, s.windows)
+    n_aggregates = features.num_columns - 1
+    if s.features is not None:
+        features = join_extra_features(features, Path(s.features))
+    features_path = work / "features.parquet"
+    pq.write_table(features, features_path)
+    events_all = work / "events_inputs.parquet"
+    n_events = _write_events(con, events_all, raw_column_names(schema), spec.cutoff, None)
+    clock.lap(f"aggregates: {n_aggregates} columns")
 
-    t = time.perf_counter()
-    tasks = build_retail_tasks(s.data_dir, cutoff=s.cutoff, horizon_days=s.horizon_days, max_users=p["max_users"])
-    summary = tasks.summary()
-    fit_users = tasks.users_in("train", "valid")
-    fit_events = tasks.events_of(fit_users)
-    pq.write_table(tasks.labels.select(["user_id", "split", "label", "label_ts"]), work / "labels_purchase.parquet")
-    spend = tasks.labels.select(["user_id", "split", "spend", "label_ts"]).rename_columns(
-        ["user_id", "split", "label", "label_ts"])
-    pq.write_table(spend, work / "labels_spend.parquet")
-    pq.write_table(tasks.features, work / "features.parquet")
-    t = lap("tasks", t)
+    lms = sorted({METHODS[m].lm for m in methods if METHODS[m].lm})
+    embed_lms = sorted({METHODS[m].lm for m in methods if "embeddings" in METHODS[m].inputs})
+    # predictions[task][method] = one (y, prediction) per fold on that fold's test users, aligned across methods
+    per_fold: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
+    infos: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
+    folds_meta = []
+    pretrain_meta: dict[str, dict] = {}
+    for k in range(s.folds):
+        fold = _Fold(k, work / f"fold{k}", assign_split(users, spec.split, k, s.folds))
+        fold.dir.mkdir(parents=True, exist_ok=True)
+        register_split(con, users, fold.split)
+        _write_events(con, fold.dir / "events_fit.parquet", raw_column_names(schema), spec.cutoff, ("train", "valid"))
+        folds_meta.append({k2: int((fold.split == k2).sum()) for k2 in ("train", "valid", "test")})
+        _build_language_models(s, p, schema, fold, events_all, users, lms, embed_lms, clock)
+        if k == 0:
+            pretrain_meta = {lm: fold.pretrain[lm] for lm in lms}
+        for task in spec.tasks:
+            labels = build_labels(con, spec, task)
+            labels_path = fold.dir / f"labels_{task.name}.parquet"
+            pq.write_table(labels, labels_path)
+            classes = _classes(labels, task.kind)
+            truth = dict(zip(labels.column("user_id").to_pylist(), _encoded_labels(labels, task.kind, classes)))
+            preds = {}
+            for name in methods:
+                method = METHODS[name]
+                if method.trainer == "lightgbm":
+                    preds[name] = _run_lightgbm(method, task.kind, labels, features, fold, classes,
+                                                p["lightgbm_rounds"], s.seed)
+                else:
+                    preds[name] = _run_finetune(s, p, name, method, task, fold, labels_path, features_path, classes)
+                clock.lap(f"fold {k}: {task.name}: {name}")
+            common = sorted(set.intersection(*(set(u) for u, _, _ in preds.values())))
+            y = np.array([truth[u] for u in common])
+            for name, (u, pred, info) in preds.items():
+                index = {user: i for i, user in enumerate(u)}
+                per_fold[task.name][name].append((y, pred[[index[c] for c in common]]))
+                infos[task.name][name].append(info)
+            if not common:
+                raise DomaintokError(f"task {task.name!r}: no test user is scored by every method")
 
-    # Domain tokens: fitted on pre-cutoff events of train+valid users only. Always built: the tabular-only model
-    # reads the same join (and the transformer's config) even though it ignores the tokens.
-    domain_tok = DomainTokenizer.fit(s.schema, fit_events, max_length=p["context_length"],
-                                     bpe_vocab_size=p["domain_bpe_vocab"])
-    domain_tok.save_pretrained(work / "domain_tokenizer")
-    domain_all = domain_tok.tokenize(tasks.events, max_length=p["context_length"])
-    sequence_files = {"domain": _write_sequences(domain_all, None, work / "domain_sequences.parquet")}
-    pretrain_files = {"domain": _write_sequences(domain_all, fit_users, work / "domain_pretrain.parquet")}
-    tokens_mean = {"domain": _mean_tokens(domain_all)}
-    t = lap("domain tokenizer", t)
-
-    if "text_bpe" in s.methods:
-        # The text BPE gets the domain tokenizer's vocabulary size: both transformers have exactly the same size.
-        _, text_all = fit_text_baseline(fit_events, tasks.events, work / "text_tokenizer", p["context_length"],
-                                        vocab_size=domain_tok.vocab_size)
-        sequence_files["text_bpe"] = _write_sequences(text_all, None, work / "text_sequences.parquet")
-        pretrain_files["text_bpe"] = _write_sequences(text_all, fit_users, work / "text_pretrain.parquet")
-        tokens_mean["text_bpe"] = _mean_tokens(text_all)
-        t = lap("text tokenizer", t)
-
-    pretrain_metrics = {}
-    for name, sequences in pretrain_files.items():
-        tokenizer = work / ("domain_tokenizer" if name == "domain" else "text_tokenizer")
-        m = _pretrain(name, sequences, tokenizer, work, p, s.seed)
-        pretrain_metrics[name] = {k: m[k] for k in ("parameters", "non_embedding_parameters", "vocab_size", "steps",
-                                                    "train_loss", "eval_loss", "train_seconds", "tokens_per_second")}
-        t = lap(f"pretrain {name}", t)
-
-    # method -> (pretrained LM, uses features, uses the sequence)
-    runs = {
-        "tabular_dcnv2": ("domain", True, False),
-        "text_bpe": ("text_bpe", False, True),
-        "domain": ("domain", False, True),
-        "domain_fusion": ("domain", True, True),
-    }
-    results: dict[str, Any] = {}
-    for task in s.tasks:
-        kind = "binary" if task == "purchase" else "regression"
-        labels = work / f"labels_{task}.parquet"
-        task_results: dict[str, Any] = {}
-        predictions: dict[str, dict[str, float]] = {}
-        metrics, predictions["lightgbm"] = lightgbm_baseline(tasks, task, p["lightgbm_rounds"], s.seed)
-        task_results["lightgbm"] = {"test": metrics}
-        t = lap(f"{task}: lightgbm", t)
-        for method in (m for m in METHODS if m in runs and m in s.methods):
-            lm, with_features, use_sequence = runs[method]
-            ft = finetune(FinetuneSettings(
-                model=work / "models" / f"{lm}_lm", sequences=sequence_files[lm], labels=labels,
-                features=work / "features.parquet" if with_features else None, use_sequence=use_sequence,
-                output=work / "finetuned" / f"{task}_{method}", task=kind, split="column",
-                epochs=p["finetune_epochs"] if use_sequence else p["tabular_epochs"],
-                batch_size=p["finetune_batch_size"], evals_per_epoch=2 if use_sequence else 1,
-                patience=2 if use_sequence else 5, seed=s.seed, progress=s.progress,
-            ))
-            task_results[method] = {k: ft[k] for k in ("test", "valid", "best_step", "steps", "train_seconds",
-                                                       "trainable_parameters")}
-            pred = pq.read_table(work / "finetuned" / f"{task}_{method}" / "predictions.parquet")
-            predictions[method] = dict(zip(pred.column("user_id").to_pylist(), pred.column("prediction").to_pylist()))
-            t = lap(f"{task}: finetune {method}", t)
-        _compare(task, tasks, task_results, predictions, s.bootstrap, s.seed)
-        results[task] = task_results
-
+    results = _compare(spec, methods, per_fold, infos, p["bootstrap"], s.seed)
     report = {
-        "dataset": "UCI Online Retail + Online Retail II (both files, overlap dropped, customers only)",
-        "tasks": _task_definitions(tasks),
-        "summary": summary,
+        "schema": schema.name,
+        "timezone": schema.timezone,
+        "events": [str(e) for e in s.events],
+        "tasks_file": str(s.tasks),
+        "cutoff": spec.cutoff.isoformat(sep=" "),
+        "split": msgspec_builtins(spec.split),
+        "population": {"users": len(users), "events": n_events, "min_events": spec.min_events},
+        "folds": s.folds,
+        "fold_sizes": folds_meta,
+        "tasks": [{"name": t.name, "kind": t.kind, "definition": describe_task(spec, t)} for t in spec.tasks],
         "preset": s.preset,
         "settings": p,
-        "schema": str(s.schema),
-        "sequence_tokens_mean": tokens_mean,
-        "pretrain": pretrain_metrics,
+        "feature_count": n_aggregates,
+        "extra_features": str(s.features) if s.features else None,
+        "methods": {m: {"title": METHODS[m].title, "trainer": METHODS[m].trainer, "inputs": list(METHODS[m].inputs),
+                        "lm": METHODS[m].lm, "finetune": METHODS[m].finetune,
+                        "pretrain": LANGUAGE_MODELS[METHODS[m].lm].pretrain if METHODS[m].lm else None}
+                    for m in methods},
+        "pretrain": pretrain_meta,
         "results": results,
-        "timings_seconds": timings,
-        "total_seconds": round(time.perf_counter() - t0, 1),
+        "timings_seconds": clock.timings,
+        "total_seconds": clock.total,
         "machine": {"python": platform.python_version(), "processor": platform.machine(),
                     "torch_threads": _torch_threads()},
     }
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "results.md").write_text(render_markdown(report))
-    log(f"wrote {out / 'results.md'} and {out / 'results.json'} in {report['total_seconds']:.0f}s")
+    plot_relative(report, out / "results.png")
+    s.log(f"wrote {out / 'results.md'}, results.json and results.png in {report['total_seconds']:.0f}s")
     return report
+
+
+def msgspec_builtins(struct) -> dict:
+    import msgspec
+
+    return msgspec.to_builtins(struct)
 
 
 def _torch_threads() -> int:
@@ -347,145 +540,86 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _compare(task: str, tasks: RetailTasks, results: dict, predictions: dict, n_boot: int, seed: int) -> None:
-    """Add each method's metric relative to LightGBM, with a paired bootstrap interval, on common test users."""
-    users = sorted(set.intersection(*(set(p) for p in predictions.values())))
-    target = "label" if task == "purchase" else "spend"
-    truth = dict(zip(tasks.labels.column("user_id").to_pylist(), tasks.labels.column(target).to_pylist()))
-    y = np.array([truth[u] for u in users], dtype=np.float64)
-    base = np.array([predictions["lightgbm"][u] for u in users], dtype=np.float64)
-    key = "auc" if task == "purchase" else "rmse"
-    base_value = results["lightgbm"]["test"][key]
-    for method in predictions:
-        test = results[method]["test"]
-        if test.get(key) is None or base_value is None:
-            continue
-        test[f"relative_{key}_vs_lightgbm"] = test[key] / base_value - 1.0
-        if method != "lightgbm" and n_boot:
-            other = np.array([predictions[method][u] for u in users], dtype=np.float64)
-            if task == "purchase":
-                y_int = y.astype(np.int64)
-                test[f"delta_{key}_ci95"] = bootstrap_delta(y_int, base, other, task, n_boot, seed)
+def _compare(spec: TasksFile, methods: list[str], per_fold: dict, infos: dict, n_boot: int, seed: int) -> dict:
+    """Per task and method: test metrics (fold means), per-fold metrics, and the relative difference to LightGBM
+    with its paired bootstrap interval."""
+    results: dict[str, dict] = {}
+    for task in spec.tasks:
+        rows = {}
+        for name in methods:
+            folds = per_fold[task.name][name]
+            fold_metrics = [kind_metrics(task.kind, y, pred) for y, pred in folds]
+            test = {k: _mean([m.get(k) for m in fold_metrics]) for k in fold_metrics[0] if k != "n"}
+            test["n"] = sum(m["n"] for m in fold_metrics)
+            row = {"title": METHODS[name].title, "test": test, "folds": fold_metrics, "train": infos[task.name][name]}
+            if name != "lightgbm":
+                base = per_fold[task.name]["lightgbm"]
+                row["vs_lightgbm"] = bootstrap_relative(
+                    task.kind, [(y, b, o) for (y, b), (_, o) in zip(base, folds)], n_boot, seed)
             else:
-                test[f"delta_{key}_ci95"] = bootstrap_delta(y, base, other, task, n_boot, seed)
+                row["vs_lightgbm"] = {"relative": 0.0}
+            rows[name] = row
+        results[task.name] = rows
+    return results
 
 
-def _task_definitions(tasks: RetailTasks) -> dict[str, str]:
-    end = tasks.cutoff + dt.timedelta(days=tasks.horizon_days)
-    return {
-        "inputs": f"every line item of a customer before {tasks.cutoff:%Y-%m-%d}",
-        "purchase": (f"binary: the customer has a non-cancelled invoice in [{tasks.cutoff:%Y-%m-%d}, "
-                     f"{end:%Y-%m-%d}) ({tasks.horizon_days} days)"),
-        "spend": f"regression: ln(1 + max(0, net spend in [{tasks.cutoff:%Y-%m-%d}, {end:%Y-%m-%d})))",
-        "split": "salted crc32 of the customer id: 70% train / 15% valid / 15% test; tokenizers and pretraining "
-                 "see only pre-cutoff events of train+valid customers",
-    }
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
-def _interval(ci: dict) -> str:
-    return f"[{ci['low']:+.4f}, {ci['high']:+.4f}]" if ci else "-"
+# --- CLI ---------------------------------------------------------------------------------------------------------
 
 
-def render_markdown(report: dict) -> str:
-    """results.md: task definitions, setup, one table per task, honest notes."""
-    s = report["summary"]
-    p = report["settings"]
-    lines = [
-        "# domaintok on Online Retail: domain tokens vs text serialization vs LightGBM",
-        "",
-        f"- Inputs: {report['tasks']['inputs']}.",
-        f"- Task `purchase`: {report['tasks']['purchase']}.",
-        f"- Task `spend`: {report['tasks']['spend']}.",
-        f"- Split: {report['tasks']['split']}.",
-        f"- Customers: {s['users']} (train {s['users_train']}, valid {s['users_valid']}, test {s['users_test']}); "
-        f"positive rate test {s['positive_rate_test']:.3f}; {s['events']:,} pre-cutoff line items.",
-        f"- Preset `{report['preset']}`: transformer preset {p['model_preset']} with overrides "
-        f"{p['model_overrides'] or 'none'}, context {p['context_length']} tokens, pretraining "
-        f"{p['pretrain_steps']} steps x batch {p['pretrain_batch_size']} (both tokenizations), fine-tuning up to "
-        f"{p['finetune_epochs']} epochs x batch {p['finetune_batch_size']} with early stopping on valid.",
-        f"- Domain schema: `{report['schema']}`. Mean tokens per sequence: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in report["sequence_tokens_mean"].items()) + ".",
-    ]
-    for name, m in report["pretrain"].items():
-        lines.append(
-            f"- Pretraining `{name}`: {m['parameters']:,} parameters ({m['non_embedding_parameters']:,} non-embedding, "
-            f"vocab {m['vocab_size']}), {m['steps']} steps, train loss {m['train_loss']:.3f}, eval loss "
-            f"{m['eval_loss'] if m['eval_loss'] is None else round(m['eval_loss'], 3)}, {m['train_seconds']:.0f}s."
-        )
-    lines.append(f"- Total wall time {report['total_seconds']:.0f}s on {report['machine']['torch_threads']} torch "
-                 "threads (CPU).")
-    for task, results in report["results"].items():
-        lines += ["", f"## {task}", ""]
-        if task == "purchase":
-            lines += ["| method | test AUC | AUC vs LightGBM | 95% CI of AUC diff | test logloss | accuracy |",
-                      "|---|---|---|---|---|---|"]
-            for method, r in results.items():
-                t = r["test"]
-                ci = t.get("delta_auc_ci95") or {}
-                rel = t.get("relative_auc_vs_lightgbm")
-                lines.append(
-                    f"| {METHOD_TITLES[method]} | {t['auc']:.4f} | "
-                    f"{'baseline' if method == 'lightgbm' else f'{rel:+.2%}'} | "
-                    f"{_interval(ci)} | {t['logloss']:.4f} | "
-                    f"{t['accuracy']:.3f} |"
-                )
-        else:
-            lines += ["| method | test RMSE | RMSE vs LightGBM | 95% CI of RMSE diff | test MAE |",
-                      "|---|---|---|---|---|"]
-            for method, r in results.items():
-                t = r["test"]
-                ci = t.get("delta_rmse_ci95") or {}
-                rel = t.get("relative_rmse_vs_lightgbm")
-                lines.append(
-                    f"| {METHOD_TITLES[method]} | {t['rmse']:.4f} | "
-                    f"{'baseline' if method == 'lightgbm' else f'{rel:+.2%}'} | "
-                    f"{_interval(ci)} | {t['mae']:.4f} |"
-                )
-    lines += [
-        "",
-        "Relative AUC = AUC / AUC(LightGBM) - 1 (nuFormer reports +1.25% for joint fusion on its own data). The CI "
-        "is a paired bootstrap over test customers of the metric difference to LightGBM.",
-        "",
-    ]
-    return "\n".join(lines)
+def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(m.strip() for v in values for m in v.split(",") if m.strip())
 
 
 @click.command("evaluate")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Directory holding both Online Retail parquet files (default: ../shared/data/online_retail).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval_retail"),
-              show_default=True, help="Directory for results.md, results.json and the intermediate artifacts.")
-@click.option("--preset", type=click.Choice(sorted(EVAL_PRESETS)), default="small", show_default=True,
-              help="small: the full CPU run (~20 min on 2 cores); tiny: a smoke run.")
+@click.option("--schema", default=None, help="Domain schema: a name under schemas/ or a yaml path.")
+@click.option("--events", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Events parquet file or a directory of them (repeat for several).")
+@click.option("--tasks", "tasks_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="TASKS.yaml: cutoff, split, tasks (see the README).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for results.md/json/png and the intermediate files (under work/).")
+@click.option("--preset", type=click.Choice([*EVAL_PRESETS, *PRESET_ALIASES]), default="quick", show_default=True,
+              help="quick: a smoke run (<= 400 users, tiny model); small: the README's 2 x 64 CPU run.")
+@click.option("--methods", "methods", multiple=True,
+              help=f"Comma-separated methods (default all): {', '.join(METHODS)}; lightgbm always runs.")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Your own feature parquet (user_id + columns), joined to the aggregates.")
+@click.option("--folds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat everything (tokenizers, pretraining, training) on K rotated user-hash splits.")
+@click.option("--max-users", type=click.IntRange(min=20), default=None, help="Cap on users (deterministic by hash).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Pretraining steps (overrides the preset).")
-@click.option("--max-users", type=click.IntRange(min=20), default=None, help="Keep this many customers (hash order).")
-@click.option("--context-length", type=click.IntRange(min=16), default=None,
-              help="Tokens per sequence for both transformers (overrides the preset).")
-@click.option("--task", "tasks", type=click.Choice(TASK_NAMES), multiple=True, default=TASK_NAMES,
-              show_default=True, help="Tasks to run (repeat the option for several; default both).")
-@click.option("--schema", default="online_retail", show_default=True,
-              help="Domain schema for the domain tokens (a name under schemas/ or a yaml path).")
-@click.option("--method", "methods", type=click.Choice(METHODS), multiple=True, default=METHODS,
-              help="Methods to run (repeat; default all; lightgbm is always the reference).")
-@click.option("--quick", is_flag=True, help="The tiny preset on 400 customers: under 3 minutes, for tests.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def command(data_dir, output, preset, max_steps, max_users, context_length, tasks, schema, methods, quick, seed):
-    """Compare domain tokens, text serialization + BPE and LightGBM on Online Retail (next-90-day purchase, spend).
-
-    Runs everything (tasks, both tokenizers, both pretrainings, fine-tuning with and without joint fusion,
-    LightGBM) and writes OUTPUT/results.md and OUTPUT/results.json.
+@click.option("--context-length", type=click.IntRange(min=16), default=None, help="Tokens per sequence.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=None, help="Bootstrap replicates (preset default).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
+def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
+            context_length, bootstrap, seed):
+    """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
+    text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
+    results.png.
     """
+    missing = [name for name, value in (("--schema", schema), ("--events", events), ("--tasks", tasks_file),
+                                        ("--output", output)) if not value]
+    if missing:
+        raise DomaintokError(f"needs {', '.join(missing)} (e.g. --schema online_retail --events DATA.parquet --tasks "
+                             "examples/online_retail/tasks.yaml --output runs/eval; see examples/online_retail)")
     settings = EvaluateSettings(
-        data_dir=data_dir or DEFAULT_DATA_DIR, output=output, preset="tiny" if quick else preset,
-        max_steps=max_steps, max_users=max_users, context_length=context_length, tasks=tuple(tasks), seed=seed,
-        schema=schema,
-        methods=tuple(dict.fromkeys(("lightgbm", *methods))),
-        bootstrap=200 if quick else 1000, progress=not quick, log=lambda m: click.echo(m, err=True),
+        schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
+        methods=_split_methods(methods) or tuple(METHODS), features=features, folds=folds, max_users=max_users,
+        max_steps=max_steps, context_length=context_length, bootstrap=bootstrap, seed=seed,
+        progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)
-    for task, results in report["results"].items():
-        key = "auc" if task == "purchase" else "rmse"
-        click.echo(f"{task}: " + ", ".join(f"{m} {r['test'][key]:.4f}" for m, r in results.items()))
+    for task in report["tasks"]:
+        metric = HEADLINE[task["kind"]]
+        rows = report["results"][task["name"]]
+        click.echo(f"{task['name']} ({metric}): " + ", ".join(
+            f"{m} {r['test'][metric]:.4f}" if r["test"].get(metric) is not None else f"{m} -" for m, r in rows.items()))
 
 
-__all__ = ["EvaluateSettings", "run_evaluation", "lightgbm_baseline", "render_markdown", "EVAL_PRESETS", "command"]
+__all__ = ["EvaluateSettings", "run_evaluation", "lightgbm_predict", "check_options", "selected_methods",
+           "Method", "LanguageModel", "METHODS", "LANGUAGE_MODELS", "EVAL_PRESETS", "command"]

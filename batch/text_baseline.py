@@ -1,7 +1,8 @@
 """The text-serialization baseline: each event as a line of plain text, a generic byte-level BPE trained on it.
 
-"2011-03-04 12:30 | United Kingdom | WHITE HANGING HEART T-LIGHT HOLDER | qty 6 | 15.30" per line item, laid out
-like the domain tokens ([BOS] e1 [SEP] ... en [SEP], newest whole events kept), so the same transformer can read it.
+Each event is its schema fields' values in schema order ("+ | 15.30 | 2011-03-04 12:30 | WHITE HANGING HEART | United
+Kingdom | 6 | 85123A" for a retail line item): no column is named here. Sequences are laid out like the domain tokens
+([BOS] e1 [SEP] ... en [SEP], newest whole events kept), so the same transformer can read them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -27,33 +27,55 @@ SEQUENCES_SCHEMA = pa.schema(
 )
 
 
-def serialize_events(events: pa.Table, max_events_per_user: int | None = None) -> pa.Table:
-    """Raw Online Retail line items -> (user_id, event_ts, n_events, text), ordered by user then time.
+def _field_text(i: int, ftype: str) -> str:
+    """SQL rendering of field i's value (column __f{i} of the tokenizer's events view) as short text."""
+    col = f"__f{i}"
+    if ftype == "temporal":
+        return f"strftime({col}, '%Y-%m-%d %H:%M')"
+    if ftype == "sign":
+        return f"CASE WHEN {col} > 0 THEN '+' WHEN {col} < 0 THEN '-' WHEN {col} = 0 THEN '0' END"
+    if ftype == "numerical_discrete":
+        return f"CAST(CAST(round({col}) AS BIGINT) AS VARCHAR)"
+    if ftype == "numerical_continuous":
+        return f"printf('%.2f', {col})"
+    return f"trim({col})"
+
+
+def serialize_events(schema, data, max_events_per_user: int | None = None) -> pa.Table:
+    """Events a schema reads (parquet path(s) or an Arrow table) -> (user_id, event_ts, n_events, text), ordered by
+    user then time; text is every schema field's value in schema order, joined by " | " ("?" when null).
 
     Only each user's newest `max_events_per_user` events are serialized (the context window never holds more);
-    n_events still counts all of them. The amount is Quantity * Price, so cancellations show as negatives.
+    n_events still counts all of them. Rows the schema's filter drops, or without a user or time, are left out.
     """
-    con = duckdb.connect()
-    con.register("text_events", events)
+    from domaintok.schema import DomainSchema, load_schema
+    from domaintok.tokenizer import _KEEP, _connect, _create_events_view
+
+    if not isinstance(schema, DomainSchema):
+        schema = load_schema(schema)
+    con = _connect(schema)
+    view = _create_events_view(con, schema, data)
+    parts = [f"coalesce({_field_text(i, f.type)}, '?')" for i, f in enumerate(schema.fields)]
+    text = " || ' | ' || ".join(parts)
     limit = "" if max_events_per_user is None else "WHERE rank_from_newest <= $limit"
     params = {} if max_events_per_user is None else {"limit": int(max_events_per_user)}
-    return con.sql(
-        f"""
-        WITH numbered AS (
-            SELECT CAST("CustomerID" AS VARCHAR) AS user_id, "InvoiceDate" AS event_ts,
-                   strftime("InvoiceDate", '%Y-%m-%d %H:%M') || ' | ' || coalesce("Country", '?') || ' | '
-                     || coalesce(trim("Description"), '?') || ' | qty ' || CAST("Quantity" AS VARCHAR) || ' | '
-                     || printf('%.2f', "Quantity" * "Price") AS text,
-                   row_number() OVER (PARTITION BY "CustomerID" ORDER BY "InvoiceDate" DESC, rowid DESC)
-                     AS rank_from_newest,
-                   count(*) OVER (PARTITION BY "CustomerID") AS n_events
-            FROM (SELECT *, row_number() OVER () AS rowid FROM text_events) WHERE "CustomerID" IS NOT NULL
-        )
-        SELECT user_id, event_ts, n_events, text FROM numbered {limit}
-        ORDER BY user_id, event_ts, rank_from_newest DESC
-        """,
-        params=params,
-    ).to_arrow_table()
+    try:
+        return con.sql(
+            f"""
+            WITH numbered AS (
+                SELECT __user AS user_id, __ts AS event_ts, {text} AS text,
+                       row_number() OVER (PARTITION BY __user ORDER BY __ts DESC, __input DESC, __row DESC)
+                         AS rank_from_newest,
+                       count(*) OVER (PARTITION BY __user) AS n_events
+                FROM {view} WHERE {_KEEP}
+            )
+            SELECT user_id, event_ts, n_events, text FROM numbered {limit}
+            ORDER BY user_id, event_ts, rank_from_newest DESC
+            """,
+            params=params,
+        ).to_arrow_table()
+    finally:
+        con.close()
 
 
 def train_text_tokenizer(texts: list[str], vocab_size: int = 4096, context_length: int = 1024):
@@ -132,20 +154,21 @@ def text_sequences(tokenizer, serialized: pa.Table, context_length: int) -> pa.T
 
 
 def fit_text_baseline(
-    fit_events: pa.Table,
-    all_events: pa.Table,
+    schema,
+    fit_events,
+    all_events,
     tokenizer_dir: str | Path,
     context_length: int,
     vocab_size: int = 4096,
 ) -> tuple[object, pa.Table]:
-    """Train the BPE on `fit_events`' text, save it to `tokenizer_dir`, and return it with the sequences of
-    every user in `all_events`."""
+    """Train the BPE on the text of `fit_events` (what `schema` reads: parquet path(s) or an Arrow table), save it to
+    `tokenizer_dir`, and return it with the sequences of every user in `all_events`."""
     # Enough events that a window of context_length tokens is always full (an event is >= ~10 BPE tokens).
     max_events = max(8, context_length // 4)
-    fit_text = serialize_events(fit_events).column("text").to_pylist()
+    fit_text = serialize_events(schema, fit_events).column("text").to_pylist()
     tokenizer = train_text_tokenizer(fit_text, vocab_size=vocab_size, context_length=context_length)
     tokenizer.save_pretrained(str(tokenizer_dir))
-    sequences = text_sequences(tokenizer, serialize_events(all_events, max_events), context_length)
+    sequences = text_sequences(tokenizer, serialize_events(schema, all_events, max_events), context_length)
     return tokenizer, sequences
 
 
