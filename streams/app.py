@@ -25,6 +25,7 @@ from domaintok.errors import DomaintokError
 from streams import metrics
 from streams.positions import PositionGuard
 from streams.records import encode_record
+from streams.routing import HomePartitions, RateLimitedWarning
 from streams.settings import KafkaSettings
 from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, process_batch
 
@@ -116,6 +117,10 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         from streams.fast_consumer import use_batch_consumer
 
         use_batch_consumer(app, fetch_max_wait=config.fetch_max_wait)
+    else:
+        from streams.fast_consumer import use_gap_safe_consumer
+
+        use_gap_safe_consumer(app)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     events = app.topic(settings.topic_events, partitions=settings.partitions, **raw)
     sequences = app.topic(settings.topic_sequences, partitions=settings.partitions, **raw)
@@ -129,6 +134,20 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
     # The resume point per input partition, in the Table (streams/positions.py): Faust's committed offset can skip
     # events after a restart with a backlog (faust-streaming issue 596) and redeliver the last one.
     guard = PositionGuard(windows, settings.partitions)
+    # Events read off their user's home partition go there (streams/routing.py): home from the topic's real count.
+    routing: dict[str, HomePartitions] = {}
+    misrouted_warning = RateLimitedWarning(every=60.0)
+
+    def home_partitions() -> HomePartitions:
+        partitions = app.consumer.topic_partitions(settings.topic_events) or settings.partitions
+        current = routing.get("home")
+        if current is None or current.partitions != partitions:
+            if partitions != settings.partitions:
+                log.warning("event=partition_count topic=%s partitions=%d table_partitions=%d: the events topic no "
+                            "longer matches the tokenizer's Table; see the README's 'Growing partitions'",
+                            settings.topic_events, partitions, settings.partitions)
+            current = routing["home"] = HomePartitions(partitions)
+        return current
 
     @app.agent(events)
     async def tokenize(stream):
@@ -149,16 +168,21 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
             for m in (ev.message for ev in batch)
         ]
         screened = guard.screen(messages, time.monotonic())
+        consumer = app.consumer
         for partition, offset in screened.seeks.items():
             metrics.log_kv(log, "gap", partition=partition, seek_to=offset, arrived=screened.arrived.get(partition),
                            dropped=screened.dropped)
-            await app.consumer.seek(TP(settings.topic_events, partition), offset)
+            tp = TP(settings.topic_events, partition)
+            await consumer.seek(tp, offset)
+            await consumer.settle_before(tp, offset)  # below the stored position: folded already, commit past it
         for partition, first, last in screened.accepted_holes:
             log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
                         first, last, partition)
+            await consumer.settle_before(TP(settings.topic_events, partition), last + 1)
         t0 = time.perf_counter()
         # the guard's replays are not folded again, but re-send their users' stored windows (see stored_sequences)
-        result = process_batch(tok, decoders, screened.keep, windows, max_length, replays=screened.replays)
+        result = process_batch(tok, decoders, screened.keep, windows, max_length, replays=screened.replays,
+                               home=home_partitions())
         guard.record(screened.keep)
         metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
         metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
@@ -171,7 +195,17 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         for d in result.dead_letters:
             futures.append(await send(settings.topic_dead_letter, d.key, d.value, None, None, d.headers))
             metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
-        # Deliveries (sequences, dead letters, changelog) confirmed before take_events acks the batch.
+        events_topic = settings.topic_events
+        for f in result.forwards:
+            futures.append(await send(events_topic, f.key, f.value, f.partition, f.timestamp_ms / 1000, f.headers))
+        if result.forwards:
+            metrics.MISROUTED.labels("tokenize").inc(len(result.forwards))
+            due = misrouted_warning.add(len(result.forwards))
+            if due:
+                log.warning("event=misrouted count=%d: events arrived off their user's home partition (a producer "
+                            "not using murmur2 key partitioning, or a changed partition count) and were forwarded "
+                            "there", due)
+        # Deliveries (sequences, dead letters, forwards, changelog) confirmed before take_events acks the batch.
         await app.producer.flush()
         if futures:
             await asyncio.gather(*futures)

@@ -39,7 +39,10 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, EventT, Message
 from mode.utils.times import want_seconds
 
-__all__ = ["BatchConsumer", "BatchConsumerThread", "BatchStream", "BatchTransport", "use_batch_consumer"]
+__all__ = [
+    "BatchConsumer", "BatchConsumerThread", "BatchStream", "BatchTransport", "GapSafeConsumer", "GapSafeOffsets",
+    "GapSafeTransport", "use_batch_consumer", "use_gap_safe_consumer",
+]
 
 
 class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
@@ -58,7 +61,46 @@ class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
-class BatchConsumer(aiokafka_driver.Consumer):
+class GapSafeOffsets:
+    """Committed offsets that advance past a gap whose offsets were also acked (mixed into the consumer classes).
+
+    Faust records a hole in the fetched offsets as a gap interval that includes the first offset after the hole,
+    and when it computes the offset to commit it appends the gap's offsets to the acked list without removing
+    those already acked. The commit then stops at the first duplicate (it takes the first run of consecutive
+    numbers), so each commit interval moves the committed offset by one or two. A hole is always followed by
+    acks inside it: the first record after it, and, when the position guard seeks back over the hole, every
+    record re-read there. One gap seek froze a partition's commits for minutes and made every later restart
+    replay more. Here the gap is merged into the acked offsets as a set, so the commit advances to the end of
+    the consecutive run at once.
+    """
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked = self._acked[tp]
+        gap = self._gap.get(tp)
+        if acked and gap:
+            top = max(acked)
+            filled = set(acked)
+            for interval in gap.overlap(0, top):
+                filled.update(range(interval.begin, interval.end))
+            acked[:] = sorted(filled)
+            gap.chop(0, max(acked[-1], top) + 1)
+        return super()._new_offset(tp)
+
+    async def settle_before(self, tp: TP, offset: int) -> None:
+        """Let commits pass every offset below `offset`: the caller holds them as done (the position guard's
+        stored position covers them, or they are absent from the log).
+
+        Why: when the guard seeks a partition forward of its committed offset (to its stored position + 1) or
+        accepts a hole, the offsets in between are never delivered and acked again, and Faust will not commit
+        past an offset that is neither acked nor in a gap: the partition's committed offset would stay where it
+        was while its lag grew, and every restart would replay more.
+        """
+        committed = self._committed_offset.get(tp)
+        if committed is not None and offset - 1 >= committed:
+            await self._add_gap(tp, committed, offset - 1)
+
+
+class BatchConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
     """aiokafka-driver consumer that puts whole fetched partition batches into per-topic queues.
 
     `batch_queue(topic)` registers a topic for batch delivery (called by `BatchStream.take_events`); records of
@@ -184,6 +226,22 @@ class BatchConsumer(aiokafka_driver.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+class GapSafeConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
+    """The stock aiokafka-driver consumer (per-message delivery) with GapSafeOffsets' commits."""
+
+
+class GapSafeTransport(aiokafka_driver.Transport):
+    """The stock aiokafka transport with `GapSafeConsumer` (`DOMAINTOK_CONSUMER=faust`)."""
+
+    Consumer = GapSafeConsumer
+
+
+def use_gap_safe_consumer(app: faust.App) -> faust.App:
+    """Make `app` consume through the stock per-message consumer with gap-safe commits (before anything starts)."""
+    app.transport = GapSafeTransport(app.conf.broker_consumer, app)
+    return app
 
 
 class BatchTransport(aiokafka_driver.Transport):

@@ -30,6 +30,10 @@ END_TO_END_SECONDS = Histogram(
     "domaintok_end_to_end_seconds", "Event Kafka timestamp to embedding production", registry=REGISTRY,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10),
 )
+MISROUTED = Counter(
+    "domaintok_misrouted_total", "Events read off their user's home partition (forwarded there)", ["stage"],
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge("domaintok_consumer_lag", "High watermark minus position, summed over assigned partitions",
                      ["stage"], registry=REGISTRY)
 

@@ -17,6 +17,7 @@ HEADER_ERROR = "domaintok-error"
 HEADER_SOURCE = "domaintok-source"
 HEADER_STAGE = "domaintok-stage"
 HEADER_TRUNCATED = "domaintok-truncated"  # dead letter whose value was cut to fit: the original size in bytes
+HEADER_FORWARDED = "domaintok-forwarded-from"  # an event forwarded to its home partition: "<partition>/<offset>"
 
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_MSGPACK = "application/msgpack"

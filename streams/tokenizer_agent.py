@@ -12,7 +12,7 @@ import datetime as dt
 import math
 import time
 import typing
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import msgspec
@@ -23,6 +23,7 @@ from domaintok.window import UserWindow, append_events, window_input_ids
 from streams.records import (
     CONTENT_TYPE_MSGPACK,
     HEADER_FINGERPRINT,
+    HEADER_FORWARDED,
     HEADER_TRUNCATED,
     STAGE_TOKENIZE,
     Headers,
@@ -31,6 +32,7 @@ from streams.records import (
     dead_letter_headers,
     header_value,
 )
+from streams.routing import format_origin, parse_origin
 from streams.settings import DEAD_LETTER_MAX_BYTES
 
 # An event time more than this ahead of the worker's clock is refused (reason class "time"): a clock or unit error
@@ -72,6 +74,9 @@ class StoredWindow(UserWindow, kw_only=True):
 
     partition: int = -1
     offset: int = -1
+    # origin partition -> the highest origin offset of the events forwarded here from it (a re-forward of an
+    # event at or below it, after a crash of the worker that forwarded it, is a duplicate and skipped)
+    origins: dict[int, int] = {}
 
 
 # Table values: the window as msgpack (compact; the changelog stores exactly these bytes).
@@ -111,11 +116,24 @@ class DeadLetterOut:
 
 
 @dataclasses.dataclass
+class ForwardOut:
+    """A valid event read off its user's home partition, to be produced again to the events topic at `partition`
+    (its home) with its original key, value, headers and timestamp, plus the `domaintok-forwarded-from` header."""
+
+    key: bytes
+    value: bytes
+    headers: Headers
+    partition: int
+    timestamp_ms: int
+
+
+@dataclasses.dataclass
 class BatchResult:
     sequences: list[tuple[bytes, SequenceRecord]]  # (key, record), one per changed user, in first-seen order
     dead_letters: list[DeadLetterOut]
     good: int
     replayed: int = 0  # events already in their user's stored window (a replay after a crash), skipped
+    forwards: list[ForwardOut] = dataclasses.field(default_factory=list)  # events sent on to their home partition
 
 
 def _fields_of_type(struct: type[msgspec.Struct], wanted: type) -> tuple[str, ...]:
@@ -211,6 +229,7 @@ def process_batch(
     max_future_us: int | None = MAX_FUTURE_US,
     now_us: int | None = None,
     replays: Sequence[Message] = (),
+    home: Callable[[bytes], int] | None = None,
 ) -> BatchResult:
     """Validate, tokenize (ONE encode_event_tokens call) and fold `messages` into the per-user windows of `table`.
 
@@ -225,11 +244,20 @@ def process_batch(
 
     `replays`: messages the caller already screened out as replays (the worker's position guard). They are not folded
     again, but, like the replays found here, they re-send their users' stored windows (see stored_sequences).
+
+    `home`: key -> the user's home partition (streams/routing.py). A valid event read on another partition is not
+    folded here but returned in `forwards`, to be produced to its home partition, where it arrives with the
+    `domaintok-forwarded-from` header and is folded once: a forward whose origin offset is at or below the highest
+    one the user's window already holds from that origin partition is a duplicate (a re-forward after a crash) and
+    skipped. Events are validated (and dead-lettered) where they are first read, so a bad one is dead-lettered once.
+    Forwarded events are never forwarded again: one that is still off its home partition (the partition count
+    changed in between) is folded where it is. None: no forwarding (every event is folded where it is read).
     """
     fingerprint = tok.fingerprint
     dead: list[DeadLetterOut] = []
     events: list[Any] = []
     kept: list[Message] = []
+    origins: list[tuple[int, int] | None] = []  # per kept message: where a forwarded event was first read
     for msg in messages:
         got = header_value(msg.headers, HEADER_FINGERPRINT)
         if got != fingerprint:
@@ -243,11 +271,13 @@ def process_batch(
             dead.append(_dead(msg, "empty value", "decode"))
             continue
         try:
+            origin = _origin(msg.headers)
             events.append(decoders.decode(msg.value, msg.headers))
         except Exception as exc:  # noqa: BLE001 - whatever the bytes raise, the record goes to dead-letter
             dead.append(_dead(msg, _decode_reason(exc), "decode"))
             continue
         kept.append(msg)
+        origins.append(origin)
     if not events:
         return BatchResult(stored_sequences(tok, table, replays), dead, 0)
 
@@ -266,6 +296,7 @@ def process_batch(
         crashed = _crashing_events(tok, events, previous)
         dead += [_dead(kept[i], why, "tokenize") for i, why in sorted(crashed.items())]
         kept = [m for i, m in enumerate(kept) if i not in crashed]
+        origins = [o for i, o in enumerate(origins) if i not in crashed]
         events = [e for i, e in enumerate(events) if i not in crashed]
         if not events:
             return BatchResult(stored_sequences(tok, table, replays), dead, 0)
@@ -279,6 +310,8 @@ def process_batch(
     per_user: dict[bytes, tuple[str, list, list, list[int], list[Message]]] = {}
     replayed = 0
     replays = list(replays)
+    forwards: list[ForwardOut] = []
+    seen_origins: dict[bytes, dict[int, int]] = {}  # per user: the stored origins, advanced by this batch
     for i, msg in enumerate(kept):
         reason = et.errors[i]
         if reason is not None:
@@ -293,11 +326,23 @@ def process_batch(
             why = f"event time {_iso_us(et.event_ts[i])} is more than {max_future_us / 3.6e9:g} h in the future"
             dead.append(_dead(msg, why, "time"))
             continue
+        origin = origins[i]
+        if origin is None and home is not None and home(key) != msg.partition:
+            forwards.append(_forward(msg, home(key)))
+            continue
         stored = windows[key]
         if stored is not None and stored.partition == msg.partition and msg.offset <= stored.offset:
             replayed += 1
             replays.append(msg)
             continue
+        if origin is not None:
+            seen = seen_origins.get(key)
+            if seen is None:
+                seen = seen_origins[key] = dict(stored.origins) if stored is not None else {}
+            if origin[1] <= seen.get(origin[0], -1):
+                replayed += 1  # the same event forwarded again (its forwarder replayed it after a crash)
+                continue
+            seen[origin[0]] = origin[1]
         slot = per_user.get(key)
         if slot is None:
             slot = per_user[key] = (user, [], [], [], [])
@@ -311,7 +356,10 @@ def process_batch(
     for key, (user, ids, ts, kafka_ts, msgs) in per_user.items():
         window = append_events(windows[key], ids, ts, max_length)
         last = msgs[-1]
-        window = StoredWindow(**msgspec.structs.asdict(window), partition=last.partition, offset=last.offset)
+        stored = windows[key]
+        origins_now = seen_origins.get(key, stored.origins if stored is not None else {})
+        window = StoredWindow(**msgspec.structs.asdict(window), partition=last.partition, offset=last.offset,
+                              origins=origins_now)
         table[key] = encode_window(window)
         good += len(ids)
         out.append(
@@ -328,7 +376,19 @@ def process_batch(
             )
         )
     out += stored_sequences(tok, table, replays, skip_keys={key for key, _ in out})  # ours and the caller's
-    return BatchResult(out, dead, good, replayed)
+    return BatchResult(out, dead, good, replayed, forwards)
+
+
+def _origin(headers: Headers) -> tuple[int, int] | None:
+    """Where a forwarded event was first read (its `domaintok-forwarded-from` header); None for a producer's own.
+    A malformed header raises ValueError (the record is dead-lettered as undecodable)."""
+    value = header_value(headers, HEADER_FORWARDED)
+    return None if value is None else parse_origin(value)
+
+
+def _forward(msg: Message, partition: int) -> ForwardOut:
+    headers = [*msg.headers, (HEADER_FORWARDED, format_origin(msg.partition, msg.offset))]
+    return ForwardOut(msg.key, msg.value, headers, partition, msg.timestamp_ms)
 
 
 def stored_sequences(

@@ -110,3 +110,82 @@ def test_a_replay_sends_the_stored_window_again(retail_domain_tokenizer, retail_
     # the same when the worker's position guard screened the replays out before process_batch
     screened = process_batch(tok, decoders, [], state, tok.max_length, replays=msgs)
     assert screened.replayed == 0 and dict(screened.sequences).keys() == first.keys()
+
+
+@pytest.fixture(scope="module")
+def ecommerce():
+    """Synthetic e-commerce events (distinct times per user, no time-since-previous tokens: the window does not
+    depend on arrival order) and a tokenizer fitted on them."""
+    from domaintok.synthetic import generate_events
+    from domaintok.tokenizer import DomainTokenizer
+
+    table = generate_events("ecommerce", 40, 2500, seed=3)
+    tok = DomainTokenizer.fit("ecommerce", table, max_length=96)
+    rows = [msgspec.convert(r, tok.event_struct, strict=False) for r in table.to_pylist()]
+    return tok, table, rows
+
+
+def test_events_off_their_home_partition_are_forwarded_and_counted_once(ecommerce):
+    """Two producers disagree on partitions (murmur2 and CRC32): every event is folded on its user's home partition
+    once, also when the forwarding batch is replayed (a crash before its ack re-forwards the same events)."""
+    import zlib
+
+    from streams.routing import HomePartitions
+
+    tok, table, rows = ecommerce
+    decoders = EventDecoders(tok.event_struct)
+    partitions = 4
+    home = HomePartitions(partitions)
+    enc = msgspec.json.Encoder()
+    headers = event_headers(tok.fingerprint)
+    logs: list[list[Message]] = [[] for _ in range(partitions)]
+    for i, r in enumerate(rows):
+        key = r.user_id.encode()
+        p = home(key) if i % 2 else zlib.crc32(key) % partitions  # librdkafka's consistent partitioner is CRC32
+        logs[p].append(Message(key, enc.encode(r), headers, "events", p, len(logs[p]), 1_000 + i))
+    state: dict[bytes, bytes] = {}
+    read = [0] * partitions
+    latest: dict[str, object] = {}
+    forwarded = duplicates = 0
+    for round_ in range(100):
+        progressed = False
+        for p in range(partitions):
+            batch = logs[p][read[p] : read[p] + 150]
+            if not batch:
+                continue
+            progressed = True
+            res = process_batch(tok, decoders, batch, state, tok.max_length, home=home)
+            assert res.dead_letters == []
+            repeats = 2 if round_ % 3 == 0 else 1  # every third round the forwarder "crashes" and forwards again
+            for f in res.forwards * repeats:
+                assert f.partition == home(f.key) != p
+                logs[f.partition].append(
+                    Message(f.key, f.value, f.headers, "events", f.partition, len(logs[f.partition]), f.timestamp_ms))
+            forwarded += len(res.forwards)
+            duplicates += len(res.forwards) * (repeats - 1)
+            for _, rec in res.sequences:
+                latest[rec.user_id] = rec
+            read[p] += len(batch)
+        if not progressed:
+            break
+    assert forwarded > 300 and duplicates > 50
+    offline = tok.tokenize(table).to_pylist()
+    assert len(offline) == len(latest)
+    for row in offline:
+        rec = latest[row["user_id"]]
+        assert (rec.n_events, rec.input_ids) == (row["n_events"], list(row["input_ids"])), row["user_id"]
+        window = decode_window(state[row["user_id"].encode()])
+        assert window.partition == home(row["user_id"].encode())
+
+
+def test_a_malformed_forwarded_from_header_is_dead_lettered(retail_domain_tokenizer, retail_rows):
+    from streams.records import HEADER_FORWARDED
+
+    tok = retail_domain_tokenizer
+    _, rows = retail_rows
+    [msg] = _messages(tok, rows[:1])
+    msg.headers = [*msg.headers, (HEADER_FORWARDED, b"three/4")]
+    res = process_batch(tok, EventDecoders(tok.event_struct), [msg], {}, tok.max_length)
+    [dead] = res.dead_letters
+    assert dead.reason_class == "decode"
+    assert "domaintok-forwarded-from" in header_value(dead.headers, HEADER_ERROR)
