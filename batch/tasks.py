@@ -2,7 +2,8 @@
 user-hash split and the labels (from events after the cutoff or from a label file), all in DuckDB.
 
 Rules: events strictly before `cutoff` are the inputs; the population is every user with at least `min_events`
-(default 1) such events that passes the schema's filter; labels from events use (cutoff, cutoff + horizon_days].
+(default 1) such events that pass the schema's filter; labels from events read [cutoff, cutoff + horizon_days), so
+every event is either an input or in a label window, never both.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class SplitSpec(_Strict, forbid_unknown_fields=True, kw_only=True):
 
 
 class EventsLabel(_Strict, forbid_unknown_fields=True, kw_only=True, tag="events", tag_field="from"):
-    """A label computed from the events in (cutoff, cutoff + horizon_days]."""
+    """A label computed from the events in [cutoff, cutoff + horizon_days)."""
 
     horizon_days: int
     aggregate: Literal["any", "count", "sum"] = "any"
@@ -250,7 +251,7 @@ def build_labels(con: duckdb.DuckDBPyConnection, spec: TasksFile, task: TaskSpec
     source = f"(SELECT *, ({label.expression}) AS __value FROM {EVENTS_TABLE})" if label.expression else EVENTS_TABLE
     sql = (
         f"SELECT p.{USER} AS user_id, p.split, {value} AS label FROM {POPULATION_TABLE} p "
-        f"LEFT JOIN {source} e ON e.{USER} = p.{USER} AND e.{TS} > $cutoff AND e.{TS} <= $end{where} "
+        f"LEFT JOIN {source} e ON e.{USER} = p.{USER} AND e.{TS} >= $cutoff AND e.{TS} < $end{where} "
         f"GROUP BY p.{USER}, p.split ORDER BY 1"
     )
     try:
@@ -294,7 +295,7 @@ def describe_task(spec: TasksFile, task: TaskSpec) -> str:
     if isinstance(label, FileLabel):
         return f"{task.kind}: column `{label.column}` of {Path(label.path).name}"
     end = spec.cutoff + dt.timedelta(days=label.horizon_days)
-    window = f"events in ({spec.cutoff:%Y-%m-%d %H:%M}, {end:%Y-%m-%d %H:%M}]"
+    window = f"events in [{spec.cutoff:%Y-%m-%d %H:%M}, {end:%Y-%m-%d %H:%M})"
     what = {"any": "at least one of the", "count": "number of", "sum": f"sum of `{label.expression}` over the"}
     text = f"{task.kind}: {what[label.aggregate]} {window}"
     if label.where:
