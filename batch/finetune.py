@@ -19,6 +19,7 @@ import click
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from domaintok.errors import DomaintokError
@@ -225,7 +226,8 @@ def join_inputs(
 
 
 def task_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
-    """binary: auc, logloss, accuracy (p > 0.5), brier; multiclass: accuracy, logloss; regression: rmse, mae."""
+    """binary: auc, logloss, accuracy (p > 0.5), brier; multiclass: accuracy, logloss, macro_auc (one-vs-rest,
+    averaged over the classes present with both outcomes); regression: rmse, mae."""
     from sklearn.metrics import log_loss, roc_auc_score
 
     n = len(y)
@@ -249,18 +251,47 @@ def task_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float 
             "n": n,
             "accuracy": float(np.mean(p.argmax(axis=1) == y)),
             "logloss": float(log_loss(y, p, labels=list(range(p.shape[1])))),
+            "macro_auc": macro_auc(y, p),
         }
     err = pred.astype(np.float64) - y.astype(np.float64)
     return {"n": n, "rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
 
 
-def selection_score(task: str, metrics: dict) -> float:
-    """Higher is better: AUC (binary; -logloss if one class), -logloss (multiclass), -RMSE (regression)."""
-    if task == "binary":
-        return metrics["auc"] if metrics.get("auc") is not None else -metrics["logloss"]
-    if task == "multiclass":
+def macro_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Mean one-vs-rest AUC over the classes that occur in y and not in every row (None when there are none)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < np.sum(y == c) < len(y)]
+    return float(np.mean(aucs)) if aucs else None
+
+
+# Metrics early stopping and model selection may use, per task; the first is the default.
+SELECTION_METRICS = {
+    "binary": ("auc", "logloss", "accuracy", "brier"),
+    "multiclass": ("macro_auc", "accuracy", "logloss"),
+    "regression": ("rmse", "mae"),
+}
+HIGHER_IS_BETTER = {"auc", "macro_auc", "accuracy"}
+
+
+def resolve_metric(task: str, metric: str | None) -> str:
+    """The selection metric: `metric`, checked against the task, or the task's default (auc, macro_auc, rmse)."""
+    allowed = SELECTION_METRICS[task]
+    if metric is None:
+        return allowed[0]
+    if metric not in allowed:
+        raise DomaintokError(f"metric {metric!r} does not apply to a {task} task (choose from {', '.join(allowed)})")
+    return metric
+
+
+def selection_score(task: str, metrics: dict, metric: str | None = None) -> float:
+    """Higher is better: the metric, negated where lower is better; an AUC undefined on one class falls back to
+    -logloss."""
+    metric = resolve_metric(task, metric)
+    value = metrics.get(metric)
+    if value is None:
         return -metrics["logloss"]
-    return -metrics["rmse"]
+    return value if metric in HIGHER_IS_BETTER else -value
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -268,7 +299,16 @@ def selection_score(task: str, metrics: dict) -> float:
 
 @dataclass
 class FinetuneSettings:
-    """Every knob of a fine-tuning run (the CLI's options)."""
+    """Every knob of a fine-tuning run (the CLI's options).
+
+    Early stopping counts evaluations (`evals_per_epoch` per epoch): a stage stops at the first evaluation after
+    `patience` evaluations in a row that failed to beat the best valid score by more than `min_delta`, but never
+    before `min_epochs` epochs of the stage. The saved model, the valid and the test metrics are those of the best valid evaluation of the run.
+    Staged fusion (`staged`, sequence models with features): stage 1 trains the tabular branch and head with the
+    sequence branch off (encoder frozen and not run), up to `stage1_epochs` with `stage1_patience`; stage 2 starts
+    from stage 1's best, opens the sequence branch and trains everything (encoder at `encoder_lr`). Selection spans
+    both stages, so the result is never worse on valid than the tabular-only stage 1.
+    """
 
     model: Path
     sequences: Path
@@ -286,14 +326,24 @@ class FinetuneSettings:
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 3e-4
+    encoder_lr: float = 3e-4
     head_lr: float = 1e-3
+    # AdamW decoupled weight decay on weight matrices; biases, norms and the sequence gate get none.
     weight_decay: float = 0.01
-    warmup: float = 0.05
+    warmup: float = 0.05  # fraction of a stage's steps (linear warm-up, then cosine decay to 10%)
+    warmup_steps: int | None = None  # overrides `warmup`
+    metric: str | None = None  # selection metric; None: auc / macro_auc / rmse by task
     patience: int = 2
+    min_epochs: float = 1.0
+    min_delta: float = 0.0
     evals_per_epoch: int = 1
     max_length: int | None = None
-    dropout: float = 0.1
+    dropout: float = 0.1  # head and DCNv2 deep tower
+    sequence_dropout: float = 0.0  # drop a row's whole user embedding in training
+    sequence_gate: bool = True
+    staged: bool = True
+    stage1_epochs: int = 30
+    stage1_patience: int = 5
     embedding_layernorm: bool = True
     # False trains the tabular branch alone (PLR/DCNv2 + head, no transformer): the ablation of joint fusion.
     use_sequence: bool = True
@@ -311,12 +361,12 @@ def _targets(task: str, labels: pa.ChunkedArray, label_column: str) -> tuple[np.
             raise DomaintokError(f"binary task: label column {label_column!r} holds {sorted(bad)[0]!r}; expected 0/1")
         return values.astype(np.int64), []
     if task == "multiclass":
-        strings = [str(v) for v in labels.to_pylist()]
-        classes = sorted(set(strings))
+        strings = pc.cast(labels, pa.string())
+        classes = sorted(v for v in pc.unique(strings).to_pylist())
         if len(classes) < 2:
             raise DomaintokError(f"multiclass task: label column {label_column!r} has fewer than 2 classes")
-        index = {c: i for i, c in enumerate(classes)}
-        return np.array([index[s] for s in strings], dtype=np.int64), classes
+        index = pc.index_in(strings, value_set=pa.array(classes, pa.string()))
+        return index.to_numpy(zero_copy_only=False).astype(np.int64), classes
     try:
         return labels.cast(pa.float64()).to_numpy(zero_copy_only=False), []
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -358,24 +408,204 @@ def predict(model, sequences: list[np.ndarray], numeric, categorical, batch_size
     return result
 
 
+def _no_weight_decay(name: str, parameter) -> bool:
+    """Biases, norm parameters and other vectors/scalars (the sequence gate) are kept out of weight decay."""
+    leaf = name.rsplit(".", 1)[-1]
+    return parameter.ndim < 2 or leaf == "bias" or "norm" in name.lower()
+
+
+def param_groups(model, encoder_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: encoder / head (head = tabular branch, gate and MLP head) x decay /
+    no decay; each group carries a `name` (encoder_decay, encoder_no_decay, head_decay, head_no_decay)."""
+    groups: dict[str, list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "encoder" if name.startswith("transformer.") else "head"
+        kind = "no_decay" if _no_weight_decay(name, parameter) else "decay"
+        groups.setdefault(f"{part}_{kind}", []).append(parameter)
+    return [
+        {"name": key, "params": params, "lr": encoder_lr if key.startswith("encoder") else head_lr,
+         "weight_decay": weight_decay if key.endswith("_decay") and not key.endswith("no_decay") else 0.0}
+        for key, params in sorted(groups.items())
+    ]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier per step: linear warm-up over warmup_steps, then cosine decay to 10% at total_steps."""
+    warmup_steps = max(1, min(warmup_steps, total_steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule
+
+
+@dataclass
+class _Best:
+    """The best valid evaluation so far across stages, with a copy of the weights it was made with."""
+
+    score: float = -math.inf
+    step: int = 0
+    stage: int = 0
+    state: dict | None = None
+
+
+class _Trainer:
+    """The training loop over one joined data set: stages of steps with evaluations and early stopping."""
+
+    def __init__(self, model, settings: FinetuneSettings, sequences, numeric, categorical, y, rows, device, pad: int):
+        import torch
+
+        self.model, self.s = model, settings
+        self.sequences, self.numeric, self.categorical = sequences, numeric, categorical
+        self.y, self.rows, self.device, self.pad = y, rows, device, pad
+        self.labels = torch.from_numpy(np.array(y, copy=True))  # Arrow buffers are read-only
+        self.lengths = np.fromiter((len(q) for q in sequences), dtype=np.int64, count=len(sequences))
+        self.rng = np.random.default_rng(settings.seed)
+        self.metric = resolve_metric(settings.task, settings.metric)
+        self.best = _Best()
+        self.history: list[dict] = []
+        self.step = 0
+        self.stopped_early: list[bool] = []
+
+    def evaluate(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        pred = predict(self.model, [self.sequences[i] for i in rows], self.numeric[rows], self.categorical[rows],
+                       self.s.batch_size, self.device)
+        return task_metrics(self.s.task, self.y[rows], pred), pred
+
+    def _train_step(self, rows, optimizer, scheduler) -> float:
+        import torch
+
+        from domaintok.models.padded import PaddedBatch
+
+        self.model.train()
+        batch = PaddedBatch.from_sequences([self.sequences[i] for i in rows], pad_token_id=self.pad).to(self.device)
+        out = self.model(batch.input_ids, batch.attention_mask, self.numeric[rows].to(self.device),
+                         self.categorical[rows].to(self.device), labels=self.labels[rows].to(self.device))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        scheduler.step()
+        return out.loss.detach().item()
+
+    def run_stage(self, stage: int, epochs: int, patience: int, encoder_lr: float) -> None:
+        """Train every trainable parameter for up to `epochs` epochs (or max_steps), evaluating on valid
+        `evals_per_epoch` times an epoch; keeps the best evaluation in self.best."""
+        import torch
+        from tqdm.auto import tqdm
+
+        s = self.s
+        train_rows = self.rows["train"]
+        steps_per_epoch = math.ceil(len(train_rows) / s.batch_size)
+        total = steps_per_epoch * epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * epochs)
+        warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup * total)
+        optimizer = torch.optim.AdamW(param_groups(self.model, encoder_lr, s.head_lr, s.weight_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+        eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
+        min_steps = math.ceil(s.min_epochs * steps_per_epoch)
+        bad_evals, done, loss_sum, loss_n = 0, 0, 0.0, 0
+        bar = tqdm(total=total, desc=f"finetune stage {stage}", disable=not s.progress, leave=False)
+        while done < total:
+            for rows in _batches(self.rng.permutation(train_rows), self.lengths, s.batch_size, self.rng):
+                loss_sum += self._train_step(rows, optimizer, scheduler)
+                loss_n += 1
+                done += 1
+                self.step += 1
+                bar.update(1)
+                if done % eval_every == 0 or done == total:
+                    improved = self._evaluate_and_keep(stage, loss_sum / loss_n)
+                    loss_sum, loss_n = 0.0, 0
+                    bar.set_postfix(valid=f"{self.history[-1]['score']:.4f}")
+                    bad_evals = 0 if improved else bad_evals + 1
+                    if bad_evals > patience and done >= min_steps and done < total:
+                        bar.close()
+                        self.stopped_early.append(True)
+                        return
+                if done >= total:
+                    break
+        bar.close()
+        self.stopped_early.append(False)
+
+    def _evaluate_and_keep(self, stage: int, train_loss: float) -> bool:
+        """Evaluate on valid; keep the weights when the score is the best so far. True when the score beats the
+        previous best by more than min_delta (what resets patience)."""
+        metrics, _ = self.evaluate(self.rows["valid"])
+        score = selection_score(self.s.task, metrics, self.metric)
+        self.history.append({"step": self.step, "stage": stage, "train_loss": train_loss, "score": score,
+                             "valid": metrics})
+        improved = score > self.best.score + self.s.min_delta
+        if score > self.best.score:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = _Best(score=score, step=self.step, stage=stage, state=state)
+        return improved
+
+    def restore_best(self) -> None:
+        if self.best.state is not None:
+            self.model.load_state_dict(self.best.state)
+
+
+def _set_sequence_branch(model, open_: bool, trainable: dict[str, bool]) -> None:
+    """Open or close the sequence branch: closed, the encoder and gate are frozen and the encoder does not run;
+    open, they get back the trainability recorded in `trainable` (LoRA keeps base weights frozen)."""
+    model.sequence_open = open_
+    for name, parameter in model.named_parameters():
+        if name.startswith("transformer.") or name == "sequence_gate":
+            parameter.requires_grad = open_ and trainable[name]
+
+
+def _build_model(s: FinetuneSettings, encoder, stats: dict, extra: dict, max_length: int):
+    from domaintok.models.fusion import JointFusionConfig, JointFusionModel
+
+    lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0} if s.lora else None
+    if s.use_sequence:
+        return JointFusionModel.from_encoder(
+            encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
+            sequence_gate=s.sequence_gate, sequence_dropout=s.sequence_dropout,
+            embedding_layernorm=s.embedding_layernorm, **stats, **extra,
+        )
+    if s.features is None:
+        raise DomaintokError("a tabular-only model needs --features")
+    return JointFusionModel(JointFusionConfig(
+        task=s.task, use_sequence=False, dropout=s.dropout,
+        tokenizer_fingerprint=encoder.config.tokenizer_fingerprint, **stats, **extra,
+    ))
+
+
+def _predictions_table(task: str, table: pa.Table, rows: np.ndarray, split: np.ndarray, y: np.ndarray,
+                       pred: np.ndarray, class_names: list[str]) -> pa.Table:
+    """user_id, split, label, prediction (P(1) / argmax class name / value), and prob_<class> per class."""
+    columns = {
+        "user_id": table.column("user_id").take(pa.array(rows)),
+        "split": pa.array(split[rows].tolist(), pa.string()),
+    }
+    if task == "multiclass":
+        names = pa.array(class_names, pa.string())
+        columns["label"] = names.take(pa.array(y[rows]))
+        columns["prediction"] = names.take(pa.array(pred.argmax(axis=1)))
+        for c, name in enumerate(class_names):
+            columns[f"prob_{name}"] = pa.array(pred[:, c].astype(np.float64))
+    else:
+        columns["label"] = pa.array(y[rows])
+        columns["prediction"] = pa.array(pred.astype(np.float64))
+    return pa.table(columns)
+
+
 def finetune(settings: FinetuneSettings) -> dict:
     """Run a fine-tuning job end to end; returns the metrics also written to <output>/metrics.json."""
     import torch
-    from tqdm.auto import tqdm
 
     from domaintok.models.embedding import load_encoder
-    from domaintok.models.fusion import (
-        JointFusionConfig,
-        JointFusionModel,
-        encode_tabular,
-        fit_tabular_stats,
-        truncate_window,
-    )
-    from domaintok.models.padded import PaddedBatch
+    from domaintok.models.fusion import encode_tabular, fit_tabular_stats, truncate_window
 
     s = settings
     if s.task not in TASKS:
         raise DomaintokError(f"task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    metric = resolve_metric(s.task, s.metric)
     started = time.perf_counter()
     data = join_inputs(s.labels, s.sequences, s.features, s.label_column, s.split, s.valid_fraction,
                        s.test_fraction)
@@ -396,116 +626,54 @@ def finetune(settings: FinetuneSettings) -> dict:
     lists = table.column("input_ids").combine_chunks()
     offsets = lists.offsets.to_numpy()
     values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    if np.any(np.diff(offsets) == 0):
+        raise DomaintokError(f"sequences {s.sequences}: a user has an empty input_ids list")
     sequences = [
         truncate_window(values[offsets[i] : offsets[i + 1]], max_length, encoder_config.sep_token_id)
         for i in range(table.num_rows)
     ]
-    if any(len(seq) == 0 for seq in sequences):
-        raise DomaintokError(f"sequences {s.sequences}: a user has an empty input_ids list")
 
-    train_rows = np.flatnonzero(split == "train")
-    stats = fit_tabular_stats(table.take(pa.array(train_rows)), data.numeric_features, data.categorical_features)
+    rows = {name: np.flatnonzero(split == name) for name in SPLITS}
+    stats = fit_tabular_stats(table.take(pa.array(rows["train"])), data.numeric_features, data.categorical_features)
     extra: dict[str, Any] = {"class_names": class_names}
     if s.task == "regression":
-        extra["target_mean"] = float(y[train_rows].mean())
-        extra["target_std"] = float(y[train_rows].std()) or 1.0
-    lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0} if s.lora else None
-    if s.use_sequence:
-        model = JointFusionModel.from_encoder(
-            encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
-            embedding_layernorm=s.embedding_layernorm, **stats, **extra,
-        )
-    else:
-        if s.features is None:
-            raise DomaintokError("a tabular-only model needs --features")
-        model = JointFusionModel(JointFusionConfig(
-            task=s.task, use_sequence=False, dropout=s.dropout,
-            tokenizer_fingerprint=encoder_config.tokenizer_fingerprint, **stats, **extra,
-        ))
-    model = model.to(device)
+        extra["target_mean"] = float(y[rows["train"]].mean())
+        extra["target_std"] = float(y[rows["train"]].std()) or 1.0
+    model = _build_model(s, encoder, stats, extra, max_length).to(device)
     numeric, categorical = encode_tabular(model.config, table)
-    labels_t = torch.from_numpy(np.array(y, copy=True))  # Arrow buffers are read-only
-
-    encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("transformer.")]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("transformer.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": encoder_params, "lr": s.lr}, {"params": other_params, "lr": s.head_lr}],
-        weight_decay=s.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(train_rows) / s.batch_size)
-    total_steps = steps_per_epoch * s.epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * s.epochs)
-    warmup_steps = max(1, int(s.warmup * total_steps))
-
-    def schedule(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    lengths = np.fromiter((len(seq) for seq in sequences), dtype=np.int64, count=len(sequences))
-    valid_rows = np.flatnonzero(split == "valid")
-    test_rows = np.flatnonzero(split == "test")
     pad = encoder_config.pad_token_id if encoder_config.pad_token_id is not None else 0
-    rng = np.random.default_rng(s.seed)
+    trainer = _Trainer(model, s, sequences, numeric, categorical, y, rows, device, pad)
 
-    def evaluate(rows: np.ndarray) -> tuple[dict, np.ndarray]:
-        pred = predict(model, [sequences[i] for i in rows], numeric[rows], categorical[rows], s.batch_size, device)
-        return task_metrics(s.task, y[rows], pred), pred
-
-    history = []
-    best_score, best_state, best_step, bad_evals = -math.inf, None, 0, 0
-    eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
-    step, stop = 0, False
-    bar = tqdm(total=total_steps, desc="finetune", disable=not s.progress, leave=False)
-    train_loss_sum, train_loss_n = 0.0, 0
-    while step < total_steps and not stop:
-        for rows in _batches(rng.permutation(train_rows), lengths, s.batch_size, rng):
-            model.train()
-            batch = PaddedBatch.from_sequences([sequences[i] for i in rows], pad_token_id=pad).to(device)
-            out = model(batch.input_ids, batch.attention_mask, numeric[rows].to(device),
-                        categorical[rows].to(device), labels=labels_t[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            train_loss_sum += out.loss.detach().item()
-            train_loss_n += 1
-            bar.update(1)
-            if step % eval_every == 0 or step == total_steps:
-                valid_metrics, _ = evaluate(valid_rows)
-                score = selection_score(s.task, valid_metrics)
-                history.append({"step": step, "train_loss": train_loss_sum / train_loss_n, "valid": valid_metrics})
-                train_loss_sum, train_loss_n = 0.0, 0
-                bar.set_postfix(valid=f"{score:.4f}")
-                if score > best_score:
-                    best_score, best_step, bad_evals = score, step, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    bad_evals += 1
-                    if bad_evals > s.patience:
-                        stop = True
-                        break
-            if step >= total_steps:
-                break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    staged = s.staged and s.use_sequence and model.config.has_tabular
+    if staged:
+        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        _set_sequence_branch(model, False, trainable)
+        trainer.run_stage(1, s.stage1_epochs, s.stage1_patience, s.encoder_lr)
+        trainer.restore_best()
+        _set_sequence_branch(model, True, trainable)
+    trainer.run_stage(2 if staged else 1, s.epochs, s.patience, s.encoder_lr)
+    trainer.restore_best()
     train_seconds = time.perf_counter() - started
 
-    valid_metrics, _ = evaluate(valid_rows)
-    held_out = test_rows if len(test_rows) else valid_rows
-    test_metrics, test_pred = evaluate(held_out)
+    valid_metrics, _ = trainer.evaluate(rows["valid"])
+    held_out = rows["test"] if len(rows["test"]) else rows["valid"]
+    test_metrics, test_pred = trainer.evaluate(held_out)
+    last = trainer.history[-1]
     metrics = {
         "task": s.task,
-        "held_out_split": "test" if len(test_rows) else "valid",
+        "metric": metric,
+        "held_out_split": "test" if len(rows["test"]) else "valid",
         "test": test_metrics,
         "valid": valid_metrics,
-        "best_step": best_step,
-        "steps": step,
-        "stopped_early": stop,
+        "best_step": trainer.best.step,
+        "best_stage": trainer.best.stage,
+        "stages": 2 if staged else 1,
+        "steps": trainer.step,
+        "stopped_early": any(trainer.stopped_early),
+        # The run ended on its best evaluation without stopping early: more epochs may still help.
+        "still_improving": last["step"] == trainer.best.step and not trainer.stopped_early[-1],
+        "sequence_gate": float(model.sequence_gate.detach()) if getattr(model, "sequence_gate", None) is not None
+        else None,
         "train_seconds": train_seconds,
         "rows": counts,
         "labelled_users": data.labelled_users,
@@ -518,7 +686,7 @@ def finetune(settings: FinetuneSettings) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
-        "history": history,
+        "history": trainer.history,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
     }
 
@@ -528,18 +696,8 @@ def finetune(settings: FinetuneSettings) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
-    predictions = {
-        "user_id": table.column("user_id").take(pa.array(held_out)),
-        "split": pa.array(split[held_out].tolist(), pa.string()),
-    }
-    if s.task == "multiclass":
-        predictions["label"] = pa.array([class_names[i] for i in y[held_out]], pa.string())
-        predictions["prediction"] = pa.array([class_names[i] for i in test_pred.argmax(axis=1)], pa.string())
-        predictions["probabilities"] = pa.array(list(test_pred), pa.list_(pa.float32()))
-    else:
-        predictions["label"] = pa.array(y[held_out])
-        predictions["prediction"] = pa.array(test_pred.astype(np.float64))
-    pq.write_table(pa.table(predictions), tmp / "predictions.parquet")
+    predictions = _predictions_table(s.task, table, held_out, split, y, test_pred, class_names)
+    pq.write_table(predictions, tmp / "predictions.parquet")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -568,39 +726,72 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True)
 @click.option("--lora", is_flag=True, help="Fine-tune the transformer through LoRA adapters (PEFT) only.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap on optimizer steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs of joint training (stage 2 when staged).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap on optimizer steps per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,
-              help="Peak learning rate of the transformer (or its adapters).")
+@click.option("--encoder-lr", "--lr", "encoder_lr", type=click.FloatRange(min=0, min_open=True), default=3e-4,
+              show_default=True, help="Peak learning rate of the transformer (or its adapters).")
 @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="Peak learning rate of the head and the tabular branch.")
+              help="Peak learning rate of the head, the tabular branch and the sequence gate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="AdamW weight decay of weight matrices (biases and norms get none).")
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Linear warm-up as a fraction of each stage's steps (then cosine decay to 10%).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Warm-up in steps (overrides --warmup).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Dropout of the head and the DCNv2 deep tower.")
+@click.option("--sequence-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Probability of dropping a row's whole user embedding in training.")
+@click.option("--sequence-gate/--no-sequence-gate", default=True, show_default=True,
+              help="Scale the user embedding by a learned gate that starts at 0.")
+@click.option("--staged/--joint", default=True, show_default=True,
+              help="staged: train the tabular branch and head first (sequence branch off), then everything; "
+                   "joint: everything from the start.")
+@click.option("--stage1-epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Epoch budget of the tabular stage (the encoder does not run, so epochs are cheap).")
+@click.option("--stage1-patience", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--metric", type=click.Choice(sorted({m for ms in SELECTION_METRICS.values() for m in ms})),
+              default=None, help="Validation metric for early stopping and model selection "
+                                 "[default: auc (binary), macro_auc (multiclass), rmse (regression)].")
+@click.option("--evals-per-epoch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--patience", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Validation checks without improvement before stopping.")
+              help="Evaluations without improvement tolerated; the next one stops the stage.")
+@click.option("--min-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="No early stop before this many epochs of a stage.")
+@click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Improvement of the metric that resets patience.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Tokens per sequence (default: the model's context); older whole events are dropped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
-            lora, lora_r, epochs, max_steps, batch_size, lr, head_lr, patience, max_length, seed):
+            lora, lora_r, epochs, max_steps, batch_size, encoder_lr, head_lr, weight_decay, warmup, warmup_steps,
+            dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, metric,
+            evals_per_epoch, patience, min_epochs, min_delta, max_length, seed):
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
 
     Joins labels, sequences and features by user_id (DuckDB), splits without user leakage, stops early on the
-    validation metric and writes OUTPUT/ (fusion_config.json + model.safetensors, metrics.json with the
-    held-out test metrics, predictions.parquet).
+    validation metric and writes OUTPUT/ (fusion_config.json + model.safetensors of the best validation
+    evaluation, metrics.json with its held-out test metrics, predictions.parquet).
     """
     settings = FinetuneSettings(
         model=model, sequences=sequences, labels=labels, output=output, features=features, task=task,
         label_column=label_column, split=split, valid_fraction=valid_fraction, test_fraction=test_fraction,
-        lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        head_lr=head_lr, patience=patience, max_length=max_length, seed=seed,
+        lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, encoder_lr=encoder_lr,
+        head_lr=head_lr, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps, dropout=dropout,
+        sequence_dropout=sequence_dropout, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
+        stage1_patience=stage1_patience, metric=metric, evals_per_epoch=evals_per_epoch, patience=patience,
+        min_epochs=min_epochs, min_delta=min_delta, max_length=max_length, seed=seed,
     )
     metrics = finetune(settings)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items() if isinstance(v, float))
     click.echo(
         f"fine-tuned {metrics['task']} on {metrics['rows']['train']} users for {metrics['steps']} steps "
-        f"(best at {metrics['best_step']}); {metrics['held_out_split']} ({metrics['test']['n']} users): {shown} "
-        f"-> {output}"
+        f"(best {metrics['metric']} at step {metrics['best_step']}, stage {metrics['best_stage']} of "
+        f"{metrics['stages']}); {metrics['held_out_split']} ({metrics['test']['n']} users): {shown} -> {output}"
     )
+    if metrics["still_improving"]:
+        click.echo("note: the validation metric was still improving at the last evaluation; more --epochs may help")
 
 
 __all__ = [
@@ -609,6 +800,11 @@ __all__ = [
     "join_inputs",
     "infer_feature_types",
     "task_metrics",
+    "macro_auc",
+    "resolve_metric",
+    "selection_score",
+    "param_groups",
+    "SELECTION_METRICS",
     "user_split",
     "quote_identifier",
     "command",
