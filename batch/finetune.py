@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from domaintok.errors import DomaintokError
 
 TASKS = ("binary", "multiclass", "regression")
+SEQUENCE_GATES = ("none", "zero", "scalar")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
 SPLIT_MODES = ("auto", "column", "user", "time")
 SPLITS = ("train", "valid", "test")
 _HASH_BUCKETS = 10_000
@@ -303,7 +304,8 @@ class FinetuneSettings:
 
     Early stopping counts evaluations (`evals_per_epoch` per epoch): a stage stops at the first evaluation after
     `patience` evaluations in a row that failed to beat the best valid score by more than `min_delta`, but never
-    before `min_epochs` epochs of the stage. The saved model, the valid and the test metrics are those of the best valid evaluation of the run.
+    before `min_epochs` epochs of the stage. The saved model, the valid and the test metrics are those of the best
+    valid evaluation of the run.
     Staged fusion (`staged`, sequence models with features): stage 1 trains the tabular branch and head with the
     sequence branch off (encoder frozen and not run), up to `stage1_epochs` with `stage1_patience`; stage 2 starts
     from stage 1's best, opens the sequence branch and trains everything (encoder at `encoder_lr`). Selection spans
@@ -340,7 +342,7 @@ class FinetuneSettings:
     max_length: int | None = None
     dropout: float = 0.1  # head and DCNv2 deep tower
     sequence_dropout: float = 0.0  # drop a row's whole user embedding in training
-    sequence_gate: bool = True
+    sequence_gate: str = "zero"  # "none", "zero" (head weights on the embedding start at 0) or "scalar"
     staged: bool = True
     stage1_epochs: int = 30
     stage1_patience: int = 5
@@ -565,7 +567,8 @@ def _build_model(s: FinetuneSettings, encoder, stats: dict, extra: dict, max_len
     if s.use_sequence:
         return JointFusionModel.from_encoder(
             encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
-            sequence_gate=s.sequence_gate, sequence_dropout=s.sequence_dropout,
+            # The gate starts the fused model as its tabular path; without features there is nothing to start from.
+            sequence_gate=s.sequence_gate if s.features is not None else "none", sequence_dropout=s.sequence_dropout,
             embedding_layernorm=s.embedding_layernorm, **stats, **extra,
         )
     if s.features is None:
@@ -672,8 +675,8 @@ def finetune(settings: FinetuneSettings) -> dict:
         "stopped_early": any(trainer.stopped_early),
         # The run ended on its best evaluation without stopping early: more epochs may still help.
         "still_improving": last["step"] == trainer.best.step and not trainer.stopped_early[-1],
-        "sequence_gate": float(model.sequence_gate.detach()) if getattr(model, "sequence_gate", None) is not None
-        else None,
+        # The scalar gate, or the norm of the head's weights on the user embedding: 0 means the tabular path alone.
+        "sequence_weight": model.sequence_weight() if model.transformer is not None else None,
         "train_seconds": train_seconds,
         "rows": counts,
         "labelled_users": data.labelled_users,
@@ -743,8 +746,9 @@ def finetune(settings: FinetuneSettings) -> dict:
               help="Dropout of the head and the DCNv2 deep tower.")
 @click.option("--sequence-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Probability of dropping a row's whole user embedding in training.")
-@click.option("--sequence-gate/--no-sequence-gate", default=True, show_default=True,
-              help="Scale the user embedding by a learned gate that starts at 0.")
+@click.option("--sequence-gate", type=click.Choice(SEQUENCE_GATES), default="zero", show_default=True,
+              help="zero: the head's weights on the user embedding start at 0; scalar: a learned gate starting at 0 "
+                   "scales it; none: random init. zero/scalar start the fused model as its tabular path.")
 @click.option("--staged/--joint", default=True, show_default=True,
               help="staged: train the tabular branch and head first (sequence branch off), then everything; "
                    "joint: everything from the start.")

@@ -35,6 +35,7 @@ MODEL_TYPE = "domaintok_joint_fusion"
 CONFIG_NAME = "fusion_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TASKS = ("binary", "multiclass", "regression")
+SEQUENCE_GATES = ("none", "zero", "scalar")
 # The attention and MLP projections of DomainTransformerBlock; LoRA adapts these by name.
 LORA_TARGET_MODULES = ("qkv_proj", "out_proj", "up_proj", "down_proj")
 # Categorical index 0 is shared by nulls and values unseen at fit time.
@@ -61,9 +62,11 @@ class JointFusionConfig:
         dcn_cross_layers, dcn_deep_layers, dcn_rank, dcn_structure, dropout: DCNv2 hyperparameters.
         head_hidden: width of the joint head's hidden layer.
         use_sequence: whether the transformer branch is used (False: the tabular branch alone).
-        sequence_gate: multiply the user embedding by a learned scalar that starts at 0, so an untrained fused
-            model computes exactly what its tabular path computes and the sequence branch only contributes as
-            far as training moves the gate.
+        sequence_gate: how the sequence branch enters the head. "none": as is (random init like every input);
+            "zero": the head's weights on the user embedding start at zero (a zero-initialized projection: they
+            learn from the first step); "scalar": the embedding is multiplied by a learned scalar that starts at
+            0. With "zero" or "scalar" an untrained fused model computes exactly what its tabular path computes, and
+            the sequence only contributes as far as training moves those weights.
         sequence_dropout: probability of zeroing a row's whole user embedding in training (the head learns to
             predict from the tabular branch alone too); 0 disables it.
         embedding_layernorm: standardize the user embedding with a parameter-free LayerNorm before fusion.
@@ -94,7 +97,7 @@ class JointFusionConfig:
     dropout: float = 0.1
     head_hidden: int = 64
     use_sequence: bool = True
-    sequence_gate: bool = False
+    sequence_gate: Literal["none", "zero", "scalar"] = "none"
     sequence_dropout: float = 0.0
     embedding_layernorm: bool = True
     transformer_config: dict[str, Any] | None = None
@@ -115,6 +118,8 @@ class JointFusionConfig:
             raise ValueError("use_sequence needs a transformer_config")
         if not self.use_sequence and not self.has_tabular:
             raise ValueError("a model with neither a sequence nor tabular features has no input")
+        if self.sequence_gate not in SEQUENCE_GATES:
+            raise ValueError(f"sequence_gate must be one of {SEQUENCE_GATES}, got {self.sequence_gate!r}")
         if not 0.0 <= self.sequence_dropout < 1.0:
             raise ValueError(f"sequence_dropout must be in [0, 1), got {self.sequence_dropout}")
 
@@ -253,8 +258,8 @@ class JointFusionModel(nn.Module):
     """Transformer user embedding (B, H) ++ DCNv2(PLR(numeric) ++ Embedding(categorical)) -> MLP head -> (B, C).
 
     The user embedding is the final real token's last hidden state of `DomainTransformerModel` (never logits),
-    LayerNorm'd without parameters when `embedding_layernorm`, then scaled by the sequence gate (a scalar that
-    starts at 0) when `sequence_gate`. The whole model trains end to end; with `lora` in the config the encoder's
+    LayerNorm'd without parameters when `embedding_layernorm`, then gated as `sequence_gate` says (see the
+    config). The whole model trains end to end; with `lora` in the config the encoder's
     attention/MLP Linear layers carry PEFT LoRA adapters and its base weights are frozen.
 
     `sequence_open` (not saved) switches the sequence branch off: the encoder does not run and the user embedding
@@ -273,7 +278,8 @@ class JointFusionModel(nn.Module):
             if config.lora is not None:
                 self._inject_lora(config.lora)
             width += transformer.config.hidden_size
-        self.sequence_gate = nn.Parameter(torch.zeros(())) if config.use_sequence and config.sequence_gate else None
+        scalar = config.use_sequence and config.sequence_gate == "scalar"
+        self.sequence_gate = nn.Parameter(torch.zeros(())) if scalar else None
         self.sequence_open = True
         n_num, n_cat = len(config.numeric_features), len(config.categorical_features)
         self.plr = (
@@ -309,6 +315,21 @@ class JointFusionModel(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(config.head_hidden, config.num_outputs),
         )
+        if config.use_sequence and config.sequence_gate == "zero":
+            with torch.no_grad():
+                self.head[0].weight[:, : self.sequence_width].zero_()  # the embedding is the first H inputs
+
+    @property
+    def sequence_width(self) -> int:
+        """H, the width of the user embedding in the head's input (0 without a sequence branch)."""
+        return self.transformer.config.hidden_size if self.transformer is not None else 0
+
+    def sequence_weight(self) -> float:
+        """How far the sequence branch is open: the scalar gate, else the norm of the head's weights on the
+        user embedding (0 when the model is its tabular path)."""
+        if self.sequence_gate is not None:
+            return float(self.sequence_gate.detach())
+        return float(self.head[0].weight[:, : self.sequence_width].detach().norm())
 
     @classmethod
     def from_encoder(cls, transformer: DomainTransformerModel, **config_fields: Any) -> JointFusionModel:

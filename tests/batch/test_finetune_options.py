@@ -104,7 +104,7 @@ def test_weight_decay_skips_biases_and_norms_and_lrs_split_encoder_from_head(tin
     from domaintok.models.fusion import fit_tabular_stats
 
     table = pq.read_table(tiny / "features.parquet")
-    model = JointFusionModel.from_encoder(load_encoder(tiny / "model", device="cpu"), sequence_gate=True,
+    model = JointFusionModel.from_encoder(load_encoder(tiny / "model", device="cpu"), sequence_gate="scalar",
                                           **fit_tabular_stats(table, ["x"], ["shop"]))
     groups = {g["name"]: g for g in param_groups(model, encoder_lr=1e-4, head_lr=2e-3, weight_decay=0.05)}
     assert set(groups) == {"encoder_decay", "encoder_no_decay", "head_decay", "head_no_decay"}
@@ -165,7 +165,7 @@ def test_multiclass_predictions_have_named_columns(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_staged_fusion_is_never_worse_on_valid_than_its_tabular_stage(tiny, tmp_path):
-    m = finetune(_settings(tiny, tmp_path / "staged", staged=True, sequence_gate=True, evals_per_epoch=2,
+    m = finetune(_settings(tiny, tmp_path / "staged", staged=True, sequence_gate="zero", evals_per_epoch=2,
                            encoder_lr=1e-3))
     assert m["stages"] == 2
     stage1 = [h["score"] for h in m["history"] if h["stage"] == 1]
@@ -175,10 +175,14 @@ def test_staged_fusion_is_never_worse_on_valid_than_its_tabular_stage(tiny, tmp_
     assert m["best_stage"] == (2 if max(stage2) > max(stage1) else 1)
     # The saved model reproduces the reported valid metric (the best evaluation's weights were saved).
     model = JointFusionModel.from_pretrained(tmp_path / "staged")
-    assert model.config.sequence_gate
+    assert model.config.sequence_gate == "zero"
     if m["best_stage"] == 1:
-        assert model.sequence_gate.item() == 0.0  # stage 1 never opens the gate
-    assert m["sequence_gate"] == model.sequence_gate.item()
+        assert model.sequence_weight() == 0.0  # stage 1 never opens the sequence branch
+    assert m["sequence_weight"] == pytest.approx(model.sequence_weight())
+    # A model without features has no tabular path to start from: neither stages nor a gate.
+    m = finetune(_settings(tiny, tmp_path / "seq_only", features=None, epochs=1))
+    assert m["stages"] == 1 and m["sequence_weight"] > 0
+    assert JointFusionModel.from_pretrained(tmp_path / "seq_only").config.sequence_gate == "none"
 
 
 @pytest.mark.slow
@@ -204,7 +208,7 @@ def test_cli_takes_the_new_options(tiny, tmp_path, capsys):
     assert "best logloss at step" in capsys.readouterr().out
     settings = json.loads((out / "metrics.json").read_text())["settings"]
     assert settings["encoder_lr"] == 1e-4 and settings["warmup_steps"] == 2 and settings["sequence_dropout"] == 0.1
-    assert settings["staged"] and settings["sequence_gate"] and settings["metric"] == "logloss"
+    assert settings["staged"] and settings["sequence_gate"] == "zero" and settings["metric"] == "logloss"
     capsys.readouterr()
     assert main(args[:-6] + ["--metric", "rmse", "--output", str(tmp_path / "x")]) == 2
     assert "metric 'rmse' does not apply to a binary task" in capsys.readouterr().err

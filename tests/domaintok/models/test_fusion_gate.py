@@ -1,10 +1,11 @@
-"""The sequence gate and sequence dropout of joint fusion: an untrained gated model is its tabular path."""
+"""The sequence gates and sequence dropout of joint fusion: an untrained gated model is its tabular path."""
 
 from __future__ import annotations
 
 import json
 
 import pyarrow as pa
+import pytest
 import torch
 
 from domaintok.models import DomainTransformerConfig, DomainTransformerModel
@@ -27,28 +28,50 @@ def _model(**fields) -> tuple[JointFusionModel, PaddedBatch, torch.Tensor, torch
     return model, batch, numeric, categorical
 
 
-def test_an_untrained_gated_model_outputs_its_tabular_path():
-    model, batch, numeric, categorical = _model(sequence_gate=True)
+def _open(model: JointFusionModel) -> None:
+    with torch.no_grad():
+        if model.sequence_gate is not None:
+            model.sequence_gate.fill_(1.0)
+        else:
+            torch.nn.init.normal_(model.head[0].weight[:, : model.sequence_width], std=0.3)
+
+
+@pytest.mark.parametrize("gate", ["zero", "scalar"])
+def test_an_untrained_gated_model_outputs_its_tabular_path(gate):
+    model, batch, numeric, categorical = _model(sequence_gate=gate)
     model.eval()
+    assert model.sequence_weight() == 0.0
     fused = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
     model.sequence_open = False  # the encoder does not run, the embedding is zeros
     tabular = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
     torch.testing.assert_close(fused, tabular, rtol=0, atol=1e-7)
     # Once the gate opens, the sequence changes the output.
     model.sequence_open = True
-    with torch.no_grad():
-        model.sequence_gate.fill_(1.0)
+    _open(model)
+    assert model.sequence_weight() > 0
     opened = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
     assert (opened - tabular).abs().max() > 1e-3
 
 
-def test_the_gate_learns_while_the_encoder_waits_for_it():
-    model, batch, numeric, categorical = _model(sequence_gate=True)
+def test_an_ungated_model_is_not_its_tabular_path():
+    model, batch, numeric, categorical = _model(sequence_gate="none")
+    model.eval()
+    fused = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
+    model.sequence_open = False
+    assert (fused - model(batch.input_ids, batch.attention_mask, numeric, categorical).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("gate", ["zero", "scalar"])
+def test_a_closed_gate_learns_while_the_encoder_waits_for_it(gate):
+    model, batch, numeric, categorical = _model(sequence_gate=gate)
     out = model(batch.input_ids, batch.attention_mask, numeric, categorical, labels=torch.tensor([0, 1, 1, 0]))
     out.loss.backward()
-    assert model.sequence_gate.grad.abs() > 0
+    if gate == "scalar":
+        assert model.sequence_gate.grad.abs() > 0
+    else:  # the zero-initialized weights on the embedding get a gradient at once
+        assert model.head[0].weight.grad[:, : model.sequence_width].abs().sum() > 0
     encoder_grad = sum(p.grad.abs().sum() for p in model.transformer.parameters() if p.grad is not None)
-    assert encoder_grad == 0  # gate 0: nothing flows into the encoder until the gate moves
+    assert encoder_grad == 0  # nothing flows into the encoder until the gate moves
 
 
 def test_closed_sequence_branch_ignores_the_tokens():
@@ -76,12 +99,12 @@ def test_sequence_dropout_drops_whole_rows_in_training_only():
 
 
 def test_gated_model_round_trips_and_old_configs_still_load(tmp_path):
-    model, batch, numeric, categorical = _model(sequence_gate=True, sequence_dropout=0.1)
+    model, batch, numeric, categorical = _model(sequence_gate="scalar", sequence_dropout=0.1)
     with torch.no_grad():
         model.sequence_gate.fill_(0.3)
     model.save_pretrained(tmp_path / "gated")
     loaded = JointFusionModel.from_pretrained(tmp_path / "gated")
-    assert loaded.config.sequence_gate and loaded.config.sequence_dropout == 0.1
+    assert loaded.config.sequence_gate == "scalar" and loaded.config.sequence_dropout == 0.1
     assert loaded.sequence_gate.item() == torch.tensor(0.3).item()
     model.eval()
     torch.testing.assert_close(loaded(batch.input_ids, batch.attention_mask, numeric, categorical).logits,
@@ -94,4 +117,7 @@ def test_gated_model_round_trips_and_old_configs_still_load(tmp_path):
         config.pop(key)
     (tmp_path / "plain" / "fusion_config.json").write_text(json.dumps(config))
     assert JointFusionModel.from_pretrained(tmp_path / "plain").sequence_gate is None
+    assert JointFusionConfig.from_dict(config).sequence_gate == "none"
     assert JointFusionConfig.from_dict(config).sequence_dropout == 0.0
+    with pytest.raises(ValueError, match="sequence_gate must be one of"):
+        JointFusionConfig.from_dict({**config, "sequence_gate": "half"})
