@@ -1,131 +1,278 @@
-"""The Online Retail evaluation: task labels and features without leakage, the text baseline, the AUC bootstrap,
-and `evaluate --quick` end to end."""
+"""`domaintok evaluate`: every task kind end to end on toy data with the leakage rules checked on the files the run
+writes, the method table's option checks, the scores and bootstrap, the schema-derived text baseline, and
+`evaluate --preset quick` on a slice of the real Online Retail data."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in the folds test
+import pyarrow.parquet as pq
 import pytest
 
-from batch.evaluate import METHODS, bootstrap_delta, fast_auc
-from batch.retail_tasks import NUMERIC_FEATURES, build_retail_tasks
+from batch import evaluate as ev
+from batch.eval_report import bootstrap_relative, fast_auc, kind_metrics, macro_auc
+from batch.tasks import SplitSpec, assign_split, build_labels, build_population, open_events, register_split, tasks_from_dict
 from batch.text_baseline import serialize_events, text_sequences, train_text_tokenizer
 from domaintok.cli import main
+from domaintok.errors import DomaintokError
+from tests.batch.test_tasks import CUTOFF, TOY_SCHEMA
+
+# --- toy data: 160 users, a pattern LightGBM can learn, two marker categories that must never be fitted ----------
+
+
+def toy_study(tmp_path):
+    """(schema path, events path, tasks path, users, split): categories LEAKTEST appear only in test users' events
+    and LEAKPOST only after the cutoff, so a fitted vocabulary holding either one leaked."""
+    rng = np.random.default_rng(0)
+    users = [f"c{i:03d}" for i in range(160)]
+    split = assign_split(users, SplitSpec())
+    rows = {"customer": [], "ts": [], "amount": [], "qty": [], "cat": []}
+
+    def add(user, ts, amount, qty, cat):
+        for key, value in zip(rows, (user, ts, amount, qty, cat)):
+            rows[key].append(value)
+
+    for i, (user, s) in enumerate(zip(users, split)):
+        active = i % 2 == 0
+        for _ in range(int(rng.integers(3, 12))):
+            age = float(rng.uniform(0, 60 if active else 300))
+            add(user, CUTOFF - dt.timedelta(days=age), float(rng.normal(20, 5)), int(rng.integers(1, 4)),
+                ["a", "b", "c"][int(rng.integers(0, 3))])
+        if s == "test":
+            add(user, CUTOFF - dt.timedelta(days=5), 1.0, 1, "LEAKTEST")
+        if active or rng.random() < 0.2:
+            add(user, CUTOFF + dt.timedelta(days=float(rng.uniform(0, 25))), float(rng.normal(30, 5)), 1, "LEAKPOST")
+    events = pa.table({**rows, "ts": pa.array(rows["ts"], pa.timestamp("us"))})
+    pq.write_table(events, tmp_path / "events.parquet")
+    segments = ["gold", "silver", "bronze"]
+    pq.write_table(pa.table({"user_id": users, "segment": [segments[i % 3] for i in range(160)]}),
+                   tmp_path / "segments.parquet")
+    import yaml
+
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(TOY_SCHEMA))
+    (tmp_path / "tasks.yaml").write_text(
+        "cutoff: 2024-03-01\n"
+        "split: {train: 0.7, valid: 0.15, test: 0.15, seed: 0}\n"
+        "tasks:\n"
+        "  - {name: buys, kind: binary, label: {from: events, horizon_days: 30}}\n"
+        "  - {name: spend, kind: regression, label: {from: events, horizon_days: 30, aggregate: sum, "
+        "expression: amount * qty, transform: log1p}}\n"
+        "  - {name: segment, kind: multiclass, label: {from: file, path: segments.parquet, column: segment}}\n"
+    )
+    return tmp_path / "schema.yaml", tmp_path / "events.parquet", tmp_path / "tasks.yaml", users, split
 
 
 @pytest.fixture(scope="module")
-def retail_tasks(shared_data_dir):
-    return build_retail_tasks(shared_data_dir / "online_retail", max_users=300)
+def toy_run(tmp_path_factory):
+    """One quick evaluation over the toy study: every method, three task kinds (about 40 s on 2 cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("toy_eval")
+    schema, events, tasks, users, split = toy_study(root)
+    settings = ev.EvaluateSettings(schema=schema, events=(events,), tasks=tasks, output=root / "out",
+                                   preset="quick", max_steps=4, bootstrap=50, progress=False, log=lambda m: None)
+    report = ev.run_evaluation(settings)
+    return root / "out", report, users, split
 
 
-def test_tasks_use_only_pre_cutoff_events(retail_tasks, shared_data_dir):
-    import duckdb
-
-    ts = retail_tasks.events.column("InvoiceDate").to_numpy().astype("datetime64[us]")
-    assert ts.max() < np.datetime64(retail_tasks.cutoff)
-    assert ts.min() < np.datetime64("2010-12-01")  # the 2009-2010 file is read too
-    assert retail_tasks.events.column("CustomerID").null_count == 0
-    # The overlap 2010-12-01..09 comes once, from the 2010-2011 file: same row count for these customers.
-    con = duckdb.connect()
-    con.register("events", retail_tasks.events)
-    ours = con.execute(
-        "SELECT count(*) FROM events WHERE \"InvoiceDate\" >= TIMESTAMP '2010-12-01' "
-        "AND \"InvoiceDate\" < TIMESTAMP '2010-12-10'"
-    ).fetchall()[0][0]
-    raw = con.execute(
-        "SELECT count(*) FROM read_parquet($p) WHERE CAST(CustomerID AS BIGINT) IN (SELECT \"CustomerID\" FROM events) "
-        "AND InvoiceDate >= TIMESTAMP '2010-12-01' AND InvoiceDate < TIMESTAMP '2010-12-10'",
-        {"p": str(shared_data_dir / "online_retail" / "online_retail_I_2010-2011.parquet")},
-    ).fetchall()[0][0]
-    assert ours == raw > 0
-
-
-def test_labels_splits_and_features(retail_tasks):
-    labels = retail_tasks.labels
-    assert labels.num_rows == 300 == retail_tasks.features.num_rows
-    assert set(labels.column("split").to_pylist()) == {"train", "valid", "test"}
-    assert set(labels.column("label").to_pylist()) == {0, 1}
-    assert set(retail_tasks.features.column_names) >= {"user_id", "country", *NUMERIC_FEATURES}
-    # Every user has events before the cutoff, so recency and tenure are defined and non-negative.
-    tenure = retail_tasks.features.column("tenure_days").to_numpy()
-    assert (tenure >= 0).all()
-    # A spend above zero needs a purchase in the horizon (cancellations alone never make a positive label).
-    spend = labels.column("spend").to_numpy()
-    assert (labels.column("label").to_numpy()[spend > 0] == 1).all()
-    summary = retail_tasks.summary()
-    assert summary["users_train"] + summary["users_valid"] + summary["users_test"] == 300
+@pytest.mark.slow
+def test_every_method_and_task_kind_reports_finite_metrics(toy_run):
+    out, report, _, _ = toy_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["results"].keys() == {"buys", "spend", "segment"}
+    headline = {"buys": "auc", "spend": "rmse", "segment": "macro_auc"}
+    for task, metric in headline.items():
+        rows = on_disk["results"][task]
+        assert list(rows) == list(ev.METHODS), task  # every row, in table order
+        for method, row in rows.items():
+            assert math.isfinite(row["test"][metric]), (task, method)
+            assert row["test"]["n"] == report["fold_sizes"][0]["test"], (task, method)
+            assert math.isfinite(row["vs_lightgbm"]["relative"])
+            if method != "lightgbm":
+                ci = row["vs_lightgbm"]
+                assert ci["low"] <= ci["high"], (task, method)
+        assert rows["lightgbm"]["vs_lightgbm"]["relative"] == 0.0
+    assert 0 <= on_disk["results"]["segment"]["domain"]["test"]["accuracy"] <= 1
+    assert (out / "results.png").stat().st_size > 0
+    markdown = (out / "results.md").read_text()
+    assert "| lightgbm: LightGBM on the aggregates |" in markdown and "## segment (multiclass" in markdown
+    # Both transformers have the same non-embedding size and the same pretraining budget.
+    pre = on_disk["pretrain"]
+    assert pre["domain"]["non_embedding_parameters"] == pre["text"]["non_embedding_parameters"]
+    assert pre["domain"]["steps"] == pre["text"]["steps"] == 4
 
 
-def test_a_customer_label_matches_the_raw_data(shared_data_dir):
-    import duckdb
+@pytest.mark.slow
+def test_no_post_cutoff_event_or_test_user_reaches_fitting_or_pretraining(toy_run):
+    out, _, users, split = toy_run
+    work = out / "work"
+    fit_users = {u for u, s in zip(users, split) if s != "test"}
+    cutoff = np.datetime64(CUTOFF)
 
-    tasks = build_retail_tasks(shared_data_dir / "online_retail", cutoff=dt.datetime(2011, 6, 1), horizon_days=30,
-                               max_users=50)
-    con = duckdb.connect()
-    path = str(shared_data_dir / "online_retail" / "online_retail_I_2010-2011.parquet")
-    for user, label in zip(tasks.labels.column("user_id").to_pylist()[:10], tasks.labels.column("label").to_pylist()):
-        bought = con.execute(
-            "SELECT count(*) FROM read_parquet($p) WHERE CAST(CAST(CustomerID AS BIGINT) AS VARCHAR) = $u "
-            "AND InvoiceDate >= TIMESTAMP '2011-06-01' AND InvoiceDate < TIMESTAMP '2011-07-01' "
-            "AND NOT starts_with(InvoiceNo, 'C')",
-            {"p": path, "u": user},
-        ).fetchall()[0][0]
-        assert label == int(bought > 0), user
+    def times(path):
+        return pq.read_table(path).column("ts").cast(pa.timestamp("us")).to_numpy()
 
-
-def test_text_serialization_and_bpe(retail_tasks):
-    serialized = serialize_events(retail_tasks.events.slice(0, 500), max_events_per_user=20)
-    text = serialized.column("text").to_pylist()[0]
-    date, country, description, qty, amount = text.split(" | ")
-    assert len(date) == 16 and qty.startswith("qty ") and float(amount) == pytest.approx(float(amount))
-    tokenizer = train_text_tokenizer(serialized.column("text").to_pylist(), vocab_size=400, context_length=64)
-    assert tokenizer.convert_ids_to_tokens([0, 2, 4]) == ["[PAD]", "[BOS]", "[SEP]"]
-    sequences = text_sequences(tokenizer, serialized, context_length=64)
-    for ids in sequences.column("input_ids").to_pylist():
-        assert ids[0] == 2 and ids[-1] == 4 and len(ids) <= 64
-    # Round trip: the newest event's text decodes back from the end of the window.
-    first_user = serialized.column("user_id").to_pylist()[0]
-    newest = [t for u, t in zip(serialized.column("user_id").to_pylist(), serialized.column("text").to_pylist())
-              if u == first_user][-1]
-    ids = sequences.column("input_ids").to_pylist()[0]
-    start = max(i for i, t in enumerate(ids[:-1]) if t in (2, 4)) + 1  # after the previous [SEP] or the [BOS]
-    last_event = ids[start:-1]
-    assert tokenizer.decode(last_event) == newest
+    # Inputs of every user (tokenized for fine-tuning and embeddings) stop before the cutoff.
+    assert times(work / "events_inputs.parquet").max() < cutoff
+    # Tokenizer fitting reads events_fit: pre-cutoff events of train+valid users only.
+    fit = pq.read_table(work / "fold0" / "events_fit.parquet")
+    assert set(fit.column("user").to_pylist()) == fit_users
+    assert times(work / "fold0" / "events_fit.parquet").max() < cutoff
+    # Pretraining sequences: train+valid users only.
+    for kind in ("domain", "text"):
+        pretrain_users = set(pq.read_table(work / "fold0" / f"{kind}_pretrain.parquet").column("user_id").to_pylist())
+        assert pretrain_users == fit_users, kind
+        all_users = set(pq.read_table(work / "fold0" / f"{kind}_sequences.parquet").column("user_id").to_pylist())
+        assert all_users == set(users), kind
+    # The fitted vocabularies never saw a test user's or a post-cutoff category.
+    domain_vocab = (work / "fold0" / "domain_tokenizer" / "domaintok_tokenizer.json").read_text()
+    assert '"a"' in domain_vocab and "LEAKTEST" not in domain_vocab and "LEAKPOST" not in domain_vocab
+    text_vocab = (work / "fold0" / "text_tokenizer" / "tokenizer.json").read_text()
+    assert "LEAK" not in text_vocab
+    # The aggregates see only pre-cutoff events (LEAKTEST is a test user's real pre-cutoff input).
+    features = pq.read_table(work / "features.parquet")
+    assert "LEAKPOST" not in set(features.column("cat_top").to_pylist())
+    # Labels: the split column matches the fold's split for every user.
+    labels = pq.read_table(work / "fold0" / "labels_buys.parquet")
+    assert dict(zip(labels.column("user_id").to_pylist(), labels.column("split").to_pylist())) == dict(zip(users, split))
 
 
-def test_fast_auc_matches_sklearn_and_bootstrap_sign():
+def test_folds_rotate_the_test_users_and_pool_the_bootstrap(tmp_path):
+    schema, events, tasks, users, _ = toy_study(tmp_path)
+    report = ev.run_evaluation(ev.EvaluateSettings(
+        schema=schema, events=(events,), tasks=tasks, output=tmp_path / "out", methods=("lightgbm",), folds=3,
+        bootstrap=20, progress=False, log=lambda m: None))
+    tests = [set(pq.read_table(tmp_path / "out" / "work" / f"fold{k}" / "labels_buys.parquet")
+                 .filter(pa.compute.equal(pa.compute.field("split"), "test")).column("user_id").to_pylist())
+             for k in range(3)]
+    assert all(not (tests[i] & tests[j]) for i in range(3) for j in range(i + 1, 3))
+    row = report["results"]["buys"]["lightgbm"]
+    assert len(row["folds"]) == 3 and row["test"]["n"] == sum(len(t) for t in tests)
+    assert row["test"]["auc"] == pytest.approx(np.mean([f["auc"] for f in row["folds"]]))
+
+
+def test_method_table_options_are_checked(monkeypatch):
+    ev.selected_methods(tuple(ev.METHODS))  # the shipped table is valid today
+    monkeypatch.setitem(ev.METHODS, "gated", ev.Method("x", "finetune", ("sequence",), lm="domain",
+                                                        finetune={"no_such_option": 1}))
+    with pytest.raises(DomaintokError, match="method 'gated': FinetuneSettings has no option 'no_such_option'"):
+        ev.selected_methods(("gated",))
+    monkeypatch.setitem(ev.LANGUAGE_MODELS, "odd", ev.LanguageModel("domain", {"objective_typo": "clm"}))
+    monkeypatch.setitem(ev.METHODS, "odd_row", ev.Method("x", "finetune", ("sequence",), lm="odd"))
+    with pytest.raises(DomaintokError, match="language model 'odd': PretrainSettings has no option 'objective_typo'"):
+        ev.selected_methods(("odd_row",))
+    with pytest.raises(DomaintokError, match="unknown method 'nope'"):
+        ev.selected_methods(("nope",))
+    assert ev.selected_methods(("domain",)) == ["lightgbm", "domain"]  # the reference always runs
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["evaluate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("domaintok evaluate: error: needs --schema, --events, --tasks, --output") and "\n" not in err
+    schema, events, tasks, _, _ = toy_study(tmp_path)
+    assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
+                 "--output", str(tmp_path / "o"), "--methods", "lightgbm,bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("domaintok evaluate: error: unknown method 'bogus': expected one of " + ", ".join(ev.METHODS))
+
+
+def test_scores_and_bootstrap():
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     p = np.round(y * 0.3 + rng.random(300), 1)  # ties on purpose
     assert fast_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+    yc = rng.integers(0, 3, 300)
+    pc_ = rng.dirichlet(np.ones(3), 300) + np.eye(3)[yc] * 0.3
+    pc_ /= pc_.sum(axis=1, keepdims=True)
+    assert macro_auc(yc, pc_) == pytest.approx(roc_auc_score(yc, pc_, multi_class="ovr", average="macro"))
+    assert kind_metrics("multiclass", yc, pc_)["accuracy"] == pytest.approx(np.mean(pc_.argmax(1) == yc))
     better = y + rng.random(300) * 0.5
-    ci = bootstrap_delta(y, p, better, "purchase", 200, 0)
-    assert 0 < ci["low"] <= ci["high"] and ci["p_better"] == 1.0
+    ci = bootstrap_relative("binary", [(y, p, better)], 200, 0)
+    assert 0 < ci["low"] <= ci["relative"] <= ci["high"] and ci["p_better"] == 1.0
+    # Regression: lower RMSE is better; two folds pooled.
+    yr = rng.normal(size=200)
+    good, bad = yr + rng.normal(0, 0.1, 200), yr + rng.normal(0, 1.0, 200)
+    ci = bootstrap_relative("regression", [(yr[:100], bad[:100], good[:100]), (yr[100:], bad[100:], good[100:])], 200, 0)
+    assert ci["high"] < 0 and ci["p_better"] == 1.0
+
+
+def test_text_serialization_comes_from_the_schema(retail_events_slice):
+    serialized = serialize_events("online_retail", retail_events_slice, max_events_per_user=20)
+    text = serialized.column("text").to_pylist()[0]
+    sign, amount, date, description, country, quantity, stock_code = text.split(" | ")
+    # Fields in schema order: the sign of the amount, the amount, the date, the text, the country, the quantity.
+    assert sign == ("-" if float(amount) < 0 else "+" if float(amount) > 0 else "0")
+    assert len(date) == 16 and date[4] == "-" and country and description
+    assert len(amount.split(".")[1]) == 2 and str(int(quantity)) == quantity
+    tokenizer = train_text_tokenizer(serialized.column("text").to_pylist(), vocab_size=400, context_length=128)
+    assert tokenizer.convert_ids_to_tokens([0, 2, 4]) == ["[PAD]", "[BOS]", "[SEP]"]
+    sequences = text_sequences(tokenizer, serialized, context_length=128)
+    for ids in sequences.column("input_ids").to_pylist():
+        assert ids[0] == 2 and ids[-1] == 4 and len(ids) <= 128
+    # Round trip: the newest event's text decodes back from the end of the window.
+    first_user = serialized.column("user_id").to_pylist()[0]
+    newest = [t for u, t in zip(serialized.column("user_id").to_pylist(), serialized.column("text").to_pylist())
+              if u == first_user][-1]
+    ids = sequences.column("input_ids").to_pylist()[0]
+    start = max(i for i, t in enumerate(ids[:-1]) if t in (2, 4)) + 1  # after the previous [SEP] or the [BOS]
+    assert tokenizer.decode(ids[start:-1]) == newest
+
+
+def test_a_retail_label_matches_the_raw_data(shared_data_dir):
+    import duckdb
+
+    from domaintok.schema import load_schema
+
+    path = shared_data_dir / "online_retail" / "online_retail_I_2010-2011.parquet"
+    con = open_events(load_schema("online_retail"), path)
+    spec = tasks_from_dict({"cutoff": dt.date(2011, 6, 1), "max_users": 50, "tasks": [
+        {"name": "purchase", "kind": "binary",
+         "label": {"from": "events", "horizon_days": 30, "where": "NOT starts_with(Invoice, 'C')"}}]})
+    users = build_population(con, spec)
+    register_split(con, users, assign_split(users, spec.split))
+    labels = build_labels(con, spec, spec.tasks[0])
+    raw = duckdb.connect()
+    for user, label in zip(labels.column("user_id").to_pylist()[:10], labels.column("label").to_pylist()):
+        bought = raw.execute(
+            "SELECT count(*) FROM read_parquet($p) WHERE CAST(CAST(CustomerID AS BIGINT) AS VARCHAR) = $u "
+            "AND InvoiceDate >= TIMESTAMP '2011-06-01' AND InvoiceDate < TIMESTAMP '2011-07-01' "
+            "AND NOT starts_with(InvoiceNo, 'C')",
+            {"p": str(path), "u": user},
+        ).fetchall()[0][0]
+        assert label == int(bought > 0), user
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_evaluate_quick_end_to_end(shared_data_dir, tmp_path, capsys):
+def test_evaluate_quick_end_to_end_on_online_retail(shared_data_dir, tmp_path, capsys):
+    """The real data through the CLI: one file of the example (no overlap to handle), the purchase task only,
+    300 customers."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(
+        "cutoff: 2011-09-01\nmax_users: 300\ntasks:\n"
+        "  - {name: purchase, kind: binary, label: {from: events, horizon_days: 90, "
+        "where: \"NOT starts_with(Invoice, 'C')\"}}\n"
+    )
     out = tmp_path / "eval"
-    assert main(["evaluate", "--quick", "--data-dir", str(shared_data_dir / "online_retail"), "--output", str(out),
-                 "--task", "purchase"]) == 0
-    assert "purchase: lightgbm" in capsys.readouterr().out
+    events = shared_data_dir / "online_retail" / "online_retail_I_2010-2011.parquet"
+    assert main(["evaluate", "--schema", "online_retail", "--events", str(events), "--tasks", str(tasks),
+                 "--output", str(out), "--preset", "quick", "--bootstrap", "100"]) == 0
+    assert "purchase (auc): lightgbm" in capsys.readouterr().out
     report = json.loads((out / "results.json").read_text())
     purchase = report["results"]["purchase"]
-    assert set(purchase) == set(METHODS)
-    for method in METHODS:
-        test = purchase[method]["test"]
+    assert list(purchase) == list(ev.METHODS)
+    for method, row in purchase.items():
+        test = row["test"]
         assert 0.0 <= test["auc"] <= 1.0 and test["logloss"] > 0, method
-        assert test["n"] == report["summary"]["users_test"]
-        assert "relative_auc_vs_lightgbm" in test
-    assert purchase["lightgbm"]["test"]["relative_auc_vs_lightgbm"] == 0.0
-    # Both transformers have the same non-embedding size and the same pretraining budget.
-    pre = report["pretrain"]
-    assert pre["domain"]["non_embedding_parameters"] == pre["text_bpe"]["non_embedding_parameters"]
-    assert pre["domain"]["steps"] == pre["text_bpe"]["steps"]
-    markdown = (out / "results.md").read_text()
-    assert "| LightGBM on RFM features |" in markdown and "Domain tokens + joint fusion" in markdown
+        assert test["n"] == report["fold_sizes"][0]["test"], method
+        assert math.isfinite(row["vs_lightgbm"]["relative"]), method
+    assert report["population"]["users"] == 300
