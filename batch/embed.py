@@ -34,11 +34,17 @@ def embed_parquet(
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
+    from batch.sequence_data import truncate_to_context
     from domaintok.models.embedding import EMBEDDINGS_SCHEMA, embed_sequences, load_encoder, model_version
 
     model = load_encoder(model_dir, device=device)
     version = model_version(model_dir)
     vocab_size = model.config.vocab_size
+    # The model's context is its pretraining context: longer sequences keep [BOS] + their newest whole events.
+    context = model.config.max_position_embeddings
+    sep = model.config.sep_token_id
+    if progress:
+        click.echo(f"embed: context {context:,} tokens (the model's), pooling {model.config.pooling}", err=True)
     parquet = pq.ParquetFile(sequences)
     missing = [c for c in INPUT_COLUMNS if c not in parquet.schema_arrow.names]
     if missing:
@@ -47,7 +53,7 @@ def embed_parquet(
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
-    users = tokens = 0
+    users = tokens = truncated = 0
     started = time.perf_counter()
     bar = tqdm(total=parquet.metadata.num_rows, unit="user", desc="embed", disable=not progress)
     try:
@@ -62,6 +68,9 @@ def embed_parquet(
                         "the sequences were tokenized with another tokenizer"
                     )
                 rows = [values[offsets[i] : offsets[i + 1]] for i in range(batch.num_rows)]
+                for i in np.flatnonzero(np.diff(offsets) > context):
+                    rows[i] = truncate_to_context(rows[i], context, sep)
+                    truncated += 1
                 embeddings = embed_sequences(model, rows, batch_size=batch_size)  # (rows, H) float32
                 H = embeddings.shape[1]
                 table = pa.table(
@@ -91,6 +100,9 @@ def embed_parquet(
     return {
         "users": users,
         "tokens": tokens,
+        "context_length": context,
+        "truncated_users": truncated,
+        "pooling": model.config.pooling,
         "seconds": seconds,
         "users_per_second": users / seconds if seconds else None,
         "model_version": version,
@@ -113,7 +125,9 @@ def embed_parquet(
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write counts and throughput as JSON here (default: <output>.metrics.json).")
 def command(model_dir, sequences, output, batch_size, device, metrics):
-    """Embed every user: the final token's last hidden state of the pretrained model.
+    """Embed every user: the final token's last hidden state of the pretrained model (or the mean over tokens
+    when the model was pretrained with --pooling mean). Sequences longer than the model's context keep [BOS] and
+    their newest whole events, as tokenize does.
 
     Writes OUTPUT parquet with user_id, embedding (list<float32>), n_events, last_event_ts, model_version.
     """
@@ -127,5 +141,6 @@ def command(model_dir, sequences, output, batch_size, device, metrics):
     metrics_path.write_text(json.dumps(result, indent=2))
     click.echo(
         f"embedded {result['users']:,} users ({result['hidden_size']} dims) on {result['device']} in "
-        f"{result['seconds']:.1f}s ({result['users_per_second']:,.0f} users/s), model {result['model_version']} -> {output}"
+        f"{result['seconds']:.1f}s ({result['users_per_second']:,.0f} users/s), context {result['context_length']:,} "
+        f"({result['truncated_users']:,} users truncated), model {result['model_version']} -> {output}"
     )

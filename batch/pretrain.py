@@ -19,7 +19,9 @@ import click
 from domaintok.errors import ArtifactError, DomaintokError
 
 # Peak learning rates by size: smaller models tolerate (and need) larger steps.
-DEFAULT_LR = {"tiny": 1e-3, "24m": 6e-4, "330m": 3e-4}
+DEFAULT_LR = {"tiny": 1e-3, "small": 1e-3, "24m": 6e-4, "330m": 3e-4}
+# Preset names, listed here so the CLI's choices need no torch/transformers import (a test keeps them equal to PRESETS).
+PRESET_NAMES = ("tiny", "small", "24m", "330m")
 # Files the model writes into its directory; a tokenizer file of the same name would be overwritten.
 MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json", "metrics.json", "loss_curve.png"}
 
@@ -108,6 +110,15 @@ class PretrainSettings:
     gradient_checkpointing: bool = False
     compile: bool = False
     overrides: dict = field(default_factory=dict)
+    objective: str = "clm"
+    coles_weight: float = 1.0
+    coles_views: int = 2
+    coles_min_fraction: float = 0.3
+    coles_max_fraction: float = 0.7
+    coles_temperature: float = 0.1
+    pooling: str | None = None
+    logging_steps: int | None = None
+    eval_steps: int | None = None
 
     def resolved_checkpoint_dir(self) -> Path:
         return self.checkpoint_dir or self.output.with_name(self.output.name + ".checkpoints")
@@ -116,14 +127,34 @@ class PretrainSettings:
 def pretrain(settings: PretrainSettings) -> dict:
     """Run a pretraining job end to end; returns the metrics also written to <output>/metrics.json."""
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
-    from batch.sequence_data import CausalLMCollator, SequenceDataset, count_sequences
-    from domaintok.models import DomainTransformerConfig, DomainTransformerForCausalLM
+    from batch.contrastive import ColesCollator, ColesSettings, PretrainTrainer, check_objective
+    from batch.sequence_data import (
+        CausalLMCollator,
+        SequenceDataset,
+        context_warning,
+        count_sequences,
+        length_summary,
+    )
+    from domaintok.models import DomainTransformerForCausalLM
 
     s = settings
+    use_clm, use_coles = check_objective(s.objective)
+    coles = ColesSettings(
+        weight=s.coles_weight, views=s.coles_views, min_fraction=s.coles_min_fraction,
+        max_fraction=s.coles_max_fraction, temperature=s.coles_temperature,
+    ) if use_coles else None
     tok = read_tokenizer(s.tokenizer)
+    if use_coles and tok.sep_token_id is None:
+        raise DomaintokError(f"{s.tokenizer}: objective {s.objective!r} needs a [SEP] token to cut events")
     context_length = s.context_length or tok.max_length or 1024
+    source = "--context-length" if s.context_length else "the tokenizer's max_length" if tok.max_length else "default"
+    click.echo(f"pretrain: context {context_length:,} tokens ({source})", err=True)
+    lengths = length_summary(s.sequences, context_length)
+    warning = context_warning("pretrain", context_length, lengths)
+    if warning:
+        click.echo(warning, err=True)
     cuda = torch.cuda.is_available()
     checkpoint_dir = s.resolved_checkpoint_dir()
     has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.glob("checkpoint-*"))
@@ -132,8 +163,8 @@ def pretrain(settings: PretrainSettings) -> dict:
     if not s.resume and has_checkpoints:
         raise ArtifactError(f"{checkpoint_dir}: checkpoints exist; pass --resume to continue or delete them")
 
-    config = DomainTransformerConfig.from_preset(
-        s.preset,
+    config = _build_config(
+        s,
         vocab_size=tok.vocab_size,
         max_position_embeddings=context_length,
         tokenizer_fingerprint=tok.fingerprint,
@@ -141,6 +172,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         sep_token_id=tok.sep_token_id,
+        **({"pooling": s.pooling} if s.pooling else {}),
         **s.overrides,
     )
     torch.manual_seed(s.seed)
@@ -180,10 +212,10 @@ def pretrain(settings: PretrainSettings) -> dict:
         torch_compile=s.compile,
         gradient_checkpointing=s.gradient_checkpointing,
         logging_strategy="steps",
-        logging_steps=max(1, max_steps // 50),
+        logging_steps=s.logging_steps or max(1, max_steps // 50),
         logging_first_step=True,
         eval_strategy="steps" if n_eval else "no",
-        eval_steps=max(1, max_steps // 5),
+        eval_steps=s.eval_steps or max(1, max_steps // 5),
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=2,
@@ -195,14 +227,24 @@ def pretrain(settings: PretrainSettings) -> dict:
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
-    trainer = Trainer(
+    pad_multiple = 8 if cuda else None
+    if use_coles:
+        collator = ColesCollator(
+            pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, settings=coles, clm=use_clm, seed=s.seed,
+            pad_to_multiple_of=pad_multiple,
+        )
+    else:
+        collator = CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=pad_multiple)
+    trainer = PretrainTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set if n_eval else None,
-        data_collator=CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=8 if cuda else None),
+        data_collator=collator,
         # With the tokenizer's pad id the Trainer counts real tokens (`non_padding`) and saves it in checkpoints.
         processing_class=AutoTokenizer.from_pretrained(s.tokenizer),
+        objective=s.objective,
+        coles=coles,
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if s.resume else None)
@@ -222,10 +264,18 @@ def pretrain(settings: PretrainSettings) -> dict:
     final_window = train_losses[-max(1, len(train_losses) // 10) :]
     metrics = {
         "preset": s.preset,
+        "architecture": config.architecture(),
+        "overrides": dict(s.overrides),
+        "objective": s.objective,
+        "pooling": config.pooling,
         "parameters": n_params,
         "non_embedding_parameters": n_params - n_embedding,
         "vocab_size": tok.vocab_size,
         "context_length": context_length,
+        "context_length_source": source,
+        "median_sequence_tokens": lengths["median_tokens"],
+        "users_truncated_fraction": lengths["users_truncated_fraction"],
+        "tokens_cut_fraction": lengths["tokens_cut_fraction"],
         "train_sequences": n_train,
         "eval_sequences": n_eval,
         "steps": int(trainer.state.global_step),
@@ -234,6 +284,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         "grad_accum": s.grad_accum,
         "train_loss": sum(final_window) / len(final_window) if final_window else None,
         "eval_loss": final_eval.get("eval_loss"),
+        **_final_parts(trainer.state.log_history, final_eval),
         "train_seconds": train_seconds,
         "train_tokens": int(tokens),
         "tokens_per_second": tokens / train_seconds if train_seconds else None,
@@ -269,6 +320,29 @@ def pretrain(settings: PretrainSettings) -> dict:
     return metrics
 
 
+def _build_config(s: PretrainSettings, **kwargs):
+    """The model config of a run: preset, tokenizer-given values and overrides; a one-line error when impossible."""
+    from domaintok.models import DomainTransformerConfig
+
+    try:
+        return DomainTransformerConfig.from_preset(s.preset, **kwargs)
+    except ValueError as exc:  # e.g. heads not dividing the width, an unknown preset
+        raise DomaintokError(f"model size: {exc}") from None
+
+
+def _final_parts(log_history: list[dict], final_eval: dict) -> dict:
+    """The objective's parts at the end (clm_loss / coles_loss over the final tenth of logs, and on eval)."""
+    out = {}
+    for name in ("clm_loss", "coles_loss"):
+        values = [e[name] for e in log_history if name in e]
+        if values:
+            window = values[-max(1, len(values) // 10) :]
+            out[f"train_{name}"] = sum(window) / len(window)
+        if f"eval_{name}" in final_eval:
+            out[f"eval_{name}"] = final_eval[f"eval_{name}"]
+    return out
+
+
 def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
     """Train (and eval, when present) loss against optimizer step, as a PNG."""
     import matplotlib
@@ -299,7 +373,19 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
               help="Fitted tokenizer directory (`domaintok fit`).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Model directory to write (replaced if it exists).")
-@click.option("--preset", type=click.Choice(["tiny", "24m", "330m"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True,
+              help="Model size: tiny 2x32, small 2x64 (the README's evaluation size), 24m 24x256, 330m 24x1024.")
+@click.option("--hidden-size", type=click.IntRange(min=1), default=None, help="Override the preset's width.")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Override the preset's number of blocks.")
+@click.option("--heads", type=click.IntRange(min=1), default=None, help="Override the preset's attention heads.")
+@click.option("--intermediate-size", type=click.IntRange(min=1), default=None, help="Override the preset's MLP width.")
+@click.option("--objective", type=click.Choice(["clm", "coles", "clm+coles"]), default="clm", show_default=True,
+              help="Causal LM, CoLES (contrastive: sub-sequences of a user are positives), or both summed.")
+@click.option("--coles-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the CoLES loss in clm+coles.")
+@click.option("--coles-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
+@click.option("--pooling", type=click.Choice(["last", "mean"]), default=None,
+              help="User embedding: the last token's state or the mean over tokens (default: last).")
 @click.option("--context-length", type=click.IntRange(min=2), default=None,
               help="Tokens per sequence (default: the tokenizer's max_length); longer users keep their newest events.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
@@ -318,7 +404,8 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
-def command(sequences, tokenizer, output, preset, context_length, max_steps, epochs, batch_size, grad_accum, lr,
+def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
+            coles_weight, coles_temperature, pooling, context_length, max_steps, epochs, batch_size, grad_accum, lr,
             eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, compile_):
     """Pretrain the domain transformer (causal LM) on tokenized sequences.
 
@@ -330,12 +417,23 @@ def command(sequences, tokenizer, output, preset, context_length, max_steps, epo
         max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         eval_fraction=eval_fraction, save_steps=save_steps, checkpoint_dir=checkpoint_dir, resume=resume,
         seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
+        overrides=architecture_overrides(hidden_size, layers, heads, intermediate_size),
+        objective=objective, coles_weight=coles_weight, coles_temperature=coles_temperature, pooling=pooling,
     )
     metrics = pretrain(settings)
     eval_loss = metrics["eval_loss"]
+    arch = metrics["architecture"]
     click.echo(
-        f"pretrained {metrics['parameters']:,} parameters for {metrics['steps']} steps: "
+        f"pretrained {metrics['preset']} ({arch['num_hidden_layers']} x {arch['hidden_size']}, {metrics['objective']}, "
+        f"context {metrics['context_length']:,}) {metrics['parameters']:,} parameters for {metrics['steps']} steps: "
         f"train loss {metrics['train_loss']:.4f}, eval loss "
         f"{'n/a' if eval_loss is None else f'{eval_loss:.4f}'}, {metrics['tokens_per_second']:,.0f} tokens/s, "
         f"padding {metrics['padding_fraction']:.1%} -> {output}"
     )
+
+
+def architecture_overrides(hidden_size=None, layers=None, heads=None, intermediate_size=None) -> dict[str, int]:
+    """The CLI's size options as config overrides (only those given)."""
+    given = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,
+             "intermediate_size": intermediate_size}
+    return {key: value for key, value in given.items() if value is not None}

@@ -55,6 +55,35 @@ def truncate_to_context(ids: np.ndarray, context_length: int, sep_token_id: int 
     return np.concatenate([ids[:1], tail[min_start:]])
 
 
+def length_summary(path: str | Path, context_length: int) -> dict[str, float]:
+    """How a context of `context_length` tokens cuts the sequences in `path`: the median sequence length, the
+    share of users longer than the context and the share of tokens beyond it (reads only the list offsets)."""
+    parquet = open_sequences(path)
+    lengths = [
+        np.diff(batch.column(0).offsets.to_numpy())
+        for batch in parquet.iter_batches(columns=["input_ids"], batch_size=65_536)
+    ]
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if not lengths.size:
+        return {"median_tokens": 0.0, "users_truncated_fraction": 0.0, "tokens_cut_fraction": 0.0}
+    return {
+        "median_tokens": float(np.median(lengths)),
+        "users_truncated_fraction": float((lengths > context_length).mean()),
+        "tokens_cut_fraction": float(np.clip(lengths - context_length, 0, None).sum() / lengths.sum()),
+    }
+
+
+def context_warning(job: str, context_length: int, summary: dict[str, float]) -> str | None:
+    """One line when the context is shorter than the median user's sequence, saying how much it cuts."""
+    if summary["median_tokens"] <= context_length:
+        return None
+    return (
+        f"{job}: warning: the {context_length:,}-token context is shorter than the median user's sequence "
+        f"({summary['median_tokens']:,.0f} tokens): {summary['users_truncated_fraction']:.0%} of users keep only "
+        f"their newest events, {summary['tokens_cut_fraction']:.0%} of tokens are left out"
+    )
+
+
 def count_sequences(path: str | Path, split: str = "all", eval_fraction: float = 0.0) -> int:
     """Rows of `path` in `split` (reads only the user_id column), to size the training schedule."""
     parquet = open_sequences(path)
@@ -212,8 +241,10 @@ __all__ = [
     "SequenceDataset",
     "CausalLMCollator",
     "StreamStats",
+    "context_warning",
     "count_sequences",
     "is_eval_user",
+    "length_summary",
     "open_sequences",
     "truncate_to_context",
 ]

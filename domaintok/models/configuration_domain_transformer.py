@@ -14,11 +14,16 @@ from transformers import PretrainedConfig
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and CPU smoke runs: a forward pass takes microseconds.
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    # The README's CPU evaluation size.
+    "small": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
     "24m": {"hidden_size": 256, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 1024},
     "330m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
 }
 
 POSITION_EMBEDDING_TYPES = ("none", "learned")
+POOLINGS = ("last", "mean")
+# The architecture a preset fixes; the CLI's overrides and metrics.json's `architecture` use these names.
+ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -42,6 +47,8 @@ class DomainTransformerConfig(PretrainedConfig):
         initializer_range: std of the normal init; residual projections get it / sqrt(2 * num_hidden_layers).
         embedding_layernorm: whether the user embedding (the final non-pad token's last hidden state) is
             standardized by a parameter-free LayerNorm, as nuFormer does before its heads.
+        pooling: how the user embedding reads the last hidden states: "last" (the final real token's state) or
+            "mean" (the average over every real token).
         tokenizer_fingerprint: fingerprint of the tokenizer the model was trained with; loaders refuse another.
         pad_token_id, bos_token_id, eos_token_id, sep_token_id: the tokenizer's special ids.
         tie_word_embeddings: whether the LM head shares the token embedding matrix.
@@ -64,6 +71,7 @@ class DomainTransformerConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     embedding_layernorm: bool = False
+    pooling: str = "last"
     tokenizer_fingerprint: str | None = None
     pad_token_id: int | None = 0
     bos_token_id: int | None = None
@@ -80,10 +88,14 @@ class DomainTransformerConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, **overrides: Any) -> DomainTransformerConfig:
-        """Build a config from a named size ("tiny", "24m", "330m"), the tokenizer's vocabulary and overrides."""
+        """Build a config from a named size (a key of PRESETS), the tokenizer's vocabulary and overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], "vocab_size": vocab_size, **overrides})
+
+    def architecture(self) -> dict[str, int]:
+        """The size actually built (preset plus overrides), as recorded in metrics.json."""
+        return {key: getattr(self, key) for key in ARCHITECTURE_KEYS}
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +122,8 @@ def _check_hyperparameters(config: DomainTransformerConfig) -> None:
         raise ValueError(
             f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, got {config.position_embedding_type!r}"
         )
+    if config.pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {config.pooling!r}")
     if config.hidden_act not in HIDDEN_ACTS:
         raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {config.hidden_act!r}")
     if not config.layer_norm_eps > 0 or not config.initializer_range > 0:
@@ -120,4 +134,4 @@ def _check_hyperparameters(config: DomainTransformerConfig) -> None:
             raise ValueError(f"{name} must be in [0, vocab_size={config.vocab_size}), got {value!r}")
 
 
-__all__ = ["DomainTransformerConfig", "PRESETS"]
+__all__ = ["ARCHITECTURE_KEYS", "DomainTransformerConfig", "POOLINGS", "PRESETS"]

@@ -10,6 +10,7 @@ D = head dim (H / N), V = vocabulary size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(T, device=attention_mask.device)
     # argmax of position * mask: the largest position holding a real token (a pure tensor op, so it exports).
     return (positions[None, :] * attention_mask.long()).argmax(dim=-1)
+
+
+def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean (B, H) of hidden states (B, T, H) over the real tokens of each row; zeros for an all-pad row."""
+    weights = attention_mask.to(hidden_states.dtype)[..., None]  # (B, T, 1)
+    total = (hidden_states * weights).sum(dim=1)  # (B, H)
+    return total / weights.sum(dim=1).clamp_min(1.0)
 
 
 class DomainTransformerAttention(nn.Module):
@@ -224,7 +232,10 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
         return embedding
 
     def user_embedding(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The user embedding (B, H): the final real token's last hidden state, LayerNorm'd if configured."""
+        """The user embedding (B, H) by `config.pooling`: the final real token's last hidden state ("last") or
+        the mean over real tokens ("mean"), LayerNorm'd if configured."""
+        if self.config.pooling == "mean":
+            return self._pool(masked_mean(last_hidden_state, attention_mask))
         index = last_token_index(attention_mask)  # (B,)
         batch = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
         return self._pool(last_hidden_state[batch, index])  # (B, T, H) -> (B, H)
@@ -238,10 +249,17 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
         (its keys and values still cover every position): for the 2-layer `tiny` model that is about a third of
         the work. `right_padded=True` promises that padding only follows the real tokens; then the earlier blocks
         need no padding mask (a causal query never sees a later key) and SDPA keeps its fused causal kernel.
-        Any padding side works without it.
+        Any padding side works without it. With `config.pooling == "mean"` every position of the last block is
+        needed, so the whole decoder runs.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.config.pooling == "mean":
+            attn_mask = None if right_padded else causal_padding_mask(attention_mask)  # (B, 1, T, T)
+            hidden_states = self._input_states(input_ids)  # (B, T, H)
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, attn_mask)
+            return self._pool(masked_mean(self.norm(hidden_states), attention_mask))  # (B, T, H) -> (B, H)
         index = last_token_index(attention_mask)  # (B,)
         T = input_ids.shape[1]
         positions = torch.arange(T, device=input_ids.device)
@@ -283,19 +301,31 @@ class DomainTransformerForCausalLM(DomainTransformerPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        view_input_ids: torch.LongTensor | None = None,
+        view_attention_mask: torch.Tensor | None = None,
         **loss_kwargs,
     ) -> CausalLMOutput | tuple:
         """Logits (B, T, V); with `labels` (B, T) the mean next-token cross-entropy.
 
         Labels equal to -100 and positions where `attention_mask` is 0 are not predicted. `loss_kwargs` takes
         the Trainer's `num_items_in_batch`, so gradient accumulation averages over tokens, not micro-batches.
+        `view_input_ids` (V', T') right-padded with `view_attention_mask` adds their user embeddings (V', H) as
+        `view_embeddings` (a contrastive objective's views, through the same forward so wrappers such as DDP see
+        them); `input_ids=None` then skips the language model.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        view_embeddings = None
+        if view_input_ids is not None:
+            view_embeddings = self.model.embed(view_input_ids, view_attention_mask, right_padded=True)  # (V', H)
+        if input_ids is None:
+            if view_embeddings is None:
+                raise ValueError("forward needs input_ids or view_input_ids")
+            return DomainTransformerPretrainingOutput(view_embeddings=view_embeddings)
         outputs = self.model(
             input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True
         )
@@ -310,15 +340,28 @@ class DomainTransformerForCausalLM(DomainTransformerPreTrainedModel):
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
+        if view_embeddings is not None:
+            return DomainTransformerPretrainingOutput(
+                loss=loss, logits=logits, hidden_states=outputs.hidden_states, view_embeddings=view_embeddings
+            )
         return CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+@dataclass
+class DomainTransformerPretrainingOutput(CausalLMOutput):
+    """CausalLMOutput plus the user embeddings (V', H) of the contrastive views, when any were given."""
+
+    view_embeddings: torch.Tensor | None = None
 
 
 __all__ = [
     "DomainTransformerPreTrainedModel",
     "DomainTransformerModel",
     "DomainTransformerForCausalLM",
+    "DomainTransformerPretrainingOutput",
     "causal_padding_mask",
     "last_token_index",
+    "masked_mean",
 ]
 
 

@@ -148,8 +148,14 @@ def test_pretrain_then_embed_then_export_on_real_data(retail_tokenizer, retail_s
     embeddings = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
     assert embeddings.shape == (200, model.config.hidden_size) and np.isfinite(embeddings).all()
     encoder = load_encoder(model_dir, device="cpu", expected_fingerprint=tokenizer.fingerprint)
-    some = [np.asarray(x) for x in sequences.column("input_ids").to_pylist()[:5]]
-    np.testing.assert_allclose(embeddings[:5], embed_sequences(encoder, some, batch_size=1), rtol=0, atol=1e-5)
+    # embed cuts sequences longer than the model's context (128) as tokenize does: [BOS] + newest whole events
+    lengths = np.array([len(x) for x in sequences.column("input_ids").to_pylist()])
+    assert (lengths > 128).sum() > 3
+    rows = np.argsort(-lengths)[:5]
+    some = [truncate_to_context(np.asarray(sequences.column("input_ids")[int(i)].as_py()), 128, 4) for i in rows]
+    assert max(len(x) for x in some) <= 128
+    np.testing.assert_allclose(embeddings[rows], embed_sequences(encoder, some, batch_size=1), rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "emb.parquet.metrics.json").read_text())["truncated_users"] == int((lengths > 128).sum())
     assert not list(tmp_path.glob(".emb.parquet*"))  # the temp file was renamed, not left behind
 
     onnx_path = tmp_path / "model.onnx"
@@ -193,3 +199,32 @@ def test_pretrain_reports_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "not a tokenizer directory" in err
+
+
+def test_pretrain_presets_overrides_and_context_warning(retail_tokenizer, tmp_path, capsys):
+    from batch.pretrain import PRESET_NAMES
+    from domaintok.models import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)
+    sequences = tmp_path / "seq.parquet"
+    rows = write_sequences(sequences, n_users=40)
+    model_dir = tmp_path / "model"
+    rc = run("pretrain", "--sequences", sequences, "--tokenizer", retail_tokenizer, "--output", model_dir,
+             "--preset", "small", "--layers", "1", "--heads", "2", "--context-length", "16", "--max-steps", "2",
+             "--batch-size", "8", "--eval-fraction", "0")
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "pretrain: context 16 tokens (--context-length)" in captured.err
+    median = float(np.median([len(r) for r in rows]))
+    assert f"shorter than the median user's sequence ({median:,.0f} tokens)" in captured.err
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["preset"] == "small" and metrics["objective"] == "clm" and metrics["pooling"] == "last"
+    assert metrics["architecture"] == {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "intermediate_size": 256}
+    assert metrics["users_truncated_fraction"] == pytest.approx(np.mean([len(r) > 16 for r in rows]))
+    assert "small (1 x 64, clm, context 16)" in captured.out
+
+    rc = run("pretrain", "--sequences", sequences, "--tokenizer", retail_tokenizer, "--output", tmp_path / "m2",
+             "--hidden-size", "30", "--heads", "4")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("domaintok pretrain: error: model size:") and "multiple of" in err[-1]

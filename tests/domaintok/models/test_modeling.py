@@ -37,7 +37,11 @@ def test_preset_sizes_and_overrides():
     assert config.intermediate_size == 1024
     assert config.tokenizer_fingerprint == "fp" and config.sep_token_id == 3
     assert DomainTransformerConfig.from_preset("330m", vocab_size=10).hidden_size == 1024
-    assert set(PRESETS) == {"tiny", "24m", "330m"}
+    assert set(PRESETS) == {"tiny", "small", "24m", "330m"}
+    small = DomainTransformerConfig.from_preset("small", vocab_size=10, num_hidden_layers=3)
+    assert small.architecture() == {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                                    "intermediate_size": 256}
+    assert small.pooling == "last"  # the default user embedding
     with pytest.raises(ValueError, match="unknown preset"):
         DomainTransformerConfig.from_preset("7b", vocab_size=10)
 
@@ -51,6 +55,7 @@ def test_preset_sizes_and_overrides():
         ({"position_embedding_type": "rope"}, "position_embedding_type"),
         ({"hidden_act": "swish2"}, "hidden_act"),
         ({"pad_token_id": VOCAB}, "pad_token_id must be in"),
+        ({"pooling": "max"}, "pooling must be one of"),
     ],
 )
 def test_config_rejects_bad_values(bad, message):
@@ -125,7 +130,8 @@ def test_mask_handles_left_padding_too(lm):
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_hidden_layers": 1}, {"num_hidden_layers": 3, "embedding_layernorm": True},
-     {"position_embedding_type": "learned", "max_position_embeddings": 32}, {"bias": False}],
+     {"position_embedding_type": "learned", "max_position_embeddings": 32}, {"bias": False},
+     {"pooling": "mean"}, {"pooling": "mean", "embedding_layernorm": True}],
 )
 def test_embed_runs_the_last_block_for_the_final_token_only_and_equals_the_full_forward(overrides):
     """embed() computes the last block at one query per row; it must equal user_embedding(forward()) for every
@@ -155,9 +161,42 @@ def test_embed_runs_the_last_block_for_the_final_token_only_and_equals_the_full_
             model(unpadded).last_hidden_state, torch.ones_like(unpadded)), rtol=0, atol=1e-5)
 
 
-def test_embed_is_differentiable_like_the_full_forward():
+def test_mean_pooling_is_the_mean_of_the_real_tokens_states_and_survives_save_load(tmp_path):
+    torch.manual_seed(3)
+    model = DomainTransformerForCausalLM(tiny(pooling="mean")).eval()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        states = model.model(ids[1:, :3]).last_hidden_state  # (1, 3, H): the second row alone, unpadded
+        pooled = model.model.embed(ids, mask, right_padded=True)
+        torch.testing.assert_close(pooled[1], states[0].mean(dim=0), rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = DomainTransformerModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.pooling == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(ids, mask), pooled, rtol=0, atol=1e-6)
+
+
+def test_views_ride_through_the_lm_forward():
+    torch.manual_seed(4)
+    lm = DomainTransformerForCausalLM(tiny()).eval()
+    ids, views = torch.randint(1, VOCAB, (2, 5)), torch.randint(1, VOCAB, (4, 3))
+    view_mask = torch.ones_like(views)
+    with torch.no_grad():
+        both = lm(ids, labels=ids, view_input_ids=views, view_attention_mask=view_mask)
+        alone = lm(None, view_input_ids=views, view_attention_mask=view_mask)
+        torch.testing.assert_close(both.view_embeddings, lm.model.embed(views, view_mask), rtol=0, atol=0)
+        torch.testing.assert_close(alone.view_embeddings, both.view_embeddings, rtol=0, atol=0)
+        assert both.loss is not None and alone.logits is None
+        assert type(lm(ids, labels=ids)).__name__ == "CausalLMOutput"  # without views: unchanged
+    with pytest.raises(ValueError, match="input_ids or view_input_ids"):
+        lm(None)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_embed_is_differentiable_like_the_full_forward(pooling):
     torch.manual_seed(2)
-    model = DomainTransformerModel(tiny(attention_dropout=0.0))  # train mode, no dropout: comparable
+    model = DomainTransformerModel(tiny(attention_dropout=0.0, pooling=pooling))  # train mode, no dropout: comparable
     ids = torch.randint(1, VOCAB, (3, 7))
     model.embed(ids).sum().backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
