@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from domaintok.errors import DomaintokError
 
 TASKS = ("binary", "multiclass", "regression")
-SEQUENCE_GATES = ("none", "zero", "scalar")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
+SEQUENCE_GATES = ("none", "zero", "scalar")
+STAGE2_MODES = ("all", "sequence")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
 SPLIT_MODES = ("auto", "column", "user", "time")
 SPLITS = ("train", "valid", "test")
 _HASH_BUCKETS = 10_000
@@ -346,6 +347,7 @@ class FinetuneSettings:
     staged: bool = True
     stage1_epochs: int = 30
     stage1_patience: int = 5
+    stage2: str = "all"  # what stage 2 trains: "all", or "sequence" (encoder + gate/projection; tabular path kept)
     embedding_layernorm: bool = True
     # False trains the tabular branch alone (PLR/DCNv2 + head, no transformer): the ablation of joint fusion.
     use_sequence: bool = True
@@ -551,13 +553,16 @@ class _Trainer:
             self.model.load_state_dict(self.best.state)
 
 
-def _set_sequence_branch(model, open_: bool, trainable: dict[str, bool]) -> None:
-    """Open or close the sequence branch: closed, the encoder and gate are frozen and the encoder does not run;
-    open, they get back the trainability recorded in `trainable` (LoRA keeps base weights frozen)."""
-    model.sequence_open = open_
+def _set_stage(model, stage: str, trainable: dict[str, bool]) -> None:
+    """Which parameters train, per stage. "tabular": the sequence branch is off (the encoder does not run) and
+    only the tabular path trains; "all": everything; "sequence": the encoder, gate and sequence projection train
+    while the tabular path stays as stage 1 left it. `trainable` is the model's own choice (LoRA freezes base
+    weights), which no stage overrides."""
+    model.sequence_open = stage != "tabular"
     for name, parameter in model.named_parameters():
-        if name.startswith("transformer.") or name == "sequence_gate":
-            parameter.requires_grad = open_ and trainable[name]
+        tabular = model.tabular_parameter(name)
+        on = {"tabular": tabular, "all": True, "sequence": not tabular}[stage]
+        parameter.requires_grad = on and trainable[name]
 
 
 def _build_model(s: FinetuneSettings, encoder, stats: dict, extra: dict, max_length: int):
@@ -608,6 +613,8 @@ def finetune(settings: FinetuneSettings) -> dict:
     s = settings
     if s.task not in TASKS:
         raise DomaintokError(f"task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    if s.stage2 not in STAGE2_MODES:
+        raise DomaintokError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {s.stage2!r}")
     metric = resolve_metric(s.task, s.metric)
     started = time.perf_counter()
     data = join_inputs(s.labels, s.sequences, s.features, s.label_column, s.split, s.valid_fraction,
@@ -650,10 +657,10 @@ def finetune(settings: FinetuneSettings) -> dict:
     staged = s.staged and s.use_sequence and model.config.has_tabular
     if staged:
         trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-        _set_sequence_branch(model, False, trainable)
+        _set_stage(model, "tabular", trainable)
         trainer.run_stage(1, s.stage1_epochs, s.stage1_patience, s.encoder_lr)
         trainer.restore_best()
-        _set_sequence_branch(model, True, trainable)
+        _set_stage(model, s.stage2, trainable)
     trainer.run_stage(2 if staged else 1, s.epochs, s.patience, s.encoder_lr)
     trainer.restore_best()
     train_seconds = time.perf_counter() - started
@@ -755,6 +762,9 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--stage1-epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Epoch budget of the tabular stage (the encoder does not run, so epochs are cheap).")
 @click.option("--stage1-patience", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--stage2", type=click.Choice(STAGE2_MODES), default="all", show_default=True,
+              help="What stage 2 trains: all, or sequence (the encoder and the sequence gate/projection; the "
+                   "tabular path stays as stage 1 left it).")
 @click.option("--metric", type=click.Choice(sorted({m for ms in SELECTION_METRICS.values() for m in ms})),
               default=None, help="Validation metric for early stopping and model selection "
                                  "[default: auc (binary), macro_auc (multiclass), rmse (regression)].")
@@ -770,7 +780,7 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
             lora, lora_r, epochs, max_steps, batch_size, encoder_lr, head_lr, weight_decay, warmup, warmup_steps,
-            dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, metric,
+            dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, stage2, metric,
             evals_per_epoch, patience, min_epochs, min_delta, max_length, seed):
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
 
@@ -784,8 +794,8 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, encoder_lr=encoder_lr,
         head_lr=head_lr, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps, dropout=dropout,
         sequence_dropout=sequence_dropout, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
-        stage1_patience=stage1_patience, metric=metric, evals_per_epoch=evals_per_epoch, patience=patience,
-        min_epochs=min_epochs, min_delta=min_delta, max_length=max_length, seed=seed,
+        stage1_patience=stage1_patience, stage2=stage2, metric=metric, evals_per_epoch=evals_per_epoch,
+        patience=patience, min_epochs=min_epochs, min_delta=min_delta, max_length=max_length, seed=seed,
     )
     metrics = finetune(settings)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items() if isinstance(v, float))

@@ -63,10 +63,10 @@ class JointFusionConfig:
         head_hidden: width of the joint head's hidden layer.
         use_sequence: whether the transformer branch is used (False: the tabular branch alone).
         sequence_gate: how the sequence branch enters the head. "none": as is (random init like every input);
-            "zero": the head's weights on the user embedding start at zero (a zero-initialized projection: they
-            learn from the first step); "scalar": the embedding is multiplied by a learned scalar that starts at
-            0. With "zero" or "scalar" an untrained fused model computes exactly what its tabular path computes, and
-            the sequence only contributes as far as training moves those weights.
+            "zero": the user embedding enters the head's hidden layer through its own projection, initialized
+            at zero (it learns from the first step; needs tabular features); "scalar": the embedding is multiplied
+            by a learned scalar that starts at 0. With "zero" or "scalar" an untrained fused model computes exactly
+            what its tabular path computes, and the sequence only contributes as far as training moves them.
         sequence_dropout: probability of zeroing a row's whole user embedding in training (the head learns to
             predict from the tabular branch alone too); 0 disables it.
         embedding_layernorm: standardize the user embedding with a parameter-free LayerNorm before fusion.
@@ -120,6 +120,8 @@ class JointFusionConfig:
             raise ValueError("a model with neither a sequence nor tabular features has no input")
         if self.sequence_gate not in SEQUENCE_GATES:
             raise ValueError(f"sequence_gate must be one of {SEQUENCE_GATES}, got {self.sequence_gate!r}")
+        if self.sequence_gate == "zero" and self.use_sequence and not self.has_tabular:
+            raise ValueError('sequence_gate "zero" needs tabular features (it starts the model as its tabular path)')
         if not 0.0 <= self.sequence_dropout < 1.0:
             raise ValueError(f"sequence_dropout must be in [0, 1), got {self.sequence_dropout}")
 
@@ -277,7 +279,8 @@ class JointFusionModel(nn.Module):
             self.transformer = transformer
             if config.lora is not None:
                 self._inject_lora(config.lora)
-            width += transformer.config.hidden_size
+            if config.sequence_gate != "zero":
+                width += transformer.config.hidden_size
         scalar = config.use_sequence and config.sequence_gate == "scalar"
         self.sequence_gate = nn.Parameter(torch.zeros(())) if scalar else None
         self.sequence_open = True
@@ -315,21 +318,26 @@ class JointFusionModel(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(config.head_hidden, config.num_outputs),
         )
+        self.sequence_proj = None
         if config.use_sequence and config.sequence_gate == "zero":
-            with torch.no_grad():
-                self.head[0].weight[:, : self.sequence_width].zero_()  # the embedding is the first H inputs
-
-    @property
-    def sequence_width(self) -> int:
-        """H, the width of the user embedding in the head's input (0 without a sequence branch)."""
-        return self.transformer.config.hidden_size if self.transformer is not None else 0
+            # (H -> head_hidden), added to the head's first layer over the tabular vector; starts at zero.
+            self.sequence_proj = nn.Linear(self.transformer.config.hidden_size, config.head_hidden, bias=False)
+            nn.init.zeros_(self.sequence_proj.weight)
 
     def sequence_weight(self) -> float:
-        """How far the sequence branch is open: the scalar gate, else the norm of the head's weights on the
-        user embedding (0 when the model is its tabular path)."""
+        """How far the sequence branch is open: the scalar gate, or the norm of the weights that carry the user
+        embedding into the head (0 for "zero" and "scalar" until training moves them: the tabular path)."""
         if self.sequence_gate is not None:
             return float(self.sequence_gate.detach())
-        return float(self.head[0].weight[:, : self.sequence_width].detach().norm())
+        if self.sequence_proj is not None:
+            return float(self.sequence_proj.weight.detach().norm())
+        hidden = self.transformer.config.hidden_size if self.transformer is not None else 0
+        return float(self.head[0].weight[:, :hidden].detach().norm())
+
+    def tabular_parameter(self, name: str) -> bool:
+        """Whether a parameter (by name) belongs to the tabular path: PLR, categorical embeddings, DCNv2 and
+        the head, but not the encoder, the gate or the sequence projection."""
+        return not name.startswith(("transformer.", "sequence_proj.")) and name != "sequence_gate"
 
     @classmethod
     def from_encoder(cls, transformer: DomainTransformerModel, **config_fields: Any) -> JointFusionModel:
@@ -374,7 +382,7 @@ class JointFusionModel(nn.Module):
     ) -> JointFusionOutput:
         """Logits (B, C) (standardized prediction for regression); the task's loss when `labels` (B,) are given."""
         parts = []
-        embedding = None
+        embedding = sequence = None
         if self.transformer is not None:
             if input_ids is None:
                 raise ValueError("this model reads token sequences: input_ids is required")
@@ -382,10 +390,12 @@ class JointFusionModel(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             if self.sequence_open:
                 embedding = self.user_embedding(input_ids, attention_mask)  # (B, H)
-                parts.append(self.gated(embedding))
+                sequence = self.gated(embedding)
             else:
                 hidden = self.transformer.config.hidden_size
-                parts.append(input_ids.new_zeros((input_ids.shape[0], hidden), dtype=self.head[0].weight.dtype))
+                sequence = input_ids.new_zeros((input_ids.shape[0], hidden), dtype=self.head[0].weight.dtype)
+            if self.sequence_proj is None:
+                parts.append(sequence)
         if self.dcn is not None:
             tabular = []
             if self.plr is not None:
@@ -393,7 +403,11 @@ class JointFusionModel(nn.Module):
             for j, table in enumerate(self.categorical_embeddings):
                 tabular.append(table(categorical[:, j]))  # (B, Dc)
             parts.append(self.dcn(torch.cat(tabular, dim=-1)))  # (B, X) -> (B, dcn.output_dim)
-        logits = self.head(torch.cat(parts, dim=-1))  # (B, C)
+        if self.sequence_proj is None:
+            logits = self.head(torch.cat(parts, dim=-1))  # (B, C)
+        else:
+            hidden = self.head[0](torch.cat(parts, dim=-1)) + self.sequence_proj(sequence)  # (B, head_hidden)
+            logits = self.head[1:](hidden)  # (B, C)
         loss = None if labels is None else self.loss(logits, labels)
         return JointFusionOutput(loss=loss, logits=logits, user_embedding=embedding)
 

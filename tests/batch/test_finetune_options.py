@@ -127,6 +127,30 @@ def test_weight_decay_skips_biases_and_norms_and_lrs_split_encoder_from_head(tin
             name in members["encoder_no_decay"] | members["head_no_decay"]), name
 
 
+def test_stages_choose_which_parameters_train(tiny):
+    from batch.finetune import _set_stage
+    from domaintok.models.embedding import load_encoder
+    from domaintok.models.fusion import fit_tabular_stats
+
+    table = pq.read_table(tiny / "features.parquet")
+    model = JointFusionModel.from_encoder(load_encoder(tiny / "model", device="cpu"), sequence_gate="zero",
+                                          **fit_tabular_stats(table, ["x"], ["shop"]))
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    trainable["transformer.layers.0.attn.qkv_proj.weight"] = False  # e.g. frozen by LoRA: no stage unfreezes it
+
+    def training():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    _set_stage(model, "tabular", trainable)
+    assert not model.sequence_open
+    assert training() == {n for n in trainable if not n.startswith(("transformer.", "sequence_proj."))}
+    _set_stage(model, "sequence", trainable)
+    assert model.sequence_open
+    assert training() == {n for n, t in trainable.items() if t and n.startswith(("transformer.", "sequence_proj."))}
+    _set_stage(model, "all", trainable)
+    assert training() == {n for n, t in trainable.items() if t}
+
+
 # --- real training runs ---------------------------------------------------------------------------------------
 
 
