@@ -190,13 +190,19 @@ class Watcher(threading.Thread):
 
 
 class Producer(threading.Thread):
-    """Sends the events at a steady rate (chunks every 0.1 s); a broker restart only delays deliveries."""
+    """Sends the events at a steady rate (chunks every 0.1 s); a broker restart only delays deliveries.
 
-    def __init__(self, settings: KafkaSettings, artifacts: Artifacts, rate: float) -> None:
+    `partitioners`: librdkafka partitioner names, one producer each; events go to them in turn (every user's events
+    spread over all of them), e.g. ("murmur2_random", "consistent_random") for a Java-style and a kcat-style client.
+    """
+
+    def __init__(self, settings: KafkaSettings, artifacts: Artifacts, rate: float,
+                 partitioners: tuple[str, ...] = ("murmur2_random",)) -> None:
         super().__init__(daemon=True)
         self.settings = settings
         self.artifacts = artifacts
         self.rate = rate
+        self.partitioners = partitioners
         self.sent = 0
         self.error: BaseException | None = None
 
@@ -204,15 +210,21 @@ class Producer(threading.Thread):
         rows = self.artifacts.rows
         step = max(int(self.rate / 10), 1)
         try:
-            with EventProducer(self.settings, fingerprint=self.artifacts.tok.fingerprint, **producer_overrides()) as out:
+            with contextlib.ExitStack() as stack:
+                outs = [stack.enter_context(EventProducer(self.settings, fingerprint=self.artifacts.tok.fingerprint,
+                                                          partitioner=name, **producer_overrides()))
+                        for name in self.partitioners]
                 t0 = time.monotonic()
                 for start in range(0, len(rows), step):
-                    out.send_many(rows[start : start + step])
+                    chunk = rows[start : start + step]
+                    for i, out in enumerate(outs):
+                        out.send_many(chunk[i :: len(outs)])
                     self.sent = min(start + step, len(rows))
                     delay = t0 + self.sent / self.rate - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                out.flush(120)
+                for out in outs:
+                    out.flush(120)
         except BaseException as exc:
             self.error = exc
 
@@ -390,20 +402,63 @@ def finish(harness: Harness, watcher: Watcher, producer: Producer, t0: float, ti
 
 
 def run_load(harness: Harness, rate: float, faults, *, workers: tuple[str, ...] = ("tokenizer", "encoder"),
-             timeout: float = 120.0) -> Outcome:
-    """Start `workers`, produce every event at `rate`/s while `faults(harness)` runs, then check the outcome."""
+             timeout: float = 120.0, partitioners: tuple[str, ...] = ("murmur2_random",),
+             check_commits: bool = True) -> Outcome:
+    """Start `workers`, produce every event at `rate`/s while `faults(harness)` runs, then check the outcome.
+
+    `check_commits`: once every event is reflected, the tokenizer group's committed offset must reach the end of
+    every events partition within a few commit intervals (a partition that stops committing replays ever more)."""
     for name in workers:
         harness.start(name, wait=False)
     for name in workers:
         harness.wait_ready(name)
     watcher = harness.watcher = Watcher(harness.settings, harness)
-    producer = Producer(harness.settings, harness.artifacts, rate)
+    producer = Producer(harness.settings, harness.artifacts, rate, partitioners)
     t0 = time.monotonic()
     watcher.start()
     producer.start()
     try:
         faults(harness)
-        return finish(harness, watcher, producer, t0, timeout=timeout)
+        outcome = finish(harness, watcher, producer, t0, timeout=timeout)
+        if check_commits and not outcome.problems():
+            outcome.errors += commits_reach_end(harness.settings, harness.app_id, timeout=8.0)
+        return outcome
     finally:
         watcher.stop_event.set()
         harness.stop_all()
+
+
+def committed_offsets(settings: KafkaSettings, group: str, topic: str | None = None) -> dict[int, int]:
+    """The group's committed offset per partition of `topic` (default: the events topic); -1001 where none."""
+    topic = topic or settings.topic_events
+    consumer = Consumer(settings.confluent_consumer(group))
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        return {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: KafkaSettings, topic: str | None = None) -> dict[int, int]:
+    """The log end offset (high watermark) of each partition of `topic` (default: the events topic)."""
+    topic = topic or settings.topic_events
+    consumer = Consumer(settings.confluent_consumer(f"ends-{uuid.uuid4().hex[:8]}"))
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(settings.partitions)}
+    finally:
+        consumer.close()
+
+
+def commits_reach_end(settings: KafkaSettings, group: str, timeout: float) -> list[str]:
+    """[] once `group`'s committed offsets equal the events topic's log ends, else one line saying where not."""
+    ends = end_offsets(settings)
+    deadline = time.monotonic() + timeout
+    committed = committed_offsets(settings, group)
+    while committed != ends and time.monotonic() < deadline:
+        time.sleep(0.5)
+        committed = committed_offsets(settings, group)
+    if committed == ends:
+        return []
+    behind = {p: (committed.get(p), end) for p, end in ends.items() if committed.get(p) != end}
+    return [f"tokenizer commits stalled {timeout:.0f} s after the end (partition: (committed, end)): {behind}"]
