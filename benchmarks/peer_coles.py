@@ -88,6 +88,15 @@ def read_labels(path: Path) -> pa.Table:
     return labels.sort_by("user_id")
 
 
+def encode_labels(labels: pa.ChunkedArray, task: str) -> tuple[np.ndarray, list | None]:
+    """Targets as floats; multiclass labels (any type) become 0..K-1 in sorted order of their values."""
+    if task != "multiclass":
+        return pc.cast(labels, pa.float64()).to_numpy(zero_copy_only=False), None
+    classes = sorted(labels.unique().to_pylist(), key=str)
+    index = pc.index_in(labels, value_set=pa.array(classes, labels.type))
+    return index.to_numpy(zero_copy_only=False).astype(np.float64), classes
+
+
 def read_events(path: Path, user_col: str, time_col: str, cat_cols: list[str], num_cols: list[str]) -> pa.Table:
     """The event columns, user ids as strings, time as a timestamp, sorted by (user, time)."""
     names = set(pq.read_schema(path).names)
@@ -289,7 +298,7 @@ def fit_lightgbm(X: np.ndarray, y: np.ndarray, split: np.ndarray, task: str, cat
     elif task == "regression":
         params.update(objective="regression", metric="rmse")
     else:
-        params.update(objective="multiclass", metric="multi_logloss", num_class=int(y.max()) + 1)
+        params.update(objective="multiclass", metric="multi_logloss", num_class=int(np.nanmax(y)) + 1)
     train, valid, test = (split == s for s in SPLITS)
     train_set = lgb.Dataset(X[train], y[train], categorical_feature=categorical or "auto")
     valid_set = lgb.Dataset(X[valid], y[valid], reference=train_set)
@@ -406,7 +415,7 @@ def run(events, labels, features, user_col, time_col, cat_cols, num_cols, task, 
     label_table = read_labels(labels)
     users = label_table.column("user_id").to_pylist()
     split = np.asarray(label_table.column("split").to_pylist())
-    y = label_table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+    y, classes = encode_labels(label_table.column("label"), task)
     fit_users = {u for u, s in zip(users, split) if s != "test"}
     table = read_events(events, user_col, time_col, cat_cols, num_cols)
     sequences, sizes = feature_dicts(table, fit_users, cat_cols, num_cols, max_vocab, max_events)
@@ -452,7 +461,6 @@ def run(events, labels, features, user_col, time_col, cat_cols, num_cols, task, 
         for name in rows:
             if name == base_name:
                 continue
-            key = next(iter(rows[name]["test"]))
             rows[name]["test"][f"relative_{key}_vs_aggregates"] = (
                 rows[name]["test"][key] / rows[base_name]["test"][key] - 1.0)
             rows[name]["test"]["bootstrap_delta_95"] = paired_bootstrap(
@@ -461,6 +469,7 @@ def run(events, labels, features, user_col, time_col, cat_cols, num_cols, task, 
     output.mkdir(parents=True, exist_ok=True)
     report = {
         "peer": "pytorch-lifestream CoLES + LightGBM", "packages": list(PTLS_PACKAGES), "task": task,
+        "classes": classes,
         "users": {s: int((split == s).sum()) for s in SPLITS}, "fit_users": len(fit_sequences),
         "settings": {"epochs": epochs, "hidden": hidden, "emb_dim": emb_dim, "max_vocab": max_vocab,
                      "max_events": max_events, "split_count": split_count, "cnt_min": cnt_min, "cnt_max": cnt_max,
@@ -486,16 +495,18 @@ def _interval(ci: dict) -> str:
 
 
 def render_table(report: dict) -> str:
-    lines = ["| LightGBM on | valid | test | vs aggregates (test) | 95% CI of the difference | rounds |",
-             "|---|---|---|---|---|---|"]
+    key = SELECTION_METRIC[report["task"]]
+    extra = ["accuracy"] if key == "macro_auc" else []
+    header = ["LightGBM on", f"valid {key}", f"test {key}", *(f"test {e}" for e in extra), "vs aggregates (test)",
+              "95% CI of the difference", "rounds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in report["rows"].items():
-        key = next(iter(row["test"]))
-        rel = row["test"].get(f"relative_{key}_vs_aggregates")
-        ci = row["test"].get("bootstrap_delta_95") or {}
-        lines.append(
-            f"| {name} | {key} {row['valid'][key]:.4f} | {row['test'][key]:.4f} | "
-            f"{'baseline' if rel is None else f'{rel:+.2%}'} | "
-            f"{_interval(ci)} | {row['best_iteration']} |")
+        test = row["test"]
+        rel = test.get(f"relative_{key}_vs_aggregates")
+        cells = [name, f"{row['valid'][key]:.4f}", f"{test[key]:.4f}", *(f"{test[e]:.4f}" for e in extra),
+                 ("baseline" if name == "aggregates" else "") if rel is None else f"{rel:+.2%}",
+                 _interval(test.get("bootstrap_delta_95") or {}), str(row["best_iteration"])]
+        lines.append("| " + " | ".join(cells) + " |")
     s = report["seconds"]
     lines.append(f"\nCoLES epoch {report['chosen_epoch']} (chosen on valid), training {s['coles_train']:.0f} s, "
                  f"per-epoch evaluation {s['per_epoch_evaluation']:.0f} s, total {s['total']:.0f} s.")
