@@ -99,6 +99,8 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "bootstrap": 200,
+        # A 36k-parameter model gains nothing from a second thread, and loses much when the cores are shared.
+        "torch_threads": 1,
     },
     # The README's CPU size: 2 layers of width 64, 128-token windows, 600 pretraining steps of 32 sequences.
     "small": {
@@ -108,6 +110,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "bootstrap": 1000,
+        "torch_threads": None,  # torch's default (one per core)
     },
 }
 PRESET_ALIASES = {"tiny": "quick"}
@@ -131,6 +134,7 @@ class EvaluateSettings:
     windows: tuple[int, ...] = DEFAULT_WINDOWS
     seed: int = 0
     bootstrap: int | None = None
+    threads: int | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -147,6 +151,8 @@ class EvaluateSettings:
             p["max_users"] = self.max_users
         if self.bootstrap is not None:
             p["bootstrap"] = self.bootstrap
+        if self.threads is not None:
+            p["torch_threads"] = self.threads
         return p
 
 
@@ -266,13 +272,14 @@ class _Clock:
 
 
 def _write_events(con, path: Path, columns: list[str], cutoff, splits: tuple[str, ...] | None) -> int:
-    """Pre-cutoff events of population users (of `splits`, or all), raw columns only, ordered by user and time:
-    the only input the tokenizers and pretraining ever read."""
+    """Pre-cutoff events of population users (of `splits`, or all), raw columns only, ordered by user, time and input
+    position (so events of equal time keep their input order and reruns tokenize alike): the only input the
+    tokenizers and pretraining ever read."""
     cols = ", ".join('e."' + c.replace('"', '""') + '"' for c in columns)
     where = "" if splits is None else " AND p.split IN (" + ", ".join(f"'{s}'" for s in splits) + ")"
     rel = con.sql(
         f"SELECT {cols} FROM {EVENTS_TABLE} e JOIN {POPULATION_TABLE} p USING ({USER}) "
-        f"WHERE e.{TS} < $cutoff{where} ORDER BY e.{USER}, e.{TS}",
+        f"WHERE e.{TS} < $cutoff{where} ORDER BY e.{USER}, e.{TS}, e.__input, e.__row",
         params={"cutoff": cutoff},
     )
     table = rel.to_arrow_table()
@@ -438,6 +445,10 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     for key, options in (("finetune_sequence", p["finetune_sequence"]), ("finetune_tabular", p["finetune_tabular"])):
         check_options(FinetuneSettings, options, f"preset {s.preset!r} {key}")
     check_options(PretrainSettings, p["pretrain"], f"preset {s.preset!r} pretrain")
+    if p["torch_threads"]:
+        import torch
+
+        torch.set_num_threads(p["torch_threads"])
     out = Path(s.output)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -598,9 +609,11 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Pretraining steps (overrides the preset).")
 @click.option("--context-length", type=click.IntRange(min=16), default=None, help="Tokens per sequence.")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=None, help="Bootstrap replicates (preset default).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: 1 for quick, torch's default for small).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
-            context_length, bootstrap, seed):
+            context_length, bootstrap, threads, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -613,7 +626,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
     settings = EvaluateSettings(
         schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
         methods=_split_methods(methods) or tuple(METHODS), features=features, folds=folds, max_users=max_users,
-        max_steps=max_steps, context_length=context_length, bootstrap=bootstrap, seed=seed,
+        max_steps=max_steps, context_length=context_length, bootstrap=bootstrap, threads=threads, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

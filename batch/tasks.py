@@ -164,7 +164,8 @@ def _quote(name: str) -> str:
 
 def open_events(schema: DomainSchema, data) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection (session in the schema's timezone) holding the table `ev`: one row per event that passes
-    the schema's filter and has a user and a time: __user, __ts, every raw column under its canonical name and type,
+    the schema's filter and has a user and a time: __user, __ts, __input and __row (which input file and row: the
+    tie-break that keeps events of equal time in input order), every raw column under its canonical name and type,
     and every schema field's value as __f_<name>."""
     from domaintok.tokenizer import _KEEP, _connect, _create_events_view
 
@@ -178,7 +179,7 @@ def open_events(schema: DomainSchema, data) -> duckdb.DuckDBPyConnection:
     fields = [f"__f{i} AS {_quote(FIELD_PREFIX + f.name)}" for i, f in enumerate(schema.fields)]
     try:
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {EVENTS_TABLE} AS SELECT __user AS {USER}, __ts AS {TS}, "
+            f"CREATE OR REPLACE TEMP TABLE {EVENTS_TABLE} AS SELECT __user AS {USER}, __ts AS {TS}, __input, __row, "
             f"{', '.join(columns + fields)} FROM {view} WHERE {_KEEP}"
         )
     except duckdb.Error as exc:
