@@ -22,7 +22,7 @@ import faust
 from faust.types import TP
 
 from domaintok.errors import DomaintokError
-from streams import metrics
+from streams import logs, metrics
 from streams.positions import PositionGuard
 from streams.records import encode_record
 from streams.routing import HomePartitions, RateLimitedWarning
@@ -151,6 +151,7 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
 
     @app.agent(events)
     async def tokenize(stream):
+        logs.install()  # Faust set up logging when its worker started: from here on, one format for every line
         # Records go out through app.producer (handle_batch), so declare the output topics as Topic.send would.
         await sequences.maybe_declare()
         await dead_letter.maybe_declare()
@@ -214,6 +215,21 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
             metrics.log_kv(log, "batch", events=len(messages), sequences=len(result.sequences),
                            dead_lettered=len(result.dead_letters), replayed=result.replayed + screened.replayed,
                            dropped=screened.dropped)
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        """domaintok_consumer_lag{stage="tokenize"}: high watermark minus the next offset to read, summed over the
+        worker's assigned events partitions."""
+        consumer = app.consumer
+        lag = 0
+        for tp in consumer.assignment():
+            if tp.topic != settings.topic_events:
+                continue
+            high = consumer.highwater(tp)
+            position = await consumer.position(tp)
+            if high is not None and position is not None:
+                lag += max(high - position, 0)
+        metrics.CONSUMER_LAG.labels("tokenize").set(lag)
 
     app.conf.domaintok_config = config  # for tests and the worker command
     metrics.serve(config.metrics_port)

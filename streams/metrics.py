@@ -27,8 +27,8 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 END_TO_END_SECONDS = Histogram(
-    "domaintok_end_to_end_seconds", "Event Kafka timestamp to embedding production", registry=REGISTRY,
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10),
+    "domaintok_end_to_end_seconds", "Event Kafka timestamp to embedding production", ["stage"], registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60, 120, 300, 600),
 )
 MISROUTED = Counter(
     "domaintok_misrouted_total", "Events read off their user's home partition (forwarded there)", ["stage"],
@@ -48,9 +48,10 @@ def serve(port: int | None, host: str | None = None) -> None:
     _served.add(port)
 
 
-def observe_latency(source_ts_ms: int, now: float | None = None) -> float:
+def observe_latency(source_ts_ms: int, now: float | None = None, stage: str = "encode") -> float:
+    """Seconds from an event's Kafka timestamp to now, observed in domaintok_end_to_end_seconds{stage}."""
     seconds = max(0.0, (now if now is not None else time.time()) - source_ts_ms / 1000.0)
-    END_TO_END_SECONDS.observe(seconds)
+    END_TO_END_SECONDS.labels(stage).observe(seconds)
     return seconds
 
 

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from streams import logs
 from streams.settings import KafkaSettings
 
 
@@ -86,7 +87,8 @@ def encode_command(model_dir, tokenizer_dir, group_id, batch_size, batch_within,
     from domaintok.errors import DomaintokError
     from streams.encoder import EncoderConfig, run_encoder
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO)
+    logs.install()
     settings = KafkaSettings.from_env()
     if not settings.bootstrap_servers:
         raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start a broker with `domaintok broker`)")
