@@ -19,6 +19,8 @@ def main() -> int:
     except SystemExit as exc:
         if exc.code not in (0, None):
             return int(exc.code) if isinstance(exc.code, int) else 1
+    if {"-h", "--help"} & set(args):
+        return 0
     print((output / "results.md").read_text())
     return 0
 
