@@ -6,7 +6,11 @@ and the same partition count for every variant:
   * baseline: a minimal Faust agent with a per-user Table doing trivial work (count per user, one Table write and
     one send per user per batch), the "best supported" settings of notes/kafka-measurements.md (uvloop, `-l info`,
     raw serializers, `use_partitioner=True` Table, producer linger 10 ms, `take_events` micro-batches);
-  * our tokenizer worker (streams.app) with 1 worker, and with 2 workers in one group on separate partitions.
+  * our tokenizer worker (streams.app) with 1 worker, and with 2 workers in one group on separate partitions;
+  * the cost of partition-independent counting (streams/routing.py): our worker fed by a murmur2 producer (every
+    event on its user's home partition: today's traffic) and by a CRC32 producer (librdkafka's default: most
+    events are forwarded to their home partition and read twice), and `process_batch` without routing, with
+    routing and every event at home, and with routing and CRC32 partitions.
 Each Faust variant gets fresh topics and a fresh group: the workers are started and Ready first, then the events
 are produced as fast as the producer goes, and the clock runs from the first produce to the moment the output
 accounts for every event (sum over users of the newest per-user count). Ratios are within this run only.
@@ -124,13 +128,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_workers: int, args,
-                consumer: str = "") -> tuple[float, float]:
+                consumer: str = "", partitioner: str = "murmur2_random") -> tuple[float, float]:
     """(events/s wall clock, events per worker CPU-second) of one Faust variant ("baseline" or "ours") with
     `n_workers` workers, from the first produce until the output accounts for every event.
 
     The CPU figure is what a worker does with a whole core: on a shared machine it is the stable one.
 
-    `consumer` is our worker's DOMAINTOK_CONSUMER ("faust": stock Faust consumer, "batch": streams/fast_consumer.py)."""
+    `consumer` is our worker's DOMAINTOK_CONSUMER ("faust": stock Faust consumer, "batch": streams/fast_consumer.py).
+    `partitioner`: the producer's librdkafka partitioner ("consistent_random" is CRC32, librdkafka's default)."""
     from confluent_kafka import Consumer
 
     from streams.clients import EventProducer
@@ -162,7 +167,8 @@ def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_work
         total = 0
         cpu0 = sum(cpu_seconds(p.pid) for p in procs)
         t0 = time.perf_counter()
-        with EventProducer(settings, fingerprint=tok.fingerprint, **producer_overrides()) as producer:
+        with EventProducer(settings, fingerprint=tok.fingerprint, partitioner=partitioner,
+                           **producer_overrides()) as producer:
             producer.send_many(rows)
         deadline = time.monotonic() + args.timeout
         while total < len(rows) and time.monotonic() < deadline:
@@ -186,20 +192,36 @@ def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_work
     return len(rows) / elapsed, len(rows) / cpu
 
 
-def pure_rate(rows, tok, batch_size: int) -> float:
+def pure_rate(rows, tok, batch_size: int, routing: str = "none", partitions: int = 8) -> float:
+    """process_batch events per CPU-second. `routing`: "none" (no home check: the code before partition-independent
+    counting), "home" (every event on its home partition), "crc32" (events on their CRC32 partition: the ones off
+    their home partition are returned as forwards, then folded when they come back, as the worker does)."""
+    import zlib
+
     import msgspec
 
     from streams.records import event_headers
+    from streams.routing import HomePartitions
     from streams.tokenizer_agent import EventDecoders, Message, process_batch
 
     enc = msgspec.json.Encoder()
     headers = event_headers(tok.fingerprint)
-    msgs = [Message(r.user_id.encode(), enc.encode(r), headers, "e", 0, i, 0) for i, r in enumerate(rows)]
+    home = None if routing == "none" else HomePartitions(partitions)
+
+    def partition(key: bytes) -> int:
+        return zlib.crc32(key) % partitions if routing == "crc32" else home(key) if home else 0
+
+    msgs = [Message(k, enc.encode(r), headers, "e", partition(k), i, 0)
+            for i, (k, r) in enumerate((r.user_id.encode(), r) for r in rows)]
     state: dict = {}
     dec = EventDecoders(tok.event_struct)
     t0 = time.process_time()  # CPU time: comparable with the workers' CPU figures on a shared machine
     for i in range(0, len(msgs), batch_size):
-        process_batch(tok, dec, msgs[i : i + batch_size], state, tok.max_length)
+        result = process_batch(tok, dec, msgs[i : i + batch_size], state, tok.max_length, home=home)
+        if result.forwards:
+            back = [Message(f.key, f.value, f.headers, "e", f.partition, len(msgs) + i + j, 0)
+                    for j, f in enumerate(result.forwards)]
+            process_batch(tok, dec, back, state, tok.max_length, home=home)
     return len(msgs) / (time.process_time() - t0)
 
 
@@ -219,6 +241,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0, help="seconds for the rebalance after a second worker joins")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra env for our worker (repeatable)")
+    ap.add_argument("--crc32", action=argparse.BooleanOptionalAction, default=True,
+                    help="also our worker fed by a CRC32 (librdkafka default) producer: the forwarding cost")
     args = ap.parse_args()
 
     from streams.broker import ApacheKafkaBroker, EmbeddedBroker
@@ -232,6 +256,7 @@ def main() -> None:
         events, tok, tok_dir, _ = build_artifacts(work, "ecommerce", args.users, args.events)
         rows = event_rows(events, tok)
         pure = pure_rate(rows, tok, args.batch_size)
+        pure_routed = {r: pure_rate(rows, tok, args.batch_size, r, args.partitions) for r in ("home", "crc32")}
         consumers = [c.strip() for c in args.consumers.split(",") if c.strip()]
         baseline: list[tuple[float, float]] = []
         ours: dict[str, list[tuple[float, float]]] = {c: [] for c in consumers}
@@ -239,18 +264,30 @@ def main() -> None:
             baseline.append(run_variant("baseline", base, work, rows, tok, tok_dir, 1, args))
             for c in consumers:
                 ours[c].append(run_variant("ours", base, work, rows, tok, tok_dir, 1, args, c))
+        crc32 = []
+        if args.crc32:
+            for _ in range(args.rounds):
+                crc32.append(run_variant("ours", base, work, rows, tok, tok_dir, 1, args, consumers[-1],
+                                         partitioner="consistent_random"))
         two = run_variant("ours", base, work, rows, tok, tok_dir, 2, args, consumers[-1]) if args.two_workers else None
     print(f"broker={args.broker} events={args.events} users={args.users} partitions={args.partitions} "
           f"batch=take_events({args.batch_size}, within={args.within}) rounds={args.rounds} cpus={os.cpu_count()}"
           + (f" env={' '.join(args.env)}" if args.env else ""))
     print("wall = events/s from first produce to last output; cpu = events per CPU-second of the worker process(es)")
     print(f"pure process_batch (cpu):                {pure:10,.0f} events/s")
+    print(f"  with routing, every event at home:     {pure_routed['home']:10,.0f} events/s ({pure_routed['home'] / pure:.2f}x)")
+    print(f"  with routing, CRC32 partitions:        {pure_routed['crc32']:10,.0f} events/s ({pure_routed['crc32'] / pure:.2f}x)")
     bw, bc = _medians(baseline)
     print(f"Faust baseline (Table, trivial work):    wall {bw:8,.0f}  cpu {bc:8,.0f}  runs {_runs(baseline)}")
     for c, runs in ours.items():
         w, cp = _medians(runs)
         print(f"tokenizer worker, DOMAINTOK_CONSUMER={c:<5} wall {w:8,.0f}  cpu {cp:8,.0f}  runs {_runs(runs)}  "
               f"ratio to baseline: wall {w / bw:.2f} cpu {cp / bc:.2f} (target >= 0.90)")
+    if crc32:
+        w, cp = _medians(ours[consumers[-1]])
+        cw, cc = _medians(crc32)
+        print(f"the same fed by a CRC32 producer:         wall {cw:8,.0f}  cpu {cc:8,.0f}  runs {_runs(crc32)}  "
+              f"vs murmur2: wall {cw / w:.2f} cpu {cc / cp:.2f} (most events forwarded to their home partition)")
     if two is not None:
         w, _ = _medians(ours[consumers[-1]])
         print(f"2 workers, DOMAINTOK_CONSUMER={consumers[-1]:<5}       wall {two[0]:8,.0f}  cpu {two[1]:8,.0f}  "
