@@ -2,12 +2,14 @@
 baseline every data set gets (LightGBM's input and fusion's tabular branch), computed in DuckDB.
 
 Columns (days are fractional; windows count events with time >= cutoff - W days):
-- activity: event_count, recency_days, tenure_days, active_days, active_months, mean_gap_days,
-  event_count_<W>d per window;
+- activity: event_count, visit_count (distinct event times: events at one instant are one visit, e.g. a basket),
+  recency_days, tenure_days, active_days, active_months, mean_gap_days (between visits), event_count_<W>d and
+  visit_count_<W>d per window;
 - per numeric field (numerical_continuous, numerical_discrete, sign): <f>_sum, _mean, _std, _min, _max, _last,
   <f>_sum_<W>d; a sign field whose source repeats a numeric field's gets only <f>_negative_share;
 - per categorical field (categorical_fixed, categorical_entity, text): <f>_distinct, <f>_top_share, and for
   categorical_fixed <f>_top (the most frequent value, a string column LightGBM reads as a category).
+Temporal fields other than the event time get no aggregates.
 """
 
 from __future__ import annotations
@@ -58,10 +60,13 @@ def aggregate_features(
         "max(__age) AS tenure_days",
         f"CAST(count(DISTINCT CAST({TS} AS DATE)) AS DOUBLE) AS active_days",
         f"CAST(count(DISTINCT date_trunc('month', {TS})) AS DOUBLE) AS active_months",
-        "(max(__age) - min(__age)) / nullif(count(*) - 1, 0) AS mean_gap_days",
+        f"(max(__age) - min(__age)) / nullif(count(DISTINCT {TS}) - 1, 0) AS mean_gap_days",
     ]
+    # Events at the same instant form one visit (a basket, a session): its counts carry the purchase frequency.
+    select.append(f"CAST(count(DISTINCT {TS}) AS DOUBLE) AS visit_count")
     for w in windows:
         select.append(f"CAST(count(*) FILTER (WHERE __age <= {int(w)}) AS DOUBLE) AS event_count_{int(w)}d")
+        select.append(f"CAST(count(DISTINCT {TS}) FILTER (WHERE __age <= {int(w)}) AS DOUBLE) AS visit_count_{int(w)}d")
     for f in full:
         c = col(f)
         select += [f"sum({c}) AS {_q(f + '_sum')}", f"avg({c}) AS {_q(f + '_mean')}",

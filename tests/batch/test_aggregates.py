@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute below
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +18,10 @@ from tests.batch.test_tasks import CUTOFF, spec_of, toy_events, toy_schema
 @pytest.fixture(scope="module")
 def features() -> dict[str, dict]:
     schema = toy_schema()
-    con = open_events(schema, toy_events())
+    # u2 gets a second event at the same instant as its only input: two events, one visit.
+    events = toy_events()
+    same = events.filter(pa.compute.equal(events.column("amount"), 5.0))
+    con = open_events(schema, pa.concat_tables([events, same]))
     spec = spec_of([{"name": "t", "kind": "binary", "label": {"from": "events", "horizon_days": 30}}])
     users = build_population(con, spec)
     register_split(con, users, assign_split(users, spec.split))
@@ -28,11 +32,13 @@ def features() -> dict[str, dict]:
 def test_activity_features(features):
     u1, u2 = features["u1"], features["u2"]
     assert set(features) == {"u1", "u2"}
-    assert u1["event_count"] == 3 and u2["event_count"] == 1  # u2's filtered and at-cutoff rows do not count
+    assert u1["event_count"] == 3 and u2["event_count"] == 2  # u2's filtered and at-cutoff rows do not count
+    assert u1["visit_count"] == 3 and u2["visit_count"] == 1  # events at one instant are one visit
+    assert (u1["visit_count_30d"], u1["visit_count_90d"]) == (2, 3)
     assert u1["recency_days"] == pytest.approx(1.0) and u1["tenure_days"] == pytest.approx(40.0)
     assert u1["active_days"] == 3 and u1["active_months"] == 2  # 2024-01-21, 2024-02-27, 2024-02-29
     assert u1["mean_gap_days"] == pytest.approx(19.5)
-    assert u2["mean_gap_days"] is None and u2["recency_days"] == pytest.approx(100.0)
+    assert u2["mean_gap_days"] is None and u2["recency_days"] == pytest.approx(100.0)  # one visit: no gap
     assert (u1["event_count_30d"], u1["event_count_90d"]) == (2, 3)
     assert (u2["event_count_30d"], u2["event_count_90d"]) == (0, 0)
 
@@ -43,7 +49,7 @@ def test_numeric_field_features(features):
     assert u1["amount_std"] == pytest.approx(math.sqrt(52.0))
     assert u1["amount_last"] == 10.0  # the newest event's value
     assert (u1["amount_sum_30d"], u1["amount_sum_90d"]) == (6.0, 12.0)
-    assert (u2["amount_sum_30d"], u2["amount_sum_90d"], u2["amount_std"]) == (0.0, 0.0, None)
+    assert (u2["amount_sum_30d"], u2["amount_sum_90d"], u2["amount_std"], u2["amount_sum"]) == (0.0, 0.0, 0.0, 10.0)
     assert u1["qty_sum"] == 6.0 and u1["qty_last"] == 2.0
     # The sign field repeats amount's source: only the share of negative values.
     assert u1["amount_sign_negative_share"] == pytest.approx(1 / 3)
