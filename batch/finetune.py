@@ -26,7 +26,8 @@ from domaintok.errors import DomaintokError
 
 TASKS = ("binary", "multiclass", "regression")
 SEQUENCE_GATES = ("none", "zero", "scalar")
-STAGE2_MODES = ("all", "sequence")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
+STAGE2_MODES = ("all", "sequence")
+STAGE2_STARTS = ("scratch", "stage1")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
 SPLIT_MODES = ("auto", "column", "user", "time")
 SPLITS = ("train", "valid", "test")
 _HASH_BUCKETS = 10_000
@@ -304,13 +305,14 @@ class FinetuneSettings:
     """Every knob of a fine-tuning run (the CLI's options).
 
     Early stopping counts evaluations (`evals_per_epoch` per epoch): a stage stops at the first evaluation after
-    `patience` evaluations in a row that failed to beat the best valid score by more than `min_delta`, but never
-    before `min_epochs` epochs of the stage. The saved model, the valid and the test metrics are those of the best
+    `patience` evaluations in a row that failed to beat the stage's best valid score by more than `min_delta`, but
+    never before `min_epochs` epochs of the stage. The saved model, the valid and the test metrics are those of the best
     valid evaluation of the run.
     Staged fusion (`staged`, sequence models with features): stage 1 trains the tabular branch and head with the
-    sequence branch off (encoder frozen and not run), up to `stage1_epochs` with `stage1_patience`; stage 2 starts
-    from stage 1's best, opens the sequence branch and trains everything (encoder at `encoder_lr`). Selection spans
-    both stages, so the result is never worse on valid than the tabular-only stage 1.
+    sequence branch off (encoder frozen and not run), up to `stage1_epochs` with `stage1_patience`; stage 2 opens
+    the sequence branch and trains what `stage2` says (encoder at `encoder_lr`), starting from the initial weights
+    (`stage2_from="scratch"`: a joint run) or from stage 1's best (`"stage1"`: a warm start). Selection spans both
+    stages, so the result is never worse on valid than the tabular-only stage 1.
     """
 
     model: Path
@@ -348,6 +350,7 @@ class FinetuneSettings:
     stage1_epochs: int = 30
     stage1_patience: int = 5
     stage2: str = "all"  # what stage 2 trains: "all", or "sequence" (encoder + gate/projection; tabular path kept)
+    stage2_from: str = "scratch"  # stage 2 starts from "stage1"'s best or from the initial weights ("scratch")
     embedding_layernorm: bool = True
     # False trains the tabular branch alone (PLR/DCNv2 + head, no transformer): the ablation of joint fusion.
     use_sequence: bool = True
@@ -512,7 +515,7 @@ class _Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
         eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
         min_steps = math.ceil(s.min_epochs * steps_per_epoch)
-        bad_evals, done, loss_sum, loss_n = 0, 0, 0.0, 0
+        bad_evals, done, loss_sum, loss_n, stage_best = 0, 0, 0.0, 0, -math.inf
         bar = tqdm(total=total, desc=f"finetune stage {stage}", disable=not s.progress, leave=False)
         while done < total:
             for rows in _batches(self.rng.permutation(train_rows), self.lengths, s.batch_size, self.rng):
@@ -522,7 +525,10 @@ class _Trainer:
                 self.step += 1
                 bar.update(1)
                 if done % eval_every == 0 or done == total:
-                    improved = self._evaluate_and_keep(stage, loss_sum / loss_n)
+                    score = self._evaluate_and_keep(stage, loss_sum / loss_n)
+                    # Patience follows this stage's own best: stage 2 gets its run even below stage 1's score.
+                    improved = score > stage_best + s.min_delta
+                    stage_best = max(stage_best, score)
                     loss_sum, loss_n = 0.0, 0
                     bar.set_postfix(valid=f"{self.history[-1]['score']:.4f}")
                     bad_evals = 0 if improved else bad_evals + 1
@@ -535,18 +541,16 @@ class _Trainer:
         bar.close()
         self.stopped_early.append(False)
 
-    def _evaluate_and_keep(self, stage: int, train_loss: float) -> bool:
-        """Evaluate on valid; keep the weights when the score is the best so far. True when the score beats the
-        previous best by more than min_delta (what resets patience)."""
+    def _evaluate_and_keep(self, stage: int, train_loss: float) -> float:
+        """Evaluate on valid and return the selection score; keep the weights when it is the best of the run."""
         metrics, _ = self.evaluate(self.rows["valid"])
         score = selection_score(self.s.task, metrics, self.metric)
         self.history.append({"step": self.step, "stage": stage, "train_loss": train_loss, "score": score,
                              "valid": metrics})
-        improved = score > self.best.score + self.s.min_delta
         if score > self.best.score:
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best = _Best(score=score, step=self.step, stage=stage, state=state)
-        return improved
+        return score
 
     def restore_best(self) -> None:
         if self.best.state is not None:
@@ -615,6 +619,8 @@ def finetune(settings: FinetuneSettings) -> dict:
         raise DomaintokError(f"task must be one of {', '.join(TASKS)}, got {s.task!r}")
     if s.stage2 not in STAGE2_MODES:
         raise DomaintokError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {s.stage2!r}")
+    if s.stage2_from not in STAGE2_STARTS:
+        raise DomaintokError(f"stage2_from must be one of {', '.join(STAGE2_STARTS)}, got {s.stage2_from!r}")
     metric = resolve_metric(s.task, s.metric)
     started = time.perf_counter()
     data = join_inputs(s.labels, s.sequences, s.features, s.label_column, s.split, s.valid_fraction,
@@ -657,9 +663,14 @@ def finetune(settings: FinetuneSettings) -> dict:
     staged = s.staged and s.use_sequence and model.config.has_tabular
     if staged:
         trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.close_sequence()  # a stage-1 model must predict as its tabular path once the branch is open again
         _set_stage(model, "tabular", trainable)
         trainer.run_stage(1, s.stage1_epochs, s.stage1_patience, s.encoder_lr)
-        trainer.restore_best()
+        if s.stage2_from == "scratch":
+            model.load_state_dict(initial)
+        else:
+            trainer.restore_best()
         _set_stage(model, s.stage2, trainable)
     trainer.run_stage(2 if staged else 1, s.epochs, s.patience, s.encoder_lr)
     trainer.restore_best()
@@ -762,6 +773,9 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--stage1-epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Epoch budget of the tabular stage (the encoder does not run, so epochs are cheap).")
 @click.option("--stage1-patience", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--stage2-from", type=click.Choice(STAGE2_STARTS), default="scratch", show_default=True,
+              help="Stage 2 starts from the initial weights (scratch: a joint run, with stage 1 as the floor) or "
+                   "from stage 1's best (stage1: a warm start; pair with --sequence-gate zero).")
 @click.option("--stage2", type=click.Choice(STAGE2_MODES), default="all", show_default=True,
               help="What stage 2 trains: all, or sequence (the encoder and the sequence gate/projection; the "
                    "tabular path stays as stage 1 left it).")
@@ -780,8 +794,8 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
             lora, lora_r, epochs, max_steps, batch_size, encoder_lr, head_lr, weight_decay, warmup, warmup_steps,
-            dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, stage2, metric,
-            evals_per_epoch, patience, min_epochs, min_delta, max_length, seed):
+            dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, stage2_from, stage2,
+            metric, evals_per_epoch, patience, min_epochs, min_delta, max_length, seed):
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
 
     Joins labels, sequences and features by user_id (DuckDB), splits without user leakage, stops early on the
@@ -794,8 +808,9 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, encoder_lr=encoder_lr,
         head_lr=head_lr, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps, dropout=dropout,
         sequence_dropout=sequence_dropout, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
-        stage1_patience=stage1_patience, stage2=stage2, metric=metric, evals_per_epoch=evals_per_epoch,
-        patience=patience, min_epochs=min_epochs, min_delta=min_delta, max_length=max_length, seed=seed,
+        stage1_patience=stage1_patience, stage2_from=stage2_from, stage2=stage2, metric=metric,
+        evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs, min_delta=min_delta,
+        max_length=max_length, seed=seed,
     )
     metrics = finetune(settings)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items() if isinstance(v, float))

@@ -334,6 +334,17 @@ class JointFusionModel(nn.Module):
         hidden = self.transformer.config.hidden_size if self.transformer is not None else 0
         return float(self.head[0].weight[:, :hidden].detach().norm())
 
+    def close_sequence(self) -> None:
+        """Zero the weights that carry the user embedding into the head (gate, projection, or the head's columns
+        on it): the model becomes its tabular path, whether or not the encoder runs."""
+        with torch.no_grad():
+            if self.sequence_gate is not None:
+                self.sequence_gate.zero_()
+            elif self.sequence_proj is not None:
+                self.sequence_proj.weight.zero_()
+            elif self.transformer is not None:
+                self.head[0].weight[:, : self.transformer.config.hidden_size].zero_()
+
     def tabular_parameter(self, name: str) -> bool:
         """Whether a parameter (by name) belongs to the tabular path: PLR, categorical embeddings, DCNv2 and
         the head, but not the encoder, the gate or the sequence projection."""

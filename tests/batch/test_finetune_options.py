@@ -188,10 +188,13 @@ def test_multiclass_predictions_have_named_columns(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_staged_fusion_is_never_worse_on_valid_than_its_tabular_stage(tiny, tmp_path):
-    m = finetune(_settings(tiny, tmp_path / "staged", staged=True, sequence_gate="zero", evals_per_epoch=2,
-                           encoder_lr=1e-3))
+@pytest.mark.parametrize(("gate", "start"), [("zero", "stage1"), ("none", "scratch")])
+def test_staged_fusion_is_never_worse_on_valid_than_its_tabular_stage(tiny, tmp_path, gate, start):
+    m = finetune(_settings(tiny, tmp_path / "staged", staged=True, sequence_gate=gate, stage2_from=start,
+                           evals_per_epoch=2, encoder_lr=1e-3))
     assert m["stages"] == 2
+    chosen = next(h for h in m["history"] if h["step"] == m["best_step"])
+    assert m["valid"] == pytest.approx(chosen["valid"])  # the restored model predicts as it did when selected
     stage1 = [h["score"] for h in m["history"] if h["stage"] == 1]
     stage2 = [h["score"] for h in m["history"] if h["stage"] == 2]
     assert stage1 and stage2
@@ -199,7 +202,7 @@ def test_staged_fusion_is_never_worse_on_valid_than_its_tabular_stage(tiny, tmp_
     assert m["best_stage"] == (2 if max(stage2) > max(stage1) else 1)
     # The saved model reproduces the reported valid metric (the best evaluation's weights were saved).
     model = JointFusionModel.from_pretrained(tmp_path / "staged")
-    assert model.config.sequence_gate == "zero"
+    assert model.config.sequence_gate == gate
     if m["best_stage"] == 1:
         assert model.sequence_weight() == 0.0  # stage 1 never opens the sequence branch
     assert m["sequence_weight"] == pytest.approx(model.sequence_weight())

@@ -121,3 +121,17 @@ def test_gated_model_round_trips_and_old_configs_still_load(tmp_path):
     assert JointFusionConfig.from_dict(config).sequence_dropout == 0.0
     with pytest.raises(ValueError, match="sequence_gate must be one of"):
         JointFusionConfig.from_dict({**config, "sequence_gate": "half"})
+
+
+@pytest.mark.parametrize("gate", ["none", "zero", "scalar"])
+def test_close_sequence_makes_any_model_its_tabular_path(gate):
+    model, batch, numeric, categorical = _model(sequence_gate=gate)
+    model.eval()
+    if gate != "none":
+        _open(model)
+    model.close_sequence()
+    assert model.sequence_weight() == 0.0
+    fused = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
+    model.sequence_open = False
+    torch.testing.assert_close(fused, model(batch.input_ids, batch.attention_mask, numeric, categorical).logits,
+                               rtol=0, atol=1e-7)
