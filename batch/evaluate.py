@@ -72,11 +72,12 @@ class Method:
     finetune: dict = field(default_factory=dict)
 
 
-# Add a pretrained LM here (e.g. "domain_coles": LanguageModel("domain", {"objective": "clm+coles"})) and a row
-# below that names it; options are checked against PretrainSettings / FinetuneSettings when a run starts.
+# A pretrained LM is one line here and a method one line below; options are checked against PretrainSettings /
+# FinetuneSettings when a run starts. Rows outside DEFAULT_METHODS run when named (--methods) or with --methods all.
 LANGUAGE_MODELS: dict[str, LanguageModel] = {
     "domain": LanguageModel("domain"),
     "text": LanguageModel("text"),
+    "domain_coles": LanguageModel("domain", {"objective": "clm+coles", "pooling": "mean"}),
 }
 METHODS: dict[str, Method] = {
     "lightgbm": Method("LightGBM on the aggregates", "lightgbm", ("aggregates",)),
@@ -89,7 +90,19 @@ METHODS: dict[str, Method] = {
     "domain": Method("Transformer on domain tokens, fine-tuned", "finetune", ("sequence",), lm="domain"),
     "domain_fusion": Method("Domain tokens + joint fusion with the aggregates", "finetune",
                             ("sequence", "aggregates"), lm="domain"),
+    # Opt-in rows: ablations and the contrastive user objective (each extra LM costs one more pretraining).
+    "domain_fusion_joint": Method("Domain tokens + fusion trained jointly from the start, no gate", "finetune",
+                                  ("sequence", "aggregates"), lm="domain",
+                                  finetune={"staged": False, "sequence_gate": "none"}),
+    "lightgbm_emb_coles": Method("LightGBM on the aggregates + frozen CoLES+CLM embeddings (mean pooling)",
+                                 "lightgbm", ("aggregates", "embeddings"), lm="domain_coles"),
+    "domain_coles": Method("Transformer pretrained with CoLES+CLM, fine-tuned", "finetune", ("sequence",),
+                           lm="domain_coles"),
+    "domain_coles_fusion": Method("CoLES+CLM transformer + fusion with the aggregates", "finetune",
+                                  ("sequence", "aggregates"), lm="domain_coles"),
 }
+DEFAULT_METHODS = ("lightgbm", "lightgbm_emb", "lightgbm_emb_only", "tabular_dcnv2", "text_bpe", "domain",
+                   "domain_fusion")
 
 # Sizes of one evaluation; every LM gets the same architecture, context and step budget.
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -125,7 +138,7 @@ class EvaluateSettings:
     tasks: Path
     output: Path
     preset: str = "quick"
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     features: Path | None = None
     folds: int = 1
     max_users: int | None = None
@@ -167,7 +180,10 @@ def check_options(settings_class: type, options: dict, where: str) -> None:
 
 
 def selected_methods(names: tuple[str, ...]) -> list[str]:
-    """The methods to run in table order, LightGBM (the reference) always first; their options checked."""
+    """The methods to run in table order, LightGBM (the reference) always first; their options checked.
+    "all" selects every row of the table."""
+    if "all" in names:
+        names = tuple(METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise DomaintokError(f"unknown method {unknown[0]!r}: expected one of {', '.join(METHODS)}")
@@ -402,10 +418,10 @@ def _read_predictions(path: Path, kind: str, classes: list[str], class_names: li
         width = len(class_names)
         matrix = probs.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(users), width)
         columns = {name: matrix[:, i] for i, name in enumerate(class_names)}
-    else:  # one column per class, named after it
+    else:  # one column per class: prob_<class>
         columns = {}
         for name in classes:
-            found = [c for c in table.column_names if c in (name, f"p_{name}", f"prob_{name}", f"probability_{name}")]
+            found = [c for c in (f"prob_{name}", f"probability_{name}", f"p_{name}") if c in table.column_names]
             if not found:
                 raise DomaintokError(f"{path}: no probability column for class {name!r} (columns: {table.column_names})")
             columns[name] = table.column(found[0]).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -600,7 +616,8 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--preset", type=click.Choice([*EVAL_PRESETS, *PRESET_ALIASES]), default="quick", show_default=True,
               help="quick: a smoke run (<= 400 users, tiny model); small: the README's 2 x 64 CPU run.")
 @click.option("--methods", "methods", multiple=True,
-              help=f"Comma-separated methods (default all): {', '.join(METHODS)}; lightgbm always runs.")
+              help=f"Comma-separated methods, or all (default: {', '.join(DEFAULT_METHODS)}; more: "
+                   f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}); lightgbm always runs.")
 @click.option("--features", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Your own feature parquet (user_id + columns), joined to the aggregates.")
 @click.option("--folds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -625,7 +642,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
                              "examples/online_retail/tasks.yaml --output runs/eval; see examples/online_retail)")
     settings = EvaluateSettings(
         schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
-        methods=_split_methods(methods) or tuple(METHODS), features=features, folds=folds, max_users=max_users,
+        methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
         max_steps=max_steps, context_length=context_length, bootstrap=bootstrap, threads=threads, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
@@ -638,4 +655,4 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
 
 
 __all__ = ["EvaluateSettings", "run_evaluation", "lightgbm_predict", "check_options", "selected_methods",
-           "Method", "LanguageModel", "METHODS", "LANGUAGE_MODELS", "EVAL_PRESETS", "command"]
+           "Method", "LanguageModel", "METHODS", "DEFAULT_METHODS", "LANGUAGE_MODELS", "EVAL_PRESETS", "command"]
