@@ -137,7 +137,7 @@ class EvaluateSettings:
     events: tuple[Path, ...]
     tasks: Path
     output: Path
-    preset: str = "quick"
+    preset: str = "small"
     methods: tuple[str, ...] = DEFAULT_METHODS
     features: Path | None = None
     folds: int = 1
@@ -613,7 +613,7 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
               help="TASKS.yaml: cutoff, split, tasks (see the README).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for results.md/json/png and the intermediate files (under work/).")
-@click.option("--preset", type=click.Choice([*EVAL_PRESETS, *PRESET_ALIASES]), default="quick", show_default=True,
+@click.option("--preset", type=click.Choice([*EVAL_PRESETS, *PRESET_ALIASES]), default="small", show_default=True,
               help="quick: a smoke run (<= 400 users, tiny model); small: the README's 2 x 64 CPU run.")
 @click.option("--methods", "methods", multiple=True,
               help=f"Comma-separated methods, or all (default: {', '.join(DEFAULT_METHODS)}; more: "
