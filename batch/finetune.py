@@ -308,11 +308,12 @@ class FinetuneSettings:
     `patience` evaluations in a row that failed to beat the stage's best valid score by more than `min_delta`, but
     never before `min_epochs` epochs of the stage. The saved model, the valid and the test metrics are those of the best
     valid evaluation of the run.
-    Staged fusion (`staged`, sequence models with features): stage 1 trains the tabular branch and head with the
-    sequence branch off (encoder frozen and not run), up to `stage1_epochs` with `stage1_patience`; stage 2 opens
-    the sequence branch and trains what `stage2` says (encoder at `encoder_lr`), starting from the initial weights
-    (`stage2_from="scratch"`: a joint run) or from stage 1's best (`"stage1"`: a warm start). Selection spans both
-    stages, so the result is never worse on valid than the tabular-only stage 1.
+    Staged fusion (`staged`, sequence models with features) adds a tabular stage: the tabular branch and head
+    alone, the sequence branch off (its head weights zeroed, the encoder frozen and not run), up to
+    `stage1_epochs` with `stage1_patience`. With `stage2_from="scratch"` the fusion run is the joint run exactly as
+    without staging and the tabular stage follows from the same initial weights; with `"stage1"` the tabular stage
+    comes first and fusion starts from its best, training what `stage2` says. Selection spans both stages, so the
+    saved model is never worse on valid than the tabular-only stage (nor, with "scratch", than the joint run).
     """
 
     model: Path
@@ -345,12 +346,12 @@ class FinetuneSettings:
     max_length: int | None = None
     dropout: float = 0.1  # head and DCNv2 deep tower
     sequence_dropout: float = 0.0  # drop a row's whole user embedding in training
-    sequence_gate: str = "zero"  # "none", "zero" (head weights on the embedding start at 0) or "scalar"
+    sequence_gate: str = "none"  # "none", "zero" (a zero-initialized projection into the head) or "scalar"
     staged: bool = True
     stage1_epochs: int = 30
     stage1_patience: int = 5
-    stage2: str = "all"  # what stage 2 trains: "all", or "sequence" (encoder + gate/projection; tabular path kept)
-    stage2_from: str = "scratch"  # stage 2 starts from "stage1"'s best or from the initial weights ("scratch")
+    stage2_from: str = "scratch"  # fusion starts from the initial weights ("scratch") or the tabular stage's best
+    stage2: str = "all"  # with stage2_from "stage1": "all", or "sequence" (encoder + gate/projection only)
     embedding_layernorm: bool = True
     # False trains the tabular branch alone (PLR/DCNv2 + head, no transformer): the ablation of joint fusion.
     use_sequence: bool = True
@@ -457,7 +458,7 @@ class _Best:
 
     score: float = -math.inf
     step: int = 0
-    stage: int = 0
+    stage: str = ""
     state: dict | None = None
 
 
@@ -478,6 +479,7 @@ class _Trainer:
         self.history: list[dict] = []
         self.step = 0
         self.stopped_early: list[bool] = []
+        self.stages: list[str] = []
 
     def evaluate(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
         pred = predict(self.model, [self.sequences[i] for i in rows], self.numeric[rows], self.categorical[rows],
@@ -500,7 +502,7 @@ class _Trainer:
         scheduler.step()
         return out.loss.detach().item()
 
-    def run_stage(self, stage: int, epochs: int, patience: int, encoder_lr: float) -> None:
+    def run_stage(self, stage: str, epochs: int, patience: int, encoder_lr: float) -> None:
         """Train every trainable parameter for up to `epochs` epochs (or max_steps), evaluating on valid
         `evals_per_epoch` times an epoch; keeps the best evaluation in self.best."""
         import torch
@@ -516,7 +518,8 @@ class _Trainer:
         eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
         min_steps = math.ceil(s.min_epochs * steps_per_epoch)
         bad_evals, done, loss_sum, loss_n, stage_best = 0, 0, 0.0, 0, -math.inf
-        bar = tqdm(total=total, desc=f"finetune stage {stage}", disable=not s.progress, leave=False)
+        self.stages.append(stage)
+        bar = tqdm(total=total, desc=f"finetune {stage}", disable=not s.progress, leave=False)
         while done < total:
             for rows in _batches(self.rng.permutation(train_rows), self.lengths, s.batch_size, self.rng):
                 loss_sum += self._train_step(rows, optimizer, scheduler)
@@ -541,7 +544,7 @@ class _Trainer:
         bar.close()
         self.stopped_early.append(False)
 
-    def _evaluate_and_keep(self, stage: int, train_loss: float) -> float:
+    def _evaluate_and_keep(self, stage: str, train_loss: float) -> float:
         """Evaluate on valid and return the selection score; keep the weights when it is the best of the run."""
         metrics, _ = self.evaluate(self.rows["valid"])
         score = selection_score(self.s.task, metrics, self.metric)
@@ -567,6 +570,34 @@ def _set_stage(model, stage: str, trainable: dict[str, bool]) -> None:
         tabular = model.tabular_parameter(name)
         on = {"tabular": tabular, "all": True, "sequence": not tabular}[stage]
         parameter.requires_grad = on and trainable[name]
+
+
+def _tabular_stage(model, trainer: _Trainer, s: FinetuneSettings, trainable: dict[str, bool]) -> None:
+    """Train the tabular path alone: the sequence weights zeroed (a selected tabular-stage model predicts as its
+    tabular path once the branch is open again), the encoder frozen and not run."""
+    model.close_sequence()
+    _set_stage(model, "tabular", trainable)
+    trainer.run_stage("tabular", s.stage1_epochs, s.stage1_patience, s.encoder_lr)
+
+
+def _train_joint_then_tabular_floor(model, trainer: _Trainer, s: FinetuneSettings) -> None:
+    """stage2_from "scratch": the joint run exactly as without staging, then the tabular-only stage from the same
+    initial weights; selection over both keeps whichever is better on valid."""
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.run_stage("fusion", s.epochs, s.patience, s.encoder_lr)
+    model.load_state_dict(initial)
+    _tabular_stage(model, trainer, s, trainable)
+    _set_stage(model, "all", trainable)
+
+
+def _train_tabular_then_fusion(model, trainer: _Trainer, s: FinetuneSettings) -> None:
+    """stage2_from "stage1": the tabular stage, then fusion warm-started from its best (what trains: `stage2`)."""
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    _tabular_stage(model, trainer, s, trainable)
+    trainer.restore_best()
+    _set_stage(model, s.stage2, trainable)
+    trainer.run_stage("fusion", s.epochs, s.patience, s.encoder_lr)
 
 
 def _build_model(s: FinetuneSettings, encoder, stats: dict, extra: dict, max_length: int):
@@ -661,18 +692,13 @@ def finetune(settings: FinetuneSettings) -> dict:
     trainer = _Trainer(model, s, sequences, numeric, categorical, y, rows, device, pad)
 
     staged = s.staged and s.use_sequence and model.config.has_tabular
-    if staged:
-        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.close_sequence()  # a stage-1 model must predict as its tabular path once the branch is open again
-        _set_stage(model, "tabular", trainable)
-        trainer.run_stage(1, s.stage1_epochs, s.stage1_patience, s.encoder_lr)
-        if s.stage2_from == "scratch":
-            model.load_state_dict(initial)
-        else:
-            trainer.restore_best()
-        _set_stage(model, s.stage2, trainable)
-    trainer.run_stage(2 if staged else 1, s.epochs, s.patience, s.encoder_lr)
+    first = "tabular" if not s.use_sequence else "fusion"
+    if not staged:
+        trainer.run_stage(first, s.epochs, s.patience, s.encoder_lr)
+    elif s.stage2_from == "scratch":
+        _train_joint_then_tabular_floor(model, trainer, s)
+    else:
+        _train_tabular_then_fusion(model, trainer, s)
     trainer.restore_best()
     train_seconds = time.perf_counter() - started
 
@@ -688,7 +714,7 @@ def finetune(settings: FinetuneSettings) -> dict:
         "valid": valid_metrics,
         "best_step": trainer.best.step,
         "best_stage": trainer.best.stage,
-        "stages": 2 if staged else 1,
+        "stages": list(trainer.stages),
         "steps": trainer.step,
         "stopped_early": any(trainer.stopped_early),
         # The run ended on its best evaluation without stopping early: more epochs may still help.
@@ -748,7 +774,7 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--lora", is_flag=True, help="Fine-tune the transformer through LoRA adapters (PEFT) only.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Epochs of joint training (stage 2 when staged).")
+              help="Epochs of the fusion run (the tabular stage has --stage1-epochs).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap on optimizer steps per stage.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--encoder-lr", "--lr", "encoder_lr", type=click.FloatRange(min=0, min_open=True), default=3e-4,
@@ -764,21 +790,23 @@ def finetune(settings: FinetuneSettings) -> dict:
               help="Dropout of the head and the DCNv2 deep tower.")
 @click.option("--sequence-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Probability of dropping a row's whole user embedding in training.")
-@click.option("--sequence-gate", type=click.Choice(SEQUENCE_GATES), default="zero", show_default=True,
-              help="zero: the head's weights on the user embedding start at 0; scalar: a learned gate starting at 0 "
-                   "scales it; none: random init. zero/scalar start the fused model as its tabular path.")
+@click.option("--sequence-gate", type=click.Choice(SEQUENCE_GATES), default="none", show_default=True,
+              help="none: the user embedding enters the head like any input; zero: through a projection that starts "
+                   "at 0; scalar: scaled by a learned gate that starts at 0 (zero/scalar start the fused model as its "
+                   "tabular path).")
 @click.option("--staged/--joint", default=True, show_default=True,
-              help="staged: train the tabular branch and head first (sequence branch off), then everything; "
-                   "joint: everything from the start.")
+              help="staged: the fusion run plus a tabular-only stage (sequence branch off), the better on valid "
+                   "kept; joint: the fusion run alone.")
 @click.option("--stage1-epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Epoch budget of the tabular stage (the encoder does not run, so epochs are cheap).")
 @click.option("--stage1-patience", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--stage2-from", type=click.Choice(STAGE2_STARTS), default="scratch", show_default=True,
-              help="Stage 2 starts from the initial weights (scratch: a joint run, with stage 1 as the floor) or "
-                   "from stage 1's best (stage1: a warm start; pair with --sequence-gate zero).")
+              help="scratch: the fusion run starts from the initial weights (the joint run, the tabular stage "
+                   "as its floor); stage1: the tabular stage first and fusion warm-starts from its best (pair "
+                   "with --sequence-gate zero).")
 @click.option("--stage2", type=click.Choice(STAGE2_MODES), default="all", show_default=True,
-              help="What stage 2 trains: all, or sequence (the encoder and the sequence gate/projection; the "
-                   "tabular path stays as stage 1 left it).")
+              help="With --stage2-from stage1, what the fusion stage trains: all, or sequence (the encoder and "
+                   "the gate/projection; the tabular path stays as the tabular stage left it).")
 @click.option("--metric", type=click.Choice(sorted({m for ms in SELECTION_METRICS.values() for m in ms})),
               default=None, help="Validation metric for early stopping and model selection "
                                  "[default: auc (binary), macro_auc (multiclass), rmse (regression)].")

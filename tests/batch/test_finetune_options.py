@@ -190,25 +190,31 @@ def test_multiclass_predictions_have_named_columns(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(("gate", "start"), [("zero", "stage1"), ("none", "scratch")])
 def test_staged_fusion_is_never_worse_on_valid_than_its_tabular_stage(tiny, tmp_path, gate, start):
-    m = finetune(_settings(tiny, tmp_path / "staged", staged=True, sequence_gate=gate, stage2_from=start,
-                           evals_per_epoch=2, encoder_lr=1e-3))
-    assert m["stages"] == 2
+    settings = dict(sequence_gate=gate, stage2_from=start, evals_per_epoch=2, encoder_lr=1e-3)
+    m = finetune(_settings(tiny, tmp_path / "staged", staged=True, **settings))
+    assert m["stages"] == (["tabular", "fusion"] if start == "stage1" else ["fusion", "tabular"])
     chosen = next(h for h in m["history"] if h["step"] == m["best_step"])
     assert m["valid"] == pytest.approx(chosen["valid"])  # the restored model predicts as it did when selected
-    stage1 = [h["score"] for h in m["history"] if h["stage"] == 1]
-    stage2 = [h["score"] for h in m["history"] if h["stage"] == 2]
-    assert stage1 and stage2
-    assert m["valid"]["auc"] >= max(stage1) - 1e-12
-    assert m["best_stage"] == (2 if max(stage2) > max(stage1) else 1)
-    # The saved model reproduces the reported valid metric (the best evaluation's weights were saved).
+    tabular = [h["score"] for h in m["history"] if h["stage"] == "tabular"]
+    fusion = [h["score"] for h in m["history"] if h["stage"] == "fusion"]
+    assert tabular and fusion
+    assert m["valid"]["auc"] >= max(tabular) - 1e-12
+    assert m["best_stage"] == ("fusion" if max(fusion) > max(tabular) else "tabular")
     model = JointFusionModel.from_pretrained(tmp_path / "staged")
     assert model.config.sequence_gate == gate
-    if m["best_stage"] == 1:
-        assert model.sequence_weight() == 0.0  # stage 1 never opens the sequence branch
+    if m["best_stage"] == "tabular":
+        assert model.sequence_weight() == 0.0  # the tabular stage never opens the sequence branch
     assert m["sequence_weight"] == pytest.approx(model.sequence_weight())
-    # A model without features has no tabular path to start from: neither stages nor a gate.
+    if start == "scratch":  # the fusion stage is the unstaged joint run, step for step
+        joint = finetune(_settings(tiny, tmp_path / "joint", staged=False, **settings))
+        assert [h["valid"] for h in joint["history"]] == [h["valid"] for h in m["history"] if h["stage"] == "fusion"]
+        assert m["valid"]["auc"] >= joint["valid"]["auc"]
+
+
+@pytest.mark.slow
+def test_fusion_without_features_has_no_stages_and_no_gate(tiny, tmp_path):
     m = finetune(_settings(tiny, tmp_path / "seq_only", features=None, epochs=1))
-    assert m["stages"] == 1 and m["sequence_weight"] > 0
+    assert m["stages"] == ["fusion"] and m["sequence_weight"] > 0
     assert JointFusionModel.from_pretrained(tmp_path / "seq_only").config.sequence_gate == "none"
 
 
@@ -230,12 +236,14 @@ def test_cli_takes_the_new_options(tiny, tmp_path, capsys):
             str(tiny / "labels.parquet"), "--features", str(tiny / "features.parquet"), "--output", str(out),
             "--batch-size", "16", "--epochs", "1", "--stage1-epochs", "1", "--encoder-lr", "1e-4", "--head-lr",
             "2e-3", "--weight-decay", "0.1", "--warmup-steps", "2", "--dropout", "0.2", "--sequence-dropout", "0.1",
-            "--metric", "logloss", "--evals-per-epoch", "2", "--min-epochs", "0.5", "--min-delta", "0.001"]
+            "--sequence-gate", "scalar", "--stage2-from", "stage1", "--stage2", "sequence", "--metric", "logloss",
+            "--evals-per-epoch", "2", "--min-epochs", "0.5", "--min-delta", "0.001"]
     assert main(args) == 0
     assert "best logloss at step" in capsys.readouterr().out
     settings = json.loads((out / "metrics.json").read_text())["settings"]
     assert settings["encoder_lr"] == 1e-4 and settings["warmup_steps"] == 2 and settings["sequence_dropout"] == 0.1
-    assert settings["staged"] and settings["sequence_gate"] == "zero" and settings["metric"] == "logloss"
+    assert settings["staged"] and settings["sequence_gate"] == "scalar" and settings["metric"] == "logloss"
+    assert settings["stage2_from"] == "stage1" and settings["stage2"] == "sequence"
     capsys.readouterr()
     assert main(args[:-6] + ["--metric", "rmse", "--output", str(tmp_path / "x")]) == 2
     assert "metric 'rmse' does not apply to a binary task" in capsys.readouterr().err
