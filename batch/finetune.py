@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from domaintok.errors import DomaintokError
 
 TASKS = ("binary", "multiclass", "regression")
-SEQUENCE_GATES = ("none", "zero", "scalar")
+SEQUENCE_GATES = ("none", "zero", "scalar")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
 STAGE2_MODES = ("all", "sequence")
-STAGE2_STARTS = ("scratch", "stage1")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
+STAGE2_STARTS = ("scratch", "stage1")
 SPLIT_MODES = ("auto", "column", "user", "time")
 SPLITS = ("train", "valid", "test")
 _HASH_BUCKETS = 10_000
