@@ -1,4 +1,5 @@
-"""`domaintok pretrain`: causal-LM pretraining of the domain transformer on sequences.parquet with the HF Trainer.
+"""`domaintok pretrain`: pretraining of the domain transformer on sequences.parquet with the HF Trainer: causal LM,
+CoLES (batch/contrastive.py) or both.
 
 Streams sequences (batch/sequence_data.py), writes a self-contained model dir: safetensors weights + config, the
 tokenizer files, metrics.json and loss_curve.png. Trainer checkpoints (for --resume) live beside it, not in it.
@@ -119,6 +120,7 @@ class PretrainSettings:
     pooling: str | None = None
     logging_steps: int | None = None
     eval_steps: int | None = None
+    threads: int | None = None
 
     def resolved_checkpoint_dir(self) -> Path:
         return self.checkpoint_dir or self.output.with_name(self.output.name + ".checkpoints")
@@ -156,6 +158,8 @@ def pretrain(settings: PretrainSettings) -> dict:
     if warning:
         click.echo(warning, err=True)
     cuda = torch.cuda.is_available()
+    if s.threads:
+        torch.set_num_threads(s.threads)
     checkpoint_dir = s.resolved_checkpoint_dir()
     has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.glob("checkpoint-*"))
     if s.resume and not has_checkpoints:
@@ -291,6 +295,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         "padding_fraction": stats.padding_fraction,
         "truncated_sequences": stats.truncated,
         "device": "cuda" if cuda else "cpu",
+        "cpu_threads": torch.get_num_threads(),
         "bf16": bool(args.bf16),
         "resumed": s.resume,
         "tokenizer_fingerprint": tok.fingerprint,
@@ -403,11 +408,14 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the checkpoint dir.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's, one per core). On a shared or busy machine 1 is often "
+                   "much faster for the tiny and small presets (README: pretraining throughput).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
 def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
             coles_weight, coles_temperature, pooling, context_length, max_steps, epochs, batch_size, grad_accum, lr,
-            eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, compile_):
-    """Pretrain the domain transformer (causal LM) on tokenized sequences.
+            eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_):
+    """Pretrain the domain transformer (causal LM, CoLES, or both) on tokenized sequences.
 
     Writes OUTPUT/ with model.safetensors + config.json, the tokenizer files, metrics.json (train/eval loss,
     tokens/s, padding fraction, parameters) and loss_curve.png. bf16 on GPU; CPU works for the tiny preset.
@@ -419,6 +427,7 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
         seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         overrides=architecture_overrides(hidden_size, layers, heads, intermediate_size),
         objective=objective, coles_weight=coles_weight, coles_temperature=coles_temperature, pooling=pooling,
+        threads=threads,
     )
     metrics = pretrain(settings)
     eval_loss = metrics["eval_loss"]

@@ -1,8 +1,9 @@
 """Pretraining speed of the domain transformer: parameter counts per preset, tokens/s, and MFU on GPU.
 
 Run: `.venv/bin/python benchmarks/bench_pretrain.py [--presets tiny,24m] [--steps 3] [--vocab-size N]`.
-On CPU it measures tokens/s for a few AdamW steps; with CUDA it uses bf16 autocast + SDPA (flash) +
-torch.compile and prints model FLOPs utilization (MFU) against the GPU's dense bf16 peak.
+On CPU it measures tokens/s for a few AdamW steps at each of `--cpu-threads` (e.g. 1,2), and the training FLOP/s
+against a large fp32 matmul timed on the same threads (the machine's practical peak); with CUDA it uses bf16
+autocast + SDPA (flash) + torch.compile and prints model FLOPs utilization (MFU) against the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def peak_tflops(device_name: str) -> float | None:
         if fragment in device_name:
             return tflops
     return None
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of a size x size matmul on `threads` CPU threads: the best of `repeats` timings."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 def measure(preset: str, vocab_size: int, batch_size: int, context: int, steps: int, device: torch.device,
@@ -98,6 +112,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on GPU")
+    parser.add_argument("--cpu-threads", default=None,
+                        help="CPU only: thread counts to compare, e.g. 1,2 (default: torch's current count)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="CPU only: repeat the whole comparison, interleaved (a busy machine drifts)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -117,16 +135,27 @@ def main() -> None:
     else:
         print(f"device: CPU, {torch.get_num_threads()} threads, fp32 eager. no GPU: MFU not measured")
     results = []
-    for preset in args.presets.split(","):
-        r = measure(preset, args.vocab_size, args.batch_size, args.context, args.steps, device,
-                    compile_model=cuda and not args.no_compile)
-        results.append(r)
-        line = (f"  {preset:>5}: {r['tokens_per_second']:>10,.0f} tokens/s ({r['seconds_per_step']:.3f} s/step, "
-                f"batch {r['batch_size']} x {r['context']} tokens, {r['flops_per_token'] / 1e6:,.1f} MFLOP/token)")
-        if cuda:
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown peak"
-            line += f", {r['achieved_tflops']} TFLOP/s, MFU {mfu}"
-        print(line)
+    thread_counts = [None] if cuda or not args.cpu_threads else [int(t) for t in args.cpu_threads.split(",")]
+    for round_ in range(args.rounds if not cuda else 1):
+        for threads in thread_counts:
+            peak = matmul_peak_gflops(threads) if threads else None
+            if threads:
+                print(f"round {round_ + 1}, {threads} thread(s): fp32 matmul 2048^3 {peak:,.1f} GFLOP/s")
+            for preset in args.presets.split(","):
+                r = measure(preset, args.vocab_size, args.batch_size, args.context, args.steps, device,
+                            compile_model=cuda and not args.no_compile)
+                line = (f"  {preset:>5}: {r['tokens_per_second']:>10,.0f} tokens/s ({r['seconds_per_step']:.3f} s/step, "
+                        f"batch {r['batch_size']} x {r['context']} tokens, {r['flops_per_token'] / 1e6:,.2f} MFLOP/token)")
+                if threads:
+                    achieved = r["tokens_per_second"] * r["flops_per_token"] / 1e9
+                    r.update(threads=threads, round=round_ + 1, achieved_gflops=round(achieved, 2),
+                             matmul_peak_gflops=round(peak, 1), peak_ratio=round(achieved / peak, 4))
+                    line += f", {achieved:,.2f} GFLOP/s = {achieved / peak:.1%} of the matmul peak"
+                if cuda:
+                    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown peak"
+                    line += f", {r['achieved_tflops']} TFLOP/s, MFU {mfu}"
+                results.append(r)
+                print(line)
     if not cuda:
         print("no GPU: MFU not measured (run on a CUDA machine for bf16 + flash SDPA + torch.compile numbers)")
     if args.json:

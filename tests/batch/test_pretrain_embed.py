@@ -211,7 +211,7 @@ def test_pretrain_presets_overrides_and_context_warning(retail_tokenizer, tmp_pa
     model_dir = tmp_path / "model"
     rc = run("pretrain", "--sequences", sequences, "--tokenizer", retail_tokenizer, "--output", model_dir,
              "--preset", "small", "--layers", "1", "--heads", "2", "--context-length", "16", "--max-steps", "2",
-             "--batch-size", "8", "--eval-fraction", "0")
+             "--batch-size", "8", "--eval-fraction", "0", "--threads", "1")
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "pretrain: context 16 tokens (--context-length)" in captured.err
@@ -219,6 +219,7 @@ def test_pretrain_presets_overrides_and_context_warning(retail_tokenizer, tmp_pa
     assert f"shorter than the median user's sequence ({median:,.0f} tokens)" in captured.err
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["preset"] == "small" and metrics["objective"] == "clm" and metrics["pooling"] == "last"
+    assert metrics["cpu_threads"] == 1
     assert metrics["architecture"] == {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                                        "intermediate_size": 256}
     assert metrics["users_truncated_fraction"] == pytest.approx(np.mean([len(r) > 16 for r in rows]))
