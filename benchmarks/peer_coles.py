@@ -5,10 +5,13 @@ venv lacks into a cache directory with `pip install --target --no-deps`, reusing
 directory to sys.path. Both are idempotent.
 
     python benchmarks/peer_coles.py install [--cache-dir DIR]
-    python benchmarks/peer_coles.py retail-inputs --output /tmp/peer_retail     # Online Retail purchase task
     python benchmarks/peer_coles.py run --events E.parquet --labels L.parquet [--features F.parquet] \\
         --user-col CustomerID --time-col InvoiceDate --cat-cols StockCode,Country --num-cols Quantity,Price \\
         --task binary --output DIR
+
+The same users, split and labels as a `domaintok evaluate` run come from its work files (OUT = its --output):
+--events OUT/work/events_inputs.parquet (pre-cutoff events of every user), --labels
+OUT/work/fold0/labels_<task>.parquet (user_id, split, label), --features OUT/work/features.parquet (the aggregates).
 
 `run` trains ptls's standard CoLES (TrxEncoder + RnnSeqEncoder(GRU), ColesDataset with SampleSlices,
 ContrastiveLoss with HardNegativePairSelector) on the pre-cutoff events of train+valid users only, embeds every
@@ -347,26 +350,6 @@ def install(cache_dir):
     import pytorch_lightning
 
     click.echo(f"ptls ready in {cache_dir} (pytorch-lightning {pytorch_lightning.__version__})")
-
-
-@main.command("retail-inputs")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=Path("../shared/data/online_retail"), show_default=True)
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--cutoff", default="2011-09-01", show_default=True)
-def retail_inputs(data_dir, output, cutoff):
-    """events/labels/features parquet of the Online Retail purchase task (batch/retail_tasks, same split)."""
-    import datetime as dt
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from batch.retail_tasks import build_retail_tasks
-
-    tasks = build_retail_tasks(data_dir, cutoff=dt.datetime.fromisoformat(cutoff))
-    output.mkdir(parents=True, exist_ok=True)
-    pq.write_table(tasks.events, output / "events.parquet")
-    pq.write_table(tasks.labels.select(["user_id", "split", "label"]), output / "labels.parquet")
-    pq.write_table(tasks.features, output / "features.parquet")
-    click.echo(json.dumps(tasks.summary(), indent=1))
 
 
 @main.command()

@@ -88,3 +88,31 @@ def test_batch_consumer_loses_nothing_when_a_worker_joins_and_leaves(kafka_setti
     extra = {u: (counts[u], n) for u, n in expected.items() if counts.get(u, 0) > n}
     assert not missing, f"events lost (seen, sent): {dict(list(missing.items())[:5])}"
     assert not extra, f"events counted twice (seen, sent): {dict(list(extra.items())[:5])}"
+
+
+def test_batches_wait_for_table_recovery_and_drop_older_generations():
+    """A batch fetched while tables are restored is held until they are (then filtered by generation): processed
+    mid-recovery, a user's window read empty and its sequence went backwards (30 events, then 1) in a CI run."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from streams.fast_consumer import BatchStream
+
+    tables = SimpleNamespace(actives_ready=False)
+    app = SimpleNamespace(tables=tables, consumer_generation_id=7)
+    stream = SimpleNamespace(app=app, should_stop=False)
+    messages = [SimpleNamespace(generation_id=g, offset=n) for n, g in enumerate((7, 8, 8))]
+
+    async def scenario():
+        task = asyncio.ensure_future(BatchStream._when_tables_ready(stream, messages))
+        await asyncio.sleep(0.3)
+        assert not task.done(), "handed to the agent before the tables were recovered"
+        app.consumer_generation_id = 8  # a rebalance happened meanwhile: generation 7's records are read again
+        tables.actives_ready = True
+        return await asyncio.wait_for(task, 2)
+
+    ready = asyncio.run(scenario())
+    assert [m.offset for m in ready] == [1, 2]
+    stream.should_stop = True  # a stopping stream does not wait
+    tables.actives_ready = False
+    assert asyncio.run(asyncio.wait_for(BatchStream._when_tables_ready(stream, messages), 2)) == messages[1:]

@@ -93,7 +93,15 @@ def test_kcat_style_producer_and_consumer(kafka_settings, tmp_path):
         assert len(first["embedding"]) > 0 and first["model_version"]
         assert dt.datetime.fromtimestamp(first["last_event_ts"] / 1e6, dt.timezone.utc).year >= 2020
 
-        tok_metrics, enc_metrics = _scrape(tok_port), _scrape(enc_port)
+        # consumer lag is reported by a 5 s timer in both workers: wait for the first report, not for a fast run
+        deadline = time.monotonic() + 30
+        while True:
+            tok_metrics, enc_metrics = _scrape(tok_port), _scrape(enc_port)
+            reported = (_metric(tok_metrics, "domaintok_consumer_lag", stage="tokenize") is not None
+                        and _metric(enc_metrics, "domaintok_consumer_lag", stage="encode") is not None)
+            if reported or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert _metric(tok_metrics, "domaintok_misrouted_total", stage="tokenize") > 0  # CRC32 keys forwarded
         assert _metric(tok_metrics, "domaintok_consumer_lag", stage="tokenize") is not None
         assert _metric(tok_metrics, "domaintok_events_in_total", stage="tokenize") >= len(events)
