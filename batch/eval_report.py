@@ -127,16 +127,18 @@ def render_markdown(report: dict) -> str:
         lower = "" if HIGHER_IS_BETTER[kind] else " (lower is better)"
         extra = {"binary": "logloss", "multiclass": "accuracy", "regression": "mae"}[kind]
         lines += ["", f"## {name} ({task['definition']})", "",
-                  f"| method | test {metric}{lower} | vs LightGBM | 95% CI | P(better) | test {extra} |",
-                  "|---|---|---|---|---|---|"]
+                  f"| method | test {metric}{lower} | vs LightGBM | 95% CI | P(better) | test {extra} | valid {metric} |",
+                  "|---|---|---|---|---|---|---|"]
         for method, r in report["results"][name].items():
             ci = r.get("vs_lightgbm") or {}
             rel = "baseline" if method == "lightgbm" else _fmt(ci.get("relative"), "+.2%")
             interval = "-" if ci.get("low") is None else f"[{ci['low']:+.2%}, {ci['high']:+.2%}]"
             lines.append(f"| {method}: {r['title']} | {_fmt(r['test'].get(metric), '.4f')} | {rel} | {interval} | "
-                         f"{_fmt(ci.get('p_better'), '.2f')} | {_fmt(r['test'].get(extra), '.4f')} |")
+                         f"{_fmt(ci.get('p_better'), '.2f')} | {_fmt(r['test'].get(extra), '.4f')} | "
+                         f"{_fmt(r.get('valid'), '.4f')} |")
     lines += ["", "Relative difference = metric / metric(LightGBM) - 1 on the test users; the interval is a paired "
-              "bootstrap over test users (folds pooled: resampled within each fold, metric averaged over folds).", ""]
+              "bootstrap over test users (folds pooled: resampled within each fold, metric averaged over folds). "
+              "Valid is the selection metric on the valid users (fold mean): compare settings there, not on test.", ""]
     return "\n".join(lines)
 
 

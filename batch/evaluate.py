@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.aggregates import DEFAULT_WINDOWS, aggregate_features, join_extra_features
-from batch.eval_report import HEADLINE, bootstrap_relative, kind_metrics, plot_relative, render_markdown
+from batch.eval_report import HEADLINE, bootstrap_relative, headline, kind_metrics, plot_relative, render_markdown
 from batch.finetune import FinetuneSettings
 from batch.pretrain import PretrainSettings
 from batch.tasks import (
@@ -77,7 +77,9 @@ class Method:
 LANGUAGE_MODELS: dict[str, LanguageModel] = {
     "domain": LanguageModel("domain"),
     "text": LanguageModel("text"),
-    "domain_coles": LanguageModel("domain", {"objective": "clm+coles", "pooling": "mean"}),
+    # CoLES contrasts users within a batch, so it reads each user's newest window only (windows of one user
+    # would be each other's negatives)
+    "domain_coles": LanguageModel("domain", {"objective": "clm+coles", "pooling": "mean", "windows": "newest"}),
 }
 METHODS: dict[str, Method] = {
     "lightgbm": Method("LightGBM on the aggregates", "lightgbm", ("aggregates",)),
@@ -103,6 +105,8 @@ METHODS: dict[str, Method] = {
 }
 DEFAULT_METHODS = ("lightgbm", "lightgbm_emb", "lightgbm_emb_only", "tabular_dcnv2", "text_bpe", "domain",
                    "domain_fusion")
+
+FULL_HISTORY = 1 << 30  # a window length that keeps every event: pretraining files with windows="all"
 
 # Sizes of one evaluation; every LM gets the same architecture, context and step budget.
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -144,6 +148,7 @@ class EvaluateSettings:
     max_users: int | None = None
     max_steps: int | None = None
     context_length: int | None = None
+    pretrain_windows: str | None = None
     windows: tuple[int, ...] = DEFAULT_WINDOWS
     seed: int = 0
     bootstrap: int | None = None
@@ -160,6 +165,8 @@ class EvaluateSettings:
             p["pretrain"]["max_steps"] = self.max_steps
         if self.context_length is not None:
             p["pretrain"]["context_length"] = self.context_length
+        if self.pretrain_windows is not None:
+            p["pretrain"]["windows"] = self.pretrain_windows
         if self.max_users is not None:
             p["max_users"] = self.max_users
         if self.bootstrap is not None:
@@ -249,7 +256,9 @@ def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: 
     valid_set = lgb.Dataset(X[valid], y[valid], reference=train_set)
     booster = lgb.train(params, train_set, num_boost_round=rounds, valid_sets=[valid_set],
                         callbacks=[lgb.early_stopping(50, verbose=False)])
-    return booster.predict(X[test], num_iteration=booster.best_iteration), {"best_iteration": booster.best_iteration}
+    valid_pred = booster.predict(X[valid], num_iteration=booster.best_iteration)
+    info = {"best_iteration": booster.best_iteration, "valid": headline(kind, y[valid], valid_pred)}
+    return booster.predict(X[test], num_iteration=booster.best_iteration), info
 
 
 def _attach(table: pa.Table, other: pa.Table) -> pa.Table:
@@ -328,10 +337,13 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
                            lms: list[str], embed_lms: list[str], clock: _Clock) -> None:
     from batch.embed import embed_parquet
     from batch.pretrain import pretrain
-    from batch.text_baseline import fit_text_baseline
+    from batch.text_baseline import fit_text_baseline, serialize_events, text_sequences
     from domaintok.tokenizer import DomainTokenizer
 
     context = p["pretrain"]["context_length"]
+    # every window of the history: the pretraining file holds each fit user's whole sequence (CoLES LMs read
+    # only its newest window, see LANGUAGE_MODELS)
+    full_history = any({**p["pretrain"], **LANGUAGE_MODELS[lm].pretrain}.get("windows") == "all" for lm in lms)
     fit_users = np.asarray(users)[fold.split != "test"]
     events_fit = fold.dir / "events_fit.parquet"
     tokens = {LANGUAGE_MODELS[lm].tokens for lm in lms}
@@ -345,15 +357,22 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
             table = tok.tokenize(events_all, max_length=context)
             fold.sequences["domain"] = fold.dir / "domain_sequences.parquet"
             pq.write_table(table, fold.sequences["domain"])
-            pq.write_table(_filter_users(table, fit_users), fold.dir / "domain_pretrain.parquet")
+            if full_history:
+                pq.write_table(tok.tokenize(events_fit, max_length=FULL_HISTORY), fold.dir / "domain_pretrain.parquet")
+            else:
+                pq.write_table(_filter_users(table, fit_users), fold.dir / "domain_pretrain.parquet")
             fold.pretrain["domain_tokens_mean"] = _mean_tokens(table)
         clock.lap(f"fold {fold.index}: domain tokenizer")
     if "text" in tokens:
-        _, table = fit_text_baseline(schema, events_fit, events_all, fold.dir / "text_tokenizer", context,
-                                     vocab_size=vocab or 2000)
+        text_tok, table = fit_text_baseline(schema, events_fit, events_all, fold.dir / "text_tokenizer", context,
+                                            vocab_size=vocab or 2000)
         fold.sequences["text"] = fold.dir / "text_sequences.parquet"
         pq.write_table(table, fold.sequences["text"])
-        pq.write_table(_filter_users(table, fit_users), fold.dir / "text_pretrain.parquet")
+        if full_history:
+            history = text_sequences(text_tok, serialize_events(schema, events_fit), FULL_HISTORY)
+            pq.write_table(history, fold.dir / "text_pretrain.parquet")
+        else:
+            pq.write_table(_filter_users(table, fit_users), fold.dir / "text_pretrain.parquet")
         fold.pretrain["text_tokens_mean"] = _mean_tokens(table)
         clock.lap(f"fold {fold.index}: text tokenizer")
     for lm in lms:
@@ -443,7 +462,9 @@ def _run_finetune(s: EvaluateSettings, p: dict, name: str, method: Method, task:
         progress=s.progress, **options,
     ))
     users, pred = _read_predictions(output / "predictions.parquet", task.kind, classes, metrics.get("class_names") or [])
-    info = {k: metrics.get(k) for k in ("best_step", "steps", "train_seconds", "trainable_parameters")}
+    info = {k: metrics.get(k) for k in ("best_step", "best_stage", "still_improving", "steps", "train_seconds",
+                                        "trainable_parameters")}
+    info["valid"] = (metrics.get("valid") or {}).get(HEADLINE[task.kind])
     return users, pred, info
 
 
@@ -581,7 +602,9 @@ def _compare(spec: TasksFile, methods: list[str], per_fold: dict, infos: dict, n
             fold_metrics = [kind_metrics(task.kind, y, pred) for y, pred in folds]
             test = {k: _mean([m.get(k) for m in fold_metrics]) for k in fold_metrics[0] if k != "n"}
             test["n"] = sum(m["n"] for m in fold_metrics)
-            row = {"title": METHODS[name].title, "test": test, "folds": fold_metrics, "train": infos[task.name][name]}
+            row = {"title": METHODS[name].title, "test": test, "folds": fold_metrics, "train": infos[task.name][name],
+                   # the selection metric on valid (fold mean): what settings are chosen on, never test
+                   "valid": _mean([i.get("valid") for i in infos[task.name][name]])}
             if name != "lightgbm":
                 base = per_fold[task.name]["lightgbm"]
                 row["vs_lightgbm"] = bootstrap_relative(
@@ -625,12 +648,14 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--max-users", type=click.IntRange(min=20), default=None, help="Cap on users (deterministic by hash).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Pretraining steps (overrides the preset).")
 @click.option("--context-length", type=click.IntRange(min=16), default=None, help="Tokens per sequence.")
+@click.option("--pretrain-windows", type=click.Choice(["newest", "all"]), default=None,
+              help="Pretraining reads each user's newest window, or every window of the history (preset default).")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=None, help="Bootstrap replicates (preset default).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: 1 for quick, torch's default for small).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
-            context_length, bootstrap, threads, seed):
+            context_length, pretrain_windows, bootstrap, threads, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -643,7 +668,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
     settings = EvaluateSettings(
         schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
         methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
-        max_steps=max_steps, context_length=context_length, bootstrap=bootstrap, threads=threads, seed=seed,
+        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, bootstrap=bootstrap, threads=threads, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

@@ -95,6 +95,7 @@ class PretrainSettings:
     output: Path
     preset: str = "tiny"
     context_length: int | None = None
+    windows: str = "newest"
     max_steps: int | None = None
     epochs: float = 1.0
     batch_size: int = 32
@@ -147,6 +148,11 @@ def pretrain(settings: PretrainSettings) -> dict:
         weight=s.coles_weight, views=s.coles_views, min_fraction=s.coles_min_fraction,
         max_fraction=s.coles_max_fraction, temperature=s.coles_temperature,
     ) if use_coles else None
+    if s.windows not in ("newest", "all"):
+        raise DomaintokError(f"windows must be newest or all, got {s.windows!r}")
+    if use_coles and s.windows == "all":
+        raise DomaintokError("--windows all trains on several windows of one user, which CoLES would take for "
+                             "different users (false negatives): use --windows newest with coles objectives")
     tok = read_tokenizer(s.tokenizer)
     if use_coles and tok.sep_token_id is None:
         raise DomaintokError(f"{s.tokenizer}: objective {s.objective!r} needs a [SEP] token to cut events")
@@ -154,7 +160,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     source = "--context-length" if s.context_length else "the tokenizer's max_length" if tok.max_length else "default"
     click.echo(f"pretrain: context {context_length:,} tokens ({source})", err=True)
     lengths = length_summary(s.sequences, context_length)
-    warning = context_warning("pretrain", context_length, lengths)
+    warning = context_warning("pretrain", context_length, lengths) if s.windows == "newest" else None
     if warning:
         click.echo(warning, err=True)
     cuda = torch.cuda.is_available()
@@ -186,12 +192,15 @@ def pretrain(settings: PretrainSettings) -> dict:
 
     common = dict(
         path=s.sequences, batch_size=s.batch_size, context_length=context_length, sep_token_id=tok.sep_token_id,
-        eval_fraction=s.eval_fraction, seed=s.seed,
+        eval_fraction=s.eval_fraction, seed=s.seed, windows=s.windows,
     )
     train_set = SequenceDataset(split="train", shuffle=True, **common)
     eval_set = SequenceDataset(split="eval", shuffle=False, max_sequences=s.eval_max_sequences, **common)
-    n_train = count_sequences(s.sequences, "train", s.eval_fraction)
-    n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction), s.eval_max_sequences)
+    counting = dict(windows=s.windows, context_length=context_length, sep_token_id=tok.sep_token_id)
+    n_train = count_sequences(s.sequences, "train", s.eval_fraction, **counting)
+    n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction, **counting), s.eval_max_sequences)
+    if s.windows == "all":
+        click.echo(f"pretrain: every window of each user's history: {n_train:,} training windows", err=True)
     if n_train == 0:
         raise DomaintokError(f"{s.sequences}: no training sequences (empty file, or every user in the eval split)")
     steps_per_epoch = math.ceil(math.ceil(n_train / s.batch_size) / s.grad_accum)
@@ -277,6 +286,8 @@ def pretrain(settings: PretrainSettings) -> dict:
         "vocab_size": tok.vocab_size,
         "context_length": context_length,
         "context_length_source": source,
+        "windows": s.windows,
+        "train_items": n_train,
         "median_sequence_tokens": lengths["median_tokens"],
         "users_truncated_fraction": lengths["users_truncated_fraction"],
         "tokens_cut_fraction": lengths["tokens_cut_fraction"],
@@ -393,6 +404,9 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
               help="User embedding: the last token's state or the mean over tokens (default: last).")
 @click.option("--context-length", type=click.IntRange(min=2), default=None,
               help="Tokens per sequence (default: the tokenizer's max_length); longer users keep their newest events.")
+@click.option("--windows", type=click.Choice(["newest", "all"]), default="newest", show_default=True,
+              help="newest: each user's newest window once per epoch; all: the whole history cut into context-sized "
+                   "windows of whole events (tokenize with a --max-length covering it). clm only.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -413,7 +427,7 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
                    "much faster for the tiny and small presets (README: pretraining throughput).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
 def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
-            coles_weight, coles_temperature, pooling, context_length, max_steps, epochs, batch_size, grad_accum, lr,
+            coles_weight, coles_temperature, pooling, context_length, windows, max_steps, epochs, batch_size, grad_accum, lr,
             eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_):
     """Pretrain the domain transformer (causal LM, CoLES, or both) on tokenized sequences.
 
@@ -422,7 +436,7 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
     """
     settings = PretrainSettings(
         sequences=sequences, tokenizer=tokenizer, output=output, preset=preset, context_length=context_length,
-        max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        windows=windows, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         eval_fraction=eval_fraction, save_steps=save_steps, checkpoint_dir=checkpoint_dir, resume=resume,
         seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         overrides=architecture_overrides(hidden_size, layers, heads, intermediate_size),

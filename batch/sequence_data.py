@@ -28,6 +28,7 @@ from domaintok.errors import DomaintokError
 from domaintok.models.padded import PaddedBatch
 
 SPLITS = ("train", "eval", "all")
+WINDOWS = ("newest", "all")
 REQUIRED_COLUMNS = ("user_id", "input_ids")
 _HASH_BUCKETS = 10_000
 
@@ -53,6 +54,31 @@ def truncate_to_context(ids: np.ndarray, context_length: int, sep_token_id: int 
         if candidates.size and candidates[0] < len(tail):
             return np.concatenate([ids[:1], tail[candidates[0]:]])
     return np.concatenate([ids[:1], tail[min_start:]])
+
+
+def event_windows(ids: np.ndarray, context_length: int, sep_token_id: int | None) -> list[np.ndarray]:
+    """A user's whole sequence cut into windows of at most `context_length` tokens, newest first, each [BOS] + whole
+    events: the first is what `truncate_to_context` keeps, the next the newest whole events before it, and so on.
+
+    An event longer than a window on its own is cut to its last tokens (as `truncate_to_context` does); without a
+    [SEP] token, windows are cut at token boundaries.
+    """
+    if len(ids) <= context_length:
+        return [ids]
+    bos, tail = ids[:1], ids[1:]
+    budget = context_length - 1
+    starts = np.flatnonzero(tail == sep_token_id) + 1 if sep_token_id is not None else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], starts[starts < len(tail)]])  # where each event begins in `tail`
+    out: list[np.ndarray] = []
+    end = len(tail)
+    while end > 0:
+        lo = end - budget
+        # the earliest event start inside the window; when none fits (one event longer than a window), cut mid-event
+        i = int(np.searchsorted(starts, max(lo, 0)))
+        start = int(starts[i]) if i < len(starts) and starts[i] < end else max(lo, 0)
+        out.append(np.concatenate([bos, tail[start:end]]))
+        end = start
+    return out
 
 
 def length_summary(path: str | Path, context_length: int) -> dict[str, float]:
@@ -84,9 +110,30 @@ def context_warning(job: str, context_length: int, summary: dict[str, float]) ->
     )
 
 
-def count_sequences(path: str | Path, split: str = "all", eval_fraction: float = 0.0) -> int:
-    """Rows of `path` in `split` (reads only the user_id column), to size the training schedule."""
+def count_sequences(path: str | Path, split: str = "all", eval_fraction: float = 0.0, *, windows: str = "newest",
+                    context_length: int | None = None, sep_token_id: int | None = None) -> int:
+    """Training items of `path` in `split`, to size the training schedule: rows (reads only the user_id column),
+    or with windows="all" the windows of `context_length` tokens that `event_windows` cuts."""
     parquet = open_sequences(path)
+    if windows == "all":
+        if context_length is None:
+            raise ValueError("windows='all' needs context_length")
+        total = 0
+        by_user = split != "all" and eval_fraction > 0
+        if split == "eval" and eval_fraction <= 0:
+            return 0
+        for batch in parquet.iter_batches(columns=list(REQUIRED_COLUMNS), batch_size=8_192):
+            users = batch.column("user_id").to_pylist()
+            lists = batch.column("input_ids")
+            offsets = lists.offsets.to_numpy()
+            values = lists.values.to_numpy(zero_copy_only=False)
+            for row, user in enumerate(users):
+                if by_user and is_eval_user(user, eval_fraction) != (split == "eval"):
+                    continue
+                ids = values[offsets[row] : offsets[row + 1]]
+                if len(ids) >= 2:
+                    total += len(event_windows(ids, context_length, sep_token_id))
+        return total
     if split == "all" or eval_fraction <= 0.0:
         return parquet.metadata.num_rows if split != "eval" else 0
     want_eval = split == "eval"
@@ -127,6 +174,9 @@ class SequenceDataset(IterableDataset):
     Consecutive runs of `batch_size` items have similar lengths, so a DataLoader with the same batch size pads
     little. `split` picks train or eval users by hash (`eval_fraction` of users go to eval); `max_sequences`
     caps a split (e.g. a cheap eval). Sequences shorter than two tokens (nothing to predict) are skipped.
+    `windows`: "newest" keeps each user's newest whole events that fit the context (one item per user, what
+    `embed` sees); "all" cuts the whole history into context-sized windows of whole events (`event_windows`),
+    so pretraining reads every event instead of each user's last window again and again.
     """
 
     path: str | Path
@@ -140,6 +190,7 @@ class SequenceDataset(IterableDataset):
     bucket_batches: int = 64
     max_sequences: int | None = None
     read_batch_rows: int = 8_192
+    windows: str = "newest"
     epoch: int = 0
     stats: StreamStats = field(default_factory=StreamStats)
 
@@ -149,6 +200,8 @@ class SequenceDataset(IterableDataset):
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.batch_size <= 0 or self.context_length < 2:
             raise ValueError("batch_size must be positive and context_length at least 2")
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, got {self.windows!r}")
         open_sequences(self.path)  # fail at construction, not inside a DataLoader worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -192,13 +245,20 @@ class SequenceDataset(IterableDataset):
                 ids = values[offsets[row] : offsets[row + 1]]
                 if len(ids) < 2:
                     continue
-                if len(ids) > self.context_length:
-                    ids = truncate_to_context(ids, self.context_length, self.sep_token_id)
+                if len(ids) <= self.context_length:
+                    pieces = [ids]
+                elif self.windows == "all":
+                    pieces = event_windows(ids, self.context_length, self.sep_token_id)
+                else:
+                    pieces = [truncate_to_context(ids, self.context_length, self.sep_token_id)]
                     self.stats.truncated += 1
-                yield ids
-                yielded += 1
-                if self.max_sequences is not None and yielded >= self.max_sequences:
-                    return
+                for piece in pieces:
+                    if len(piece) < 2:
+                        continue
+                    yield piece
+                    yielded += 1
+                    if self.max_sequences is not None and yielded >= self.max_sequences:
+                        return
 
     def _drain(self, buffer: list[np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
         lengths = np.fromiter((len(s) for s in buffer), dtype=np.int64, count=len(buffer))
@@ -243,6 +303,7 @@ __all__ = [
     "StreamStats",
     "context_warning",
     "count_sequences",
+    "event_windows",
     "is_eval_user",
     "length_summary",
     "open_sequences",
