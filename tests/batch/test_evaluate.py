@@ -5,6 +5,7 @@ writes, the method table's option checks, the scores and bootstrap, the schema-d
 from __future__ import annotations
 
 import datetime as dt
+import collections
 import json
 import math
 
@@ -78,7 +79,7 @@ def toy_run(tmp_path_factory):
     schema, events, tasks, users, split = toy_study(root)
     settings = ev.EvaluateSettings(schema=schema, events=(events,), tasks=tasks, output=root / "out",
                                    preset="quick", methods=("all",), max_steps=4, bootstrap=50, progress=False,
-                                   log=lambda m: None)
+                                   pretrain_windows="all", log=lambda m: None)
     report = ev.run_evaluation(settings)
     return root / "out", report, users, split
 
@@ -96,6 +97,7 @@ def test_every_method_and_task_kind_reports_finite_metrics(toy_run):
             assert math.isfinite(row["test"][metric]), (task, method)
             assert row["test"]["n"] == report["fold_sizes"][0]["test"], (task, method)
             assert math.isfinite(row["vs_lightgbm"]["relative"])
+            assert math.isfinite(row["valid"]), (task, method)  # the selection metric, on valid users
             if method != "lightgbm":
                 ci = row["vs_lightgbm"]
                 assert ci["low"] <= ci["high"], (task, method)
@@ -108,6 +110,11 @@ def test_every_method_and_task_kind_reports_finite_metrics(toy_run):
     pre = on_disk["pretrain"]
     assert pre["domain"]["non_embedding_parameters"] == pre["text"]["non_embedding_parameters"]
     assert pre["domain"]["steps"] == pre["text"]["steps"] == pre["domain_coles"]["steps"] == 4
+    # every window of the fit users' history for the CLM models; CoLES reads the newest window only
+    models = out / "work" / "fold0" / "models"
+    assert json.loads((models / "domain" / "metrics.json").read_text())["windows"] == "all"
+    assert json.loads((models / "text" / "metrics.json").read_text())["windows"] == "all"
+    assert json.loads((models / "domain_coles" / "metrics.json").read_text())["windows"] == "newest"
 
 
 @pytest.mark.slow
@@ -126,7 +133,10 @@ def test_no_post_cutoff_event_or_test_user_reaches_fitting_or_pretraining(toy_ru
     fit = pq.read_table(work / "fold0" / "events_fit.parquet")
     assert set(fit.column("user").to_pylist()) == fit_users
     assert times(work / "fold0" / "events_fit.parquet").max() < cutoff
-    # Pretraining sequences: train+valid users only.
+    # Pretraining sequences: train+valid users only, their whole pre-cutoff history (windows "all").
+    fit_events = collections.Counter(fit.column("user").to_pylist())
+    history = pq.read_table(work / "fold0" / "domain_pretrain.parquet")
+    assert dict(zip(history.column("user_id").to_pylist(), history.column("n_events").to_pylist())) == fit_events
     for kind in ("domain", "text"):
         pretrain_users = set(pq.read_table(work / "fold0" / f"{kind}_pretrain.parquet").column("user_id").to_pylist())
         assert pretrain_users == fit_users, kind

@@ -13,7 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.sequence_data import CausalLMCollator, SequenceDataset, count_sequences, is_eval_user, truncate_to_context
+from batch.sequence_data import (
+    CausalLMCollator,
+    SequenceDataset,
+    count_sequences,
+    event_windows,
+    is_eval_user,
+    truncate_to_context,
+)
 from domaintok.cli import main
 
 BOS, SEP, PAD = 2, 4, 0
@@ -50,6 +57,35 @@ def test_truncation_keeps_bos_and_the_newest_whole_events():
     assert truncate_to_context(ids, 7, SEP).tolist() == [BOS, 12, SEP, 13, 14, 15, SEP]
     # One event longer than the context: keep its newest tokens rather than nothing.
     assert truncate_to_context(ids, 3, SEP).tolist() == [BOS, 15, SEP]
+
+
+def test_event_windows_cover_the_history_newest_first():
+    ids = np.array([BOS, 10, 11, SEP, 12, SEP, 13, 14, 15, SEP, 16, SEP])
+    assert [w.tolist() for w in event_windows(ids, 20, SEP)] == [ids.tolist()]
+    windows = event_windows(ids, 6, SEP)
+    assert [w.tolist() for w in windows] == [[BOS, 16, SEP], [BOS, 13, 14, 15, SEP], [BOS, 10, 11, SEP, 12, SEP]]
+    for context in (3, 4, 5, 6, 7, 9):
+        windows = event_windows(ids, context, SEP)
+        assert windows[0].tolist() == truncate_to_context(ids, context, SEP).tolist()  # what embed sees comes first
+        assert all(w[0] == BOS and len(w) <= context for w in windows)
+        # every token of the history exactly once, in order
+        assert np.concatenate([w[1:] for w in reversed(windows)]).tolist() == ids[1:].tolist()
+    # whole events whenever an event fits a window
+    assert all(w[-1] == SEP for w in event_windows(ids, 5, SEP))
+
+
+def test_all_windows_dataset_reads_every_event(tmp_path):
+    path = tmp_path / "seq.parquet"
+    rows = write_sequences(path)
+    kwargs = dict(path=path, batch_size=8, context_length=10, sep_token_id=SEP, eval_fraction=0.2, shuffle=False)
+    newest = list(SequenceDataset(split="all", **kwargs))
+    every = list(SequenceDataset(split="all", windows="all", **kwargs))
+    assert len(newest) == 120 and len(every) == sum(len(event_windows(np.array(r), 10, SEP)) for r in rows)
+    assert sum(len(x["input_ids"]) - 1 for x in every) == sum(len(r) - 1 for r in rows)  # no event dropped
+    assert all(len(x["input_ids"]) <= 10 for x in every)
+    for split in ("train", "eval"):
+        items = list(SequenceDataset(split=split, windows="all", **kwargs))
+        assert count_sequences(path, split, 0.2, windows="all", context_length=10, sep_token_id=SEP) == len(items)
 
 
 def test_split_is_by_user_disjoint_and_complete(tmp_path):
@@ -224,6 +260,18 @@ def test_pretrain_presets_overrides_and_context_warning(retail_tokenizer, tmp_pa
                                        "intermediate_size": 256}
     assert metrics["users_truncated_fraction"] == pytest.approx(np.mean([len(r) > 16 for r in rows]))
     assert "small (1 x 64, clm, context 16)" in captured.out
+
+    rc = run("pretrain", "--sequences", sequences, "--tokenizer", retail_tokenizer, "--output", tmp_path / "w",
+             "--context-length", "16", "--windows", "all", "--max-steps", "2", "--batch-size", "8", "--threads", "1")
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert metrics["windows"] == "all" and metrics["train_items"] > 40 * 0.9
+    assert "training windows" in captured.err and "shorter than the median" not in captured.err
+    rc = run("pretrain", "--sequences", sequences, "--tokenizer", retail_tokenizer, "--output", tmp_path / "c",
+             "--windows", "all", "--objective", "clm+coles")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "false negatives" in err[-1]
 
     rc = run("pretrain", "--sequences", sequences, "--tokenizer", retail_tokenizer, "--output", tmp_path / "m2",
              "--hidden-size", "30", "--heads", "4")
