@@ -85,6 +85,8 @@ METHODS: dict[str, Method] = {
     "lightgbm": Method("LightGBM on the aggregates", "lightgbm", ("aggregates",)),
     "lightgbm_emb": Method("LightGBM on the aggregates + frozen domain embeddings", "lightgbm",
                            ("aggregates", "embeddings"), lm="domain"),
+    "lightgbm_emb_score": Method("LightGBM on the aggregates + a cross-fitted linear score of the frozen domain "
+                                 "embeddings", "lightgbm", ("aggregates", "embedding_score"), lm="domain"),
     "lightgbm_emb_only": Method("LightGBM on frozen domain embeddings alone", "lightgbm", ("embeddings",), lm="domain"),
     "tabular_dcnv2": Method("PLR/DCNv2 on the aggregates (fusion's tabular branch alone)", "finetune",
                             ("aggregates",), lm="domain"),
@@ -103,7 +105,7 @@ METHODS: dict[str, Method] = {
     "domain_coles_fusion": Method("CoLES+CLM transformer + fusion with the aggregates", "finetune",
                                   ("sequence", "aggregates"), lm="domain_coles"),
 }
-DEFAULT_METHODS = ("lightgbm", "lightgbm_emb", "lightgbm_emb_only", "tabular_dcnv2", "text_bpe", "domain",
+DEFAULT_METHODS = ("lightgbm", "lightgbm_emb", "lightgbm_emb_score", "lightgbm_emb_only", "tabular_dcnv2", "text_bpe", "domain",
                    "domain_fusion")
 
 FULL_HISTORY = 1 << 30  # a window length that keeps every event: pretraining files with windows="all"
@@ -228,6 +230,52 @@ def _matrix(table: pa.Table, columns: list[str], train: np.ndarray) -> tuple[np.
         else:
             parts.append(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)[:, None])
     return np.hstack(parts), categorical
+
+
+def embedding_scores(kind: str, embeddings: np.ndarray, y: np.ndarray, train: np.ndarray, n_classes: int,
+                     seed: int, folds: int = 5) -> np.ndarray:
+    """A linear model's score of the embeddings as features (N, 1) or (N, K classes): cross-fitted on train rows.
+
+    Stacking, the usual way to hand a wide, dense embedding to a tree model: 64 raw dimensions beside a few dozen
+    strong aggregates mostly add split candidates that fit noise, while one well-regularized linear score carries
+    what the embedding knows about the label. Train rows get out-of-fold scores (a model never scores a row it
+    was fit on, so LightGBM sees scores as noisy on train as on valid/test); valid and test rows get the score of
+    a model fit on all train rows. The regularization is chosen by inner cross-validation on train only.
+    """
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    Cs = np.logspace(-4, 1, 8)
+    if kind == "regression":
+        def model():
+            return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+
+        def score(m, X):
+            return m.predict(X)[:, None]
+        splitter = KFold(folds, shuffle=True, random_state=seed)
+    else:
+        def model():
+            search = GridSearchCV(LogisticRegression(max_iter=500), {"C": Cs}, cv=3, scoring="neg_log_loss")
+            return make_pipeline(StandardScaler(), search)
+
+        def score(m, X):
+            probs = m.predict_proba(X)
+            out = np.zeros((len(X), max(n_classes, 2)))
+            out[:, m.classes_.astype(int)] = probs
+            return out[:, 1:2] if kind == "binary" else out
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    rows = np.flatnonzero(train)
+    X, target = embeddings[rows], y[rows]
+    width = 1 if kind != "multiclass" else n_classes
+    out = np.zeros((len(embeddings), width))
+    for fit_idx, score_idx in splitter.split(X, target if kind != "regression" else None):
+        out[rows[score_idx]] = score(model().fit(X[fit_idx], target[fit_idx]), X[score_idx])
+    rest = np.flatnonzero(~train)
+    if rest.size:
+        out[rest] = score(model().fit(X, target), embeddings[rest])
+    return out
 
 
 def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: int, rounds: int, seed: int,
@@ -417,10 +465,19 @@ def _run_lightgbm(method: Method, kind: str, labels: pa.Table, features: pa.Tabl
     if "aggregates" in method.inputs:
         table = _attach(table, features)
         columns += [c for c in features.column_names if c != "user_id"]
-    if "embeddings" in method.inputs:
+    if "embeddings" in method.inputs or "embedding_score" in method.inputs:
         table = _attach(table, _embedding_table(fold.embeddings[method.lm]))
         table = table.filter(pc.is_valid(table.column("__embedding")))
+    if "embeddings" in method.inputs:
         columns.append("__embedding")
+    if "embedding_score" in method.inputs:
+        split = table.column("split").to_numpy(zero_copy_only=False)
+        emb, _ = _matrix(table, ["__embedding"], split == "train")
+        y = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+        scores = embedding_scores(kind, emb, y, split == "train", len(classes), seed)
+        table = table.append_column("__embedding_score", pa.FixedSizeListArray.from_arrays(
+            pa.array(scores.ravel()), scores.shape[1]))
+        columns.append("__embedding_score")
     pred, info = lightgbm_predict(kind, table, columns, len(classes), rounds, seed)
     test_users = table.filter(pc.equal(table.column("split"), "test")).column("user_id").to_pylist()
     return test_users, pred, info
@@ -506,7 +563,8 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     clock.lap(f"aggregates: {n_aggregates} columns")
 
     lms = sorted({METHODS[m].lm for m in methods if METHODS[m].lm})
-    embed_lms = sorted({METHODS[m].lm for m in methods if "embeddings" in METHODS[m].inputs})
+    embed_lms = sorted({METHODS[m].lm for m in methods
+                        if {"embeddings", "embedding_score"} & set(METHODS[m].inputs)})
     # predictions[task][method] = one (y, prediction) per fold on that fold's test users, aligned across methods
     per_fold: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
     infos: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}

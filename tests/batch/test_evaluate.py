@@ -288,3 +288,29 @@ def test_evaluate_quick_end_to_end_on_online_retail(shared_data_dir, tmp_path, c
         assert test["n"] == report["fold_sizes"][0]["test"], method
         assert math.isfinite(row["vs_lightgbm"]["relative"]), method
     assert report["population"]["users"] == 300
+
+
+def test_embedding_scores_are_cross_fitted_on_train():
+    """The stacked linear score: informative where the embedding is, and out-of-fold on train rows (a model that
+    scored its own training rows would hand LightGBM a feature far cleaner on train than on valid/test)."""
+    from batch.eval_report import fast_auc
+
+    rng = np.random.default_rng(0)
+    n, d = 600, 64
+    emb = rng.normal(size=(n, d))
+    train = np.arange(n) < 400
+    signal = (emb[:, :3].sum(axis=1) + rng.normal(scale=0.5, size=n) > 0).astype(float)
+    scores = ev.embedding_scores("binary", emb, signal, train, 0, seed=0)
+    assert scores.shape == (n, 1)
+    assert fast_auc(signal[~train], scores[~train, 0]) > 0.9  # valid/test rows: a model fit on every train row
+    assert fast_auc(signal[train], scores[train, 0]) > 0.9  # train rows: out-of-fold, still informative
+    noise = rng.integers(0, 2, n).astype(float)  # no signal: out-of-fold train scores must not look predictive
+    scores = ev.embedding_scores("binary", emb, noise, train, 0, seed=0)
+    assert abs(fast_auc(noise[train], scores[train, 0]) - 0.5) < 0.1
+    target = emb[:, 0] * 2 + rng.normal(scale=0.1, size=n)
+    reg = ev.embedding_scores("regression", emb, target, train, 0, seed=0)
+    assert np.corrcoef(reg[~train, 0], target[~train])[0, 1] > 0.95
+    classes = emb[:, :3].argmax(axis=1)  # 3 classes, linearly separable
+    multi = ev.embedding_scores("multiclass", emb, classes.astype(float), train, 3, seed=0)
+    assert multi.shape == (n, 3) and np.allclose(multi.sum(axis=1), 1.0)
+    assert (multi[~train].argmax(axis=1) == classes[~train]).mean() > 0.7
