@@ -34,8 +34,8 @@ def embed_parquet(
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from batch.sequence_data import truncate_to_context
     from domaintok.models.embedding import EMBEDDINGS_SCHEMA, embed_sequences, load_encoder, model_version
+    from domaintok.window import truncate_window
 
     model = load_encoder(model_dir, device=device)
     version = model_version(model_dir)
@@ -69,7 +69,7 @@ def embed_parquet(
                     )
                 rows = [values[offsets[i] : offsets[i + 1]] for i in range(batch.num_rows)]
                 for i in np.flatnonzero(np.diff(offsets) > context):
-                    rows[i] = truncate_to_context(rows[i], context, sep)
+                    rows[i] = truncate_window(rows[i], context, sep)
                     truncated += 1
                 embeddings = embed_sequences(model, rows, batch_size=batch_size)  # (rows, H) float32
                 H = embeddings.shape[1]

@@ -643,7 +643,8 @@ def finetune(settings: FinetuneSettings) -> dict:
     import torch
 
     from domaintok.models.embedding import load_encoder
-    from domaintok.models.fusion import encode_tabular, fit_tabular_stats, truncate_window
+    from domaintok.models.fusion import encode_tabular, fit_tabular_stats
+    from domaintok.window import truncate_window
 
     s = settings
     if s.task not in TASKS:

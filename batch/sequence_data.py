@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from domaintok.errors import DomaintokError
 from domaintok.models.padded import PaddedBatch
+from domaintok.window import truncate_window
 
 SPLITS = ("train", "eval", "all")
 WINDOWS = ("newest", "all")
@@ -38,30 +39,13 @@ def is_eval_user(user_id: str, eval_fraction: float) -> bool:
     return zlib.crc32(user_id.encode("utf-8")) % _HASH_BUCKETS < eval_fraction * _HASH_BUCKETS
 
 
-def truncate_to_context(ids: np.ndarray, context_length: int, sep_token_id: int | None) -> np.ndarray:
-    """Keep [BOS] + the most recent whole events (each ending with [SEP]) that fit in `context_length` tokens.
-
-    The tokenizer's own truncation rule, re-applied for a shorter context; falls back to the most recent tokens
-    when no event boundary fits (one event longer than the context).
-    """
-    if len(ids) <= context_length:
-        return ids
-    tail = ids[1:]
-    min_start = len(tail) - (context_length - 1)
-    if sep_token_id is not None:
-        starts = np.flatnonzero(tail == sep_token_id) + 1  # an event starts right after a [SEP]
-        candidates = starts[starts >= min_start]
-        if candidates.size and candidates[0] < len(tail):
-            return np.concatenate([ids[:1], tail[candidates[0]:]])
-    return np.concatenate([ids[:1], tail[min_start:]])
-
-
 def event_windows(ids: np.ndarray, context_length: int, sep_token_id: int | None) -> list[np.ndarray]:
     """A user's whole sequence cut into windows of at most `context_length` tokens, newest first, each [BOS] + whole
-    events: the first is what `truncate_to_context` keeps, the next the newest whole events before it, and so on.
+    events: the first is what `domaintok.window.truncate_window` keeps, the next the newest whole events before
+    it, and so on.
 
-    An event longer than a window on its own is cut to its last tokens (as `truncate_to_context` does); without a
-    [SEP] token, windows are cut at token boundaries.
+    An event longer than a window on its own is cut into token pieces (pretraining loses no token; the window
+    rule would keep [BOS] alone there); without a [SEP] token, windows are cut at token boundaries.
     """
     if len(ids) <= context_length:
         return [ids]
@@ -250,7 +234,7 @@ class SequenceDataset(IterableDataset):
                 elif self.windows == "all":
                     pieces = event_windows(ids, self.context_length, self.sep_token_id)
                 else:
-                    pieces = [truncate_to_context(ids, self.context_length, self.sep_token_id)]
+                    pieces = [truncate_window(ids, self.context_length, self.sep_token_id)]
                     self.stats.truncated += 1
                 for piece in pieces:
                     if len(piece) < 2:
@@ -307,5 +291,4 @@ __all__ = [
     "is_eval_user",
     "length_summary",
     "open_sequences",
-    "truncate_to_context",
 ]

@@ -1,6 +1,8 @@
-"""The per-user rolling token window the stream keeps in a Faust Table, and the truncation rule tokenize() shares.
+"""The window rule, in one place: a user's input is [BOS] + the newest whole events whose tokens fit max_length.
 
-Pure (numpy + msgspec): events are inserted by event time, then the oldest whole events are dropped to fit max_length.
+Every path applies it from here: the tokenizer (`keep_newest_events`, vectorized over users), the stream's rolling
+per-user window in a Faust Table (`append_events`), and ids already tokenized (`truncate_window`: pretraining,
+fine-tuning and `embed` when a model's context is shorter than the sequences). Pure numpy + msgspec.
 """
 
 from __future__ import annotations
@@ -102,3 +104,27 @@ def _split(ids: list[int], lengths: list[int]) -> list[list[int]]:
         out.append(list(ids[pos : pos + n]))
         pos += n
     return out
+
+
+def truncate_window(ids: np.ndarray, max_length: int, sep_token_id: int | None) -> np.ndarray:
+    """Keep [BOS] and the newest whole events whose tokens fit max_length (the tokenizer's rule,
+    `domaintok.window.keep_newest_events`); [BOS] alone when even the newest event does not fit.
+
+    An event is the tokens after the previous [SEP] up to and including its own [SEP]; trailing tokens without a
+    [SEP] count as one more event. Without a sep_token_id the newest max_length - 1 tokens are kept.
+    """
+    ids = np.asarray(ids)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if len(ids) <= max_length:
+        return ids
+    body = ids[1:]
+    if sep_token_id is None:
+        return np.concatenate([ids[:1], body[len(body) - (max_length - 1):]])
+    ends = np.flatnonzero(body == sep_token_id) + 1  # exclusive end of each event in body
+    if ends.size == 0 or ends[-1] != len(body):
+        ends = np.append(ends, len(body))
+    lengths = np.diff(ends, prepend=0)
+    keep = keep_newest_events(np.array([len(lengths)]), lengths, max_length)  # a suffix of the events
+    start = len(body) if not keep.any() else int(ends[int(keep.argmax())] - lengths[int(keep.argmax())])
+    return np.concatenate([ids[:1], body[start:]])

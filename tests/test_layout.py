@@ -42,3 +42,20 @@ def test_no_pickle_in_library_code():
         if {"pickle", "dill", "joblib"} & _imported_top_levels(p)
     ]
     assert not offenders, offenders
+
+
+def test_the_window_rule_lives_in_one_module():
+    """[BOS] + the newest whole events that fit: defined in domaintok/window.py only. Other modules call
+    truncate_window / keep_newest_events / append_events; none defines its own truncation."""
+    offenders = []
+    for package in FORBIDDEN:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "domaintok" / "window.py":
+                continue
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                    node.name.startswith("truncate") or node.name in ("keep_newest_events", "append_events")
+                ):
+                    offenders.append(f"{path.relative_to(ROOT)}: def {node.name}")
+    assert not offenders, offenders

@@ -29,7 +29,6 @@ from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.tabular import DCNv2, PeriodicEmbeddings
-from domaintok.window import keep_newest_events
 
 MODEL_TYPE = "domaintok_joint_fusion"
 CONFIG_NAME = "fusion_config.json"
@@ -227,30 +226,6 @@ def encode_tabular(config: JointFusionConfig, table: pa.Table) -> tuple[torch.Te
         index = pc.index_in(values, value_set=pa.array(vocabulary, pa.string()))
         categorical[:, j] = pc.fill_null(pc.add(index, 1), UNKNOWN_INDEX).to_numpy(zero_copy_only=False)
     return torch.from_numpy(numeric), torch.from_numpy(categorical)
-
-
-def truncate_window(ids: np.ndarray, max_length: int, sep_token_id: int | None) -> np.ndarray:
-    """Keep [BOS] and the newest whole events whose tokens fit max_length (the tokenizer's rule,
-    `domaintok.window.keep_newest_events`); [BOS] alone when even the newest event does not fit.
-
-    An event is the tokens after the previous [SEP] up to and including its own [SEP]; trailing tokens without a
-    [SEP] count as one more event. Without a sep_token_id the newest max_length - 1 tokens are kept.
-    """
-    ids = np.asarray(ids)
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if len(ids) <= max_length:
-        return ids
-    body = ids[1:]
-    if sep_token_id is None:
-        return np.concatenate([ids[:1], body[len(body) - (max_length - 1):]])
-    ends = np.flatnonzero(body == sep_token_id) + 1  # exclusive end of each event in body
-    if ends.size == 0 or ends[-1] != len(body):
-        ends = np.append(ends, len(body))
-    lengths = np.diff(ends, prepend=0)
-    keep = keep_newest_events(np.array([len(lengths)]), lengths, max_length)  # a suffix of the events
-    start = len(body) if not keep.any() else int(ends[int(keep.argmax())] - lengths[int(keep.argmax())])
-    return np.concatenate([ids[:1], body[start:]])
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -496,7 +471,6 @@ __all__ = [
     "JointFusionOutput",
     "fit_tabular_stats",
     "encode_tabular",
-    "truncate_window",
     "signed_log1p",
     "LORA_TARGET_MODULES",
 ]

@@ -19,8 +19,8 @@ from batch.sequence_data import (
     count_sequences,
     event_windows,
     is_eval_user,
-    truncate_to_context,
 )
+from domaintok.window import truncate_window
 from domaintok.cli import main
 
 BOS, SEP, PAD = 2, 4, 0
@@ -52,11 +52,11 @@ def write_sequences(path, n_users: int = 120, seed: int = 0):
 
 def test_truncation_keeps_bos_and_the_newest_whole_events():
     ids = np.array([BOS, 10, 11, SEP, 12, SEP, 13, 14, 15, SEP])
-    assert truncate_to_context(ids, 20, SEP).tolist() == ids.tolist()
-    assert truncate_to_context(ids, 6, SEP).tolist() == [BOS, 13, 14, 15, SEP]
-    assert truncate_to_context(ids, 7, SEP).tolist() == [BOS, 12, SEP, 13, 14, 15, SEP]
-    # One event longer than the context: keep its newest tokens rather than nothing.
-    assert truncate_to_context(ids, 3, SEP).tolist() == [BOS, 15, SEP]
+    assert truncate_window(ids, 20, SEP).tolist() == ids.tolist()
+    assert truncate_window(ids, 6, SEP).tolist() == [BOS, 13, 14, 15, SEP]
+    assert truncate_window(ids, 7, SEP).tolist() == [BOS, 12, SEP, 13, 14, 15, SEP]
+    # One event longer than the context: the tokenizer's rule keeps [BOS] alone (one rule, domaintok/window.py).
+    assert truncate_window(ids, 3, SEP).tolist() == [BOS]
 
 
 def test_event_windows_cover_the_history_newest_first():
@@ -66,7 +66,7 @@ def test_event_windows_cover_the_history_newest_first():
     assert [w.tolist() for w in windows] == [[BOS, 16, SEP], [BOS, 13, 14, 15, SEP], [BOS, 10, 11, SEP, 12, SEP]]
     for context in (3, 4, 5, 6, 7, 9):
         windows = event_windows(ids, context, SEP)
-        assert windows[0].tolist() == truncate_to_context(ids, context, SEP).tolist()  # what embed sees comes first
+        assert windows[0].tolist() == truncate_window(ids, context, SEP).tolist()  # what embed sees comes first
         assert all(w[0] == BOS and len(w) <= context for w in windows)
         # every token of the history exactly once, in order
         assert np.concatenate([w[1:] for w in reversed(windows)]).tolist() == ids[1:].tolist()
@@ -188,7 +188,7 @@ def test_pretrain_then_embed_then_export_on_real_data(retail_tokenizer, retail_s
     lengths = np.array([len(x) for x in sequences.column("input_ids").to_pylist()])
     assert (lengths > 128).sum() > 3
     rows = np.argsort(-lengths)[:5]
-    some = [truncate_to_context(np.asarray(sequences.column("input_ids")[int(i)].as_py()), 128, 4) for i in rows]
+    some = [truncate_window(np.asarray(sequences.column("input_ids")[int(i)].as_py()), 128, 4) for i in rows]
     assert max(len(x) for x in some) <= 128
     np.testing.assert_allclose(embeddings[rows], embed_sequences(encoder, some, batch_size=1), rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "emb.parquet.metrics.json").read_text())["truncated_users"] == int((lengths > 128).sum())

@@ -18,9 +18,9 @@ from domaintok.models.fusion import (
     JointFusionModel,
     encode_tabular,
     fit_tabular_stats,
-    truncate_window,
 )
 from domaintok.models.padded import PaddedBatch
+from domaintok.window import truncate_window
 
 VOCAB = 40
 PAD, BOS, SEP = 0, 1, 2
