@@ -687,7 +687,7 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @click.command("evaluate")
-@click.option("--schema", default=None, help="Domain schema: a name under schemas/ or a yaml path.")
+@click.option("--schema", default=None, help="Domain schema: the name of a schema shipped with domaintok, or a yaml path.")
 @click.option("--events", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Events parquet file or a directory of them (repeat for several).")
 @click.option("--tasks", "tasks_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

@@ -20,7 +20,7 @@ USERS_HELP = "Read only these users: a parquet file (user_id column, or its only
 
 
 @click.command("fit")
-@click.option("--schema", "schema_ref", required=True, help="Schema yaml path, or a name under schemas/ (e.g. online_retail).")
+@click.option("--schema", "schema_ref", required=True, help="Schema yaml path, or the name of a schema shipped with domaintok (e.g. online_retail).")
 @click.option(
     "--input", "inputs", required=True, multiple=True, type=click.Path(exists=True, dir_okay=True, path_type=Path),
     help="Parquet file or directory of parquet files; repeat for several (spellings may differ: the schema's aliases map them).",

@@ -6,7 +6,10 @@ Validation happens on load (every error names the field or column); `DomainSchem
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +18,8 @@ import yaml
 
 from domaintok.errors import SchemaError
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
+# The schemas shipped inside the package (package data): `load_schema("online_retail")` reads online_retail.yaml here.
+SCHEMAS_DIR: Traversable = resources.files("domaintok") / "schemas"
 
 COLUMN_TYPES = ("string", "int", "float", "timestamp", "bool")
 FIELD_TYPES = (
@@ -156,19 +160,31 @@ class DomainSchema(_Strict, forbid_unknown_fields=True, kw_only=True):
         raise KeyError(name)
 
 
-def load_schema(path_or_name: str | Path) -> DomainSchema:
-    """Load and validate a schema from a yaml path, or a bare name resolved to `<repo>/schemas/<name>.yaml`."""
-    path = Path(path_or_name)
-    if not path.suffix and not path.exists():
-        path = SCHEMAS_DIR / f"{path_or_name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SCHEMAS_DIR.glob("*.yaml"))
-        raise SchemaError(f"schema {str(path_or_name)!r}: no such file (known names: {', '.join(known)})")
+def load_schema(path_or_name: str | os.PathLike | Traversable) -> DomainSchema:
+    """Load and validate a schema from a yaml file, or from a bare name (no suffix, and no such path) naming a schema
+    shipped in the package: `load_schema("online_retail")` reads `domaintok/schemas/online_retail.yaml`."""
+    source = _schema_file(path_or_name)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(source.read_text())
     except yaml.YAMLError as exc:
-        raise SchemaError(f"schema {path.name}: invalid yaml: {exc}") from None
-    return schema_from_dict(raw, origin=path.name)
+        raise SchemaError(f"schema {source.name}: invalid yaml: {exc}") from None
+    return schema_from_dict(raw, origin=source.name)
+
+
+def shipped_schema_names() -> list[str]:
+    """The names `load_schema` resolves without a path: the stems of the package's schemas/*.yaml."""
+    return sorted(f.name.removesuffix(".yaml") for f in SCHEMAS_DIR.iterdir() if f.name.endswith(".yaml"))
+
+
+def _schema_file(path_or_name: str | os.PathLike | Traversable) -> Traversable:
+    """The file a schema reference names: a path as given, or, for a bare name that is no path, the shipped schema."""
+    source = Path(path_or_name) if isinstance(path_or_name, str | os.PathLike) else path_or_name
+    if isinstance(source, Path) and not source.suffix and not source.exists():
+        source = SCHEMAS_DIR / f"{source}.yaml"
+    if not source.is_file():
+        known = ", ".join(shipped_schema_names())
+        raise SchemaError(f"schema {str(path_or_name)!r}: no such file (known names: {known})")
+    return source
 
 
 def schema_from_dict(raw: Any, origin: str = "<dict>") -> DomainSchema:

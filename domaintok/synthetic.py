@@ -18,7 +18,7 @@ from domaintok.errors import DomaintokError
 
 _TS = pa.timestamp("us", tz="UTC")
 
-# Declared once per domain: the raw columns of schemas/<domain>.yaml, in order.
+# Declared once per domain: the raw columns of domaintok/schemas/<domain>.yaml, in order.
 FINANCE_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),

@@ -5,7 +5,7 @@ All session-scoped and fast (about 2 s together, after imports):
 - `retail_events_slice`: Path of a parquet file holding every line item of 200 customers (plus 300 rows without a
   customer, which the schema filter drops) from the 2010-2011 Online Retail file, raw spelling (InvoiceNo,
   UnitPrice, CustomerID float, InvoiceDate timestamp). About 20k rows.
-- `retail_tokenizer`: Path of a tokenizer directory fitted with schemas/online_retail.yaml on that slice
+- `retail_tokenizer`: Path of a tokenizer directory fitted with the shipped online_retail schema on that slice
   (`DomainTokenizer.from_pretrained(path)` or `transformers.AutoTokenizer.from_pretrained(path)` load it).
 - `retail_domain_tokenizer`: that tokenizer, loaded (a DomainTokenizer).
 - `retail_sequences`: Path of sequences.parquet (user_id, input_ids list<int32>, n_events, last_event_ts) tokenized

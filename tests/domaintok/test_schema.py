@@ -4,12 +4,14 @@ SchemaError whose message names the field (or column)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
 
+import domaintok
 from domaintok.errors import SchemaError
-from domaintok.schema import SCHEMAS_DIR, load_schema, schema_from_dict
+from domaintok.schema import SCHEMAS_DIR, load_schema, schema_from_dict, shipped_schema_names
 
 BASE = {
     "name": "t",
@@ -46,6 +48,13 @@ def test_shipped_schemas_load_by_name_and_path(name):
     by_path = load_schema(SCHEMAS_DIR / f"{name}.yaml")
     assert by_name == by_path and by_name.name == name
     assert len(by_name.fingerprint) == 16 and by_name.fingerprint == by_path.fingerprint
+
+
+def test_bare_names_are_the_schemas_shipped_inside_the_package():
+    assert shipped_schema_names() == ["ecommerce", "finance", "online_retail"]
+    assert Path(str(SCHEMAS_DIR)).parent == Path(domaintok.__file__).parent  # package data, not the checkout
+    with pytest.raises(SchemaError, match=r"'no_such_schema': no such file \(known names: ecommerce, finance, online_retail\)"):
+        load_schema("no_such_schema")
 
 
 def test_shipped_schema_columns_are_stable():
