@@ -83,6 +83,17 @@ def aggregate_features(
         f"SELECT e.*, epoch(CAST($cutoff AS TIMESTAMPTZ) - e.{TS}) / 86400.0 AS __age FROM {EVENTS_TABLE} e "
         f"JOIN {POPULATION_TABLE} p USING ({USER}) WHERE e.{TS} < $cutoff"
     )
+    # One DuckDB thread here: parallel float sums differ in their last bits from run to run, enough to move
+    # LightGBM's histogram bins (the spend RMSE moved by 0.002 between identical runs).
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    con.execute("SET threads = 1")
+    try:
+        return _aggregate(con, select, categorical, col, past, cutoff)
+    finally:
+        con.execute(f"SET threads = {int(threads)}")
+
+
+def _aggregate(con, select: list[str], categorical: list, col, past: str, cutoff: dt.datetime) -> pa.Table:
     con.execute(f"CREATE OR REPLACE TEMP TABLE __past AS {past}", {"cutoff": cutoff})
     con.execute(f"CREATE OR REPLACE TEMP TABLE __agg AS SELECT {USER}, {', '.join(select)} FROM __past GROUP BY {USER}")
     joins, shares = [], []
