@@ -153,6 +153,7 @@ class EvaluateSettings:
     max_steps: int | None = None
     context_length: int | None = None
     pretrain_windows: str | None = None
+    pooling: str | None = None
     windows: tuple[int, ...] = DEFAULT_WINDOWS
     seed: int = 0
     bootstrap: int | None = None
@@ -171,6 +172,8 @@ class EvaluateSettings:
             p["pretrain"]["context_length"] = self.context_length
         if self.pretrain_windows is not None:
             p["pretrain"]["windows"] = self.pretrain_windows
+        if self.pooling is not None:
+            p["pretrain"]["pooling"] = self.pooling
         if self.max_users is not None:
             p["max_users"] = self.max_users
         if self.bootstrap is not None:
@@ -710,12 +713,14 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--context-length", type=click.IntRange(min=16), default=None, help="Tokens per sequence.")
 @click.option("--pretrain-windows", type=click.Choice(["newest", "all"]), default=None,
               help="Pretraining reads each user's newest window, or every window of the history (preset default).")
+@click.option("--pooling", type=click.Choice(["last", "mean"]), default=None,
+              help="User embedding of the transformers: the last token's state or the mean (preset default).")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=None, help="Bootstrap replicates (preset default).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: 1 for quick, torch's default for small).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
-            context_length, pretrain_windows, bootstrap, threads, seed):
+            context_length, pretrain_windows, pooling, bootstrap, threads, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -728,7 +733,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
     settings = EvaluateSettings(
         schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
         methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
-        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, bootstrap=bootstrap, threads=threads, seed=seed,
+        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling, bootstrap=bootstrap, threads=threads, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)
