@@ -11,12 +11,10 @@ Importing the package arranges for the domain transformer to be registered with 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 from domaintok import _autoregister
+from domaintok._lazy import lazy_attributes
 
 _autoregister.install()
 
@@ -40,15 +38,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """A public name is imported from its module on first access, then cached as a module attribute."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS)

@@ -6,8 +6,7 @@ the Auto-class registration lives in `domaintok._autoregister` and happens when 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from domaintok._lazy import lazy_attributes
 
 _WHERE = {
     "PRESETS": "configuration_domain_transformer",
@@ -25,14 +24,4 @@ _WHERE = {
 __all__ = list(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_attributes(globals(), {name: f".{module}" for name, module in _WHERE.items()})
