@@ -18,7 +18,6 @@ Ragged = tuple[np.ndarray, np.ndarray]  # counts int64[n], ids int32[counts.sum(
 
 # Gap to the user's previous event, in seconds: bin k holds gaps < GAP_EDGES_S[k] (log-spaced, 1 min .. 1 year).
 GAP_EDGES_S = np.array([60, 600, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400])
-CALENDAR_SIZES = {"month": 12, "dow": 7, "dom": 31, "hour": 24, "quarter": 4}
 
 
 def _fixed(ids2d: np.ndarray, valid: np.ndarray | None = None) -> Ragged:
@@ -114,9 +113,6 @@ def stable_hash64(values: pa.Array) -> np.ndarray:
 class FieldEncoder:
     """Base: a field spec, its typed params, its first token id (`base`, set by the tokenizer) and fitted state."""
 
-    sql_type = "DOUBLE"
-    needs_fit = False
-
     def __init__(self, spec: FieldSpec, state: dict[str, Any] | None = None):
         self.spec = spec
         self.params = spec.typed_params()
@@ -170,8 +166,6 @@ class SignEncoder(FieldEncoder):
 class ContinuousEncoder(FieldEncoder):
     """[F_NULL] then [F_00]..[F_{n-1}]: quantile bins of |x|; zero falls in bin 0, +/-inf in the top bin, NaN -> NULL."""
 
-    needs_fit = True
-
     def fit(self, con, view, col):
         n = self.params.n_bins
         qs = [i / n for i in range(1, n)]
@@ -214,9 +208,6 @@ class DiscreteEncoder(FieldEncoder):
 class CategoricalEncoder(FieldEncoder):
     """[F_NULL] [F_UNK] then one token per fitted value (most frequent first, ties by value)."""
 
-    sql_type = "VARCHAR"
-    needs_fit = True
-
     def fit(self, con, view, col):
         rows = con.execute(
             f'SELECT "{col}", count(*) AS c FROM {view} WHERE "{col}" IS NOT NULL GROUP BY "{col}" '
@@ -244,8 +235,6 @@ class CategoricalEncoder(FieldEncoder):
 
 class EntityEncoder(FieldEncoder):
     """[F_NULL] then n_tokens groups of `buckets` tokens [F_j_b]: token j of a value is bits 16j..16j+15 of its hash mod buckets."""
-
-    sql_type = "VARCHAR"
 
     def suffixes(self):
         b, k = self.params.buckets, self.params.n_tokens
@@ -278,12 +267,6 @@ class EntityEncoder(FieldEncoder):
 class TemporalEncoder(FieldEncoder):
     """[F_NULL], calendar part tokens in the schema timezone ([F_MON_01].., [F_DOW_0] Monday.., [F_DOM_01]..,
     [F_HOUR_00].., [F_Q1].., [F_YEAR_BEFORE] [F_YEAR_yyyy].. [F_YEAR_AFTER]), then [F_GAP_FIRST] [F_GAP_00]..[F_GAP_10]."""
-
-    sql_type = "TIMESTAMPTZ"
-
-    @property
-    def needs_fit(self):
-        return "year" in self.params.parts
 
     def fit(self, con, view, col):
         self.state = {}
@@ -417,9 +400,6 @@ _CHUNKED_TEXT = f"^{_NOT_SPACE}+(?: {_NOT_SPACE}+)*$"
 
 class TextEncoder(FieldEncoder):
     """[F_NULL] for null/blank text; otherwise the shared byte-level BPE pieces of the trimmed text, first max_tokens."""
-
-    sql_type = "VARCHAR"
-    needs_fit = True  # contributes to the shared BPE corpus (trained by the tokenizer)
 
     def __init__(self, spec, state=None):
         super().__init__(spec, state)

@@ -21,7 +21,6 @@ from domaintok.errors import SchemaError
 # The schemas shipped inside the package (package data): `load_schema("online_retail")` reads online_retail.yaml here.
 SCHEMAS_DIR: Traversable = resources.files("domaintok") / "schemas"
 
-COLUMN_TYPES = ("string", "int", "float", "timestamp", "bool")
 FIELD_TYPES = (
     "sign",
     "numerical_continuous",

@@ -150,9 +150,6 @@ class EventProducer:
                 except BufferError:
                     continue
 
-    def send_event(self, event: Mapping[str, Any] | msgspec.Struct) -> None:
-        self.send_many([event])
-
     def send_many(
         self, events: Iterable[Mapping[str, Any] | msgspec.Struct], keys: Iterable[str | None] | None = None
     ) -> int:

@@ -89,10 +89,6 @@ def decode_embedding(value: bytes, content_type: str | None = None) -> Embedding
     return embedding_decoder.decode(value)
 
 
-def encode_key(user_id: str) -> bytes:
-    return user_id.encode("utf-8")
-
-
 def header_value(headers: Iterable[tuple[str, bytes | str | None]] | None, name: str) -> str | None:
     """The last value of header `name` as text, or None when absent."""
     found = None
