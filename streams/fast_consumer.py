@@ -174,8 +174,8 @@ class BatchConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
                 try:
                     records, active = await self._wait_next_records(1.0)
                 except KeyError as exc:
-                    # aiokafka's fetched_records races a reassignment (its record map loses a partition mid-loop;
-                    # seen in CI). Fetch again: records skipped this way surface as a hole that the worker's
+                    # aiokafka's fetched_records races a reassignment (its record map loses a partition mid-loop).
+                    # Fetch again: records skipped this way surface as a hole that the worker's
                     # position guard (streams/positions.py) seeks back over, so nothing is lost.
                     self.log.warning("fetch raced a rebalance, fetching again: %r", exc)
                     continue
@@ -316,7 +316,7 @@ class BatchStream(faust.Stream):
         Why: table recovery resumes the app's flow to read the changelogs, so a batch of a newly assigned partition
         fetched from its committed offset can reach the agent while that partition's Table rows are still being
         restored; processed then, a user's window reads as empty or stale and a sequence goes out with n_events
-        going backwards (seen in a CI run of the join/leave test: 30 events, then 1). Faust seeks every partition
+        going backwards. Faust seeks every partition
         back to its committed offset when recovery completes, so such a batch is read again anyway; waiting keeps
         the first copy and the second is a replay that the position guard skips. The wait comes before the batch
         is tracked, so it never holds up a revoke (which waits for tracked batches only).

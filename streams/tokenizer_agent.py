@@ -403,8 +403,8 @@ def stored_sequences(
     again, it is at worst a duplicate: the same window with the same n_events.
 
     Only the replay of the event the stored window ends with re-sends it: that event is in every replay of the
-    unacknowledged batch, and the check keeps a window read at any other moment (one seen mid-rebalance, once in a
-    CI run, was 57 events behind) from going out as a record whose n_events goes backwards.
+    unacknowledged batch, and the check keeps a window read at any other moment (mid-rebalance it can be behind)
+    from going out as a record whose n_events goes backwards.
     """
     out: list[tuple[bytes, SequenceRecord]] = []
     seen = set(skip_keys)
