@@ -102,22 +102,10 @@ def count_sequences(path: str | Path, split: str = "all", eval_fraction: float =
     if windows == "all":
         if context_length is None:
             raise ValueError("windows='all' needs context_length")
-        total = 0
-        by_user = split != "all" and eval_fraction > 0
-        if split == "eval" and eval_fraction <= 0:
-            return 0
-        for batch in parquet.iter_batches(columns=list(REQUIRED_COLUMNS), batch_size=8_192):
-            users = batch.column("user_id").to_pylist()
-            lists = batch.column("input_ids")
-            offsets = lists.offsets.to_numpy()
-            values = lists.values.to_numpy(zero_copy_only=False)
-            for row, user in enumerate(users):
-                if by_user and is_eval_user(user, eval_fraction) != (split == "eval"):
-                    continue
-                ids = values[offsets[row] : offsets[row + 1]]
-                if len(ids) >= 2:
-                    total += len(event_windows(ids, context_length, sep_token_id))
-        return total
+        # the dataset's own reading loop (split by user, windows cut by event_windows), without batching
+        items = SequenceDataset(path=path, batch_size=1, context_length=context_length, sep_token_id=sep_token_id,
+                                split=split, eval_fraction=eval_fraction, shuffle=False, windows="all")
+        return sum(1 for _ in items._read())
     if split == "all" or eval_fraction <= 0.0:
         return parquet.metadata.num_rows if split != "eval" else 0
     want_eval = split == "eval"
