@@ -142,12 +142,12 @@ class FieldEncoder:
         """Columns of the padded block: the most tokens one event can get (a null still gets its NULL token)."""
         return max(1, self.max_tokens_per_event)
 
-    def encode(self, col: pa.Array | pa.ChunkedArray, gap_us: np.ndarray | None = None) -> Ragged:
+    def encode(self, col: pa.Array | pa.ChunkedArray) -> Ragged:
         raise NotImplementedError
 
-    def encode_padded(self, col: pa.Array | pa.ChunkedArray, gap_us: np.ndarray | None = None) -> np.ndarray:
+    def encode_padded(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """(n, width) int32 ids, 0 in unused cells: the tokenizer lays the fields side by side without index math."""
-        counts, ids = self.encode(col, gap_us)
+        counts, ids = self.encode(col)
         return ragged_to_padded(counts, ids, self.width)
 
 
@@ -157,7 +157,7 @@ class SignEncoder(FieldEncoder):
     def suffixes(self):
         return ["NULL", "POS", "NEG", "ZERO"]
 
-    def encode(self, col, gap_us=None):
+    def encode(self, col):
         x = _floats(col)
         local = np.where(np.isnan(x), 0, np.where(x > 0, 1, np.where(x < 0, 2, 3)))
         return _fixed((local + self.base)[:, None])
@@ -178,7 +178,7 @@ class ContinuousEncoder(FieldEncoder):
     def suffixes(self):
         return ["NULL", *(f"{i:02d}" for i in range(self.params.n_bins))]
 
-    def encode(self, col, gap_us=None):
+    def encode(self, col):
         x = np.abs(_floats(col))
         edges = np.asarray(self.state["edges"], dtype=np.float64)
         # side="right": a value equal to an edge goes to the bin above it, so zero (<= every edge) is bin 0 only
@@ -194,7 +194,7 @@ class DiscreteEncoder(FieldEncoder):
     def suffixes(self):
         return ["NULL", "NEG", "OVER", *(str(i) for i in range(self.params.max_value + 1))]
 
-    def encode(self, col, gap_us=None):
+    def encode(self, col):
         x = _floats(col)
         if self.params.negatives == "abs":
             x = np.abs(x)
@@ -221,7 +221,7 @@ class CategoricalEncoder(FieldEncoder):
         width = max(3, len(str(len(self.state.get("values", [])))))
         return ["NULL", "UNK", *(f"{i:0{width}d}" for i in range(len(self.state.get("values", []))))]
 
-    def encode(self, col, gap_us=None):
+    def encode(self, col):
         arr = _strings(col)
         if getattr(self, "_value_set", None) is None:
             self._value_set = pa.array(self.state["values"], type=pa.string())
@@ -245,10 +245,10 @@ class EntityEncoder(FieldEncoder):
     def max_tokens_per_event(self):
         return self.params.n_tokens
 
-    def encode(self, col, gap_us=None):
-        return padded_to_ragged(self.encode_padded(col, gap_us))
+    def encode(self, col):
+        return padded_to_ragged(self.encode_padded(col))
 
-    def encode_padded(self, col, gap_us=None):
+    def encode_padded(self, col):
         arr = _strings(col)
         b, k = self.params.buckets, self.params.n_tokens
         # hash each distinct value of the batch once
@@ -303,13 +303,18 @@ class TemporalEncoder(FieldEncoder):
         return len(self.params.parts) + int(self.params.time_since_previous)
 
     @property
-    def gap_column(self) -> int | None:
-        """Column of the time-since-previous token in the padded block (None without one). Where it holds
-        `gap_first_id` (events encoded with gap -1), adding `gap_bins(gap)` gives the token of a real gap."""
-        return len(self.params.parts) if self.params.time_since_previous else None
+    def calendar_ids(self) -> list[tuple[str, int]]:
+        """(part, id of its first token) per calendar part, in the schema's order: the columns the context step
+        (domaintok/context.py) compares with the previous event when `only_changes` is set."""
+        out, first = [], self.base + 1
+        for part in self.params.parts:
+            out.append((part, first))
+            first += len(self._part_suffixes(part))
+        return out
 
     @property
     def gap_first_id(self) -> int:
+        """Id of [F_GAP_FIRST]; the gap tokens follow it in bin order (`gap_bins`)."""
         return self.base + 1 + sum(len(self._part_suffixes(p)) for p in self.params.parts)
 
     @staticmethod
@@ -318,10 +323,10 @@ class TemporalEncoder(FieldEncoder):
         bins = np.searchsorted(GAP_EDGES_S * 1_000_000, gap_us, side="right") + 1
         return np.where(gap_us < 0, 0, bins)
 
-    def encode(self, col, gap_us=None):
-        return padded_to_ragged(self.encode_padded(col, gap_us))
+    def encode(self, col):
+        return padded_to_ragged(self.encode_padded(col))
 
-    def encode_padded(self, col, gap_us=None):
+    def encode_padded(self, col):
         arr = _as_array(col)
         n = len(arr)
         parts = calendar_parts(arr, self.params.parts)
@@ -334,10 +339,8 @@ class TemporalEncoder(FieldEncoder):
                 local = np.clip(local - lo + 1, 0, hi - lo + 2)
             cols.append(local + offset)
             offset += len(self._part_suffixes(part))
-        if self.params.time_since_previous:
-            if gap_us is None:
-                raise ValueError(f"field {self.spec.name!r}: time_since_previous needs the gap to the previous event")
-            cols.append(self.gap_bins(np.asarray(gap_us)) + offset)
+        # the time-since-previous cell (the last column) stays empty: it depends on the previous event, so the
+        # context step fills it once the events are in order (domaintok/context.py)
         out = np.zeros((n, self.width), np.int32)
         for j, c in enumerate(cols):
             out[:, j] = c
@@ -506,10 +509,10 @@ class TextEncoder(FieldEncoder):
             pos = pc.index_in(distinct, value_set=known).to_numpy(zero_copy_only=False)
         return ragged_gather(k_lengths, k_flat, pos.astype(np.int64))
 
-    def encode(self, col, gap_us=None):
-        return padded_to_ragged(self.encode_padded(col, gap_us))
+    def encode(self, col):
+        return padded_to_ragged(self.encode_padded(col))
 
-    def encode_padded(self, col, gap_us=None):
+    def encode_padded(self, col):
         arr = self.normalize(col)
         enc = arr.dictionary_encode()  # BPE work is per distinct text, and cached across batches
         m = len(enc.dictionary)

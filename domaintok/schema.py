@@ -77,6 +77,9 @@ class TemporalParams(_Strict, forbid_unknown_fields=True, kw_only=True):
 
     parts: list[str] = msgspec.field(default_factory=lambda: ["month", "dow", "dom", "hour"])
     time_since_previous: bool = False
+    # emit the calendar tokens only from the coarsest part that changed since the user's previous event (none when
+    # nothing changed), and the gap token only when the gap is not zero: line items of one basket repeat none of them
+    only_changes: bool = False
 
 
 class TextParams(_Strict, forbid_unknown_fields=True, kw_only=True):

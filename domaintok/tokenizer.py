@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from domaintok.context import NO_PREVIOUS, UNKNOWN_CELL, EventContext, PreviousEvent
 from domaintok.errors import ArtifactError, DomaintokError, SchemaError
-from domaintok.fields import FieldEncoder, TemporalEncoder, TextEncoder, make_encoder
+from domaintok.fields import FieldEncoder, TextEncoder, make_encoder
 from domaintok.schema import (
     SQL_TYPE_BY_COLUMN,
     SQL_TYPE_BY_FIELD,
@@ -75,6 +76,9 @@ class EventTokens:
     offsets: np.ndarray  # int64[n + 1]
     ids: np.ndarray  # int32[offsets[-1]]
     errors: list[str | None]
+    # int64[n, tokenizer.context.n_state]: what the user's next event needs of each event (PreviousEvent.state)
+    context: np.ndarray
+
 
     def __len__(self) -> int:
         return len(self.errors)
@@ -110,6 +114,7 @@ class DomainTokenizer:
             dupes = sorted({t for t in names if names.count(t) > 1})
             raise SchemaError(f"schema {schema.name}: fields produce the same token names {dupes[:5]}: rename a field")
         self.max_event_length = 1 + sum(enc.max_tokens_per_event for enc in encoders)
+        self.context = EventContext(encoders)
         self._local = threading.local()
         self._event_struct = None
         self._canonical = {c.name for c in schema.columns}
@@ -181,9 +186,16 @@ class DomainTokenizer:
         report("measure")
         n_events, n_users = con.execute("SELECT count(*), count(DISTINCT __user) FROM __fit").fetchall()[0]
         cols = ", ".join(f"__f{i}" for i in range(len(encoders)))
-        sample = con.sql(f"SELECT __user, __ts, {cols} FROM __fit LIMIT 50000").to_arrow_table()
-        gap = np.zeros(sample.num_rows, np.int64) if tok._needs_gap else None
-        lengths, _ = tok._encode_columns([sample.column(2 + i) for i in range(len(encoders))], sample.num_rows, gap)
+        sample = con.sql(
+            f"SELECT __user, __ts, {cols} FROM __fit WHERE __user IN (SELECT DISTINCT __user FROM __fit LIMIT 2000) "
+            "ORDER BY __user, __ts, __input, __row LIMIT 50000"
+        ).to_arrow_table()
+        matrix = tok._encode_matrix([sample.column(2 + i) for i in range(len(encoders))], sample.num_rows)
+        if tok.context.active and sample.num_rows:
+            users = sample.column(0).to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
+            tok.context.apply_sorted(matrix, _ts_micros(sample.column(1)), starts)
+        lengths, _ = tok._compact(matrix)
         con.close()
         # what the data looked like (not part of the saved state or fingerprint)
         tok.fit_stats = {
@@ -313,8 +325,8 @@ class DomainTokenizer:
 
         A chunk is read with one unsorted, parallel DuckDB scan and encoded batch by batch (while DuckDB reads ahead)
         into a small padded token matrix; only then is it ordered by (user, event time, input, input row), with numpy
-        on integer keys, so no string or payload column ever goes through a sort. Time-since-previous tokens are
-        filled in after the ordering. Inputs with more rows than `chunk_events` (DOMAINTOK_TOKENIZE_CHUNK_EVENTS) are
+        on integer keys, so no string or payload column ever goes through a sort. The tokens that depend on the
+        previous event (domaintok/context.py) are filled in after the ordering. Inputs with more rows than `chunk_events` (DOMAINTOK_TOKENIZE_CHUNK_EVENTS) are
         split into user ranges of at most that many events (a user is never split), one scan each. `stats`, when
         given, receives the counts `events` and `event_tokens` (tokens of every event before truncation, [SEP]
         included), `truncated_users` and `truncated_tokens` (users and event tokens left out of the windows) and
@@ -436,18 +448,18 @@ class DomainTokenizer:
         return users, *(np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
 
     def _encode_batch(self, batch: pa.RecordBatch, field_cols: list[str]):
-        """One unsorted batch -> (users, ts us, position key, token matrix); time-since-previous cells hold the
-        placeholder [F_GAP_FIRST] until the chunk is ordered."""
+        """One unsorted batch -> (users, ts us, position key, token matrix); the previous-event cells stay as the
+        encoders left them until the chunk is ordered."""
         n = batch.num_rows
         ts = _ts_micros(batch.column(1))
         pos = (batch.column(2).to_numpy(zero_copy_only=False).astype(np.int64) << 40) | batch.column(3).to_numpy(
             zero_copy_only=False
         ).astype(np.int64)
-        gap = np.full(n, -1, np.int64) if self._needs_gap else None
-        return batch.column(0), ts, pos, self._encode_matrix([batch.column(c) for c in field_cols], n, gap)
+        return batch.column(0), ts, pos, self._encode_matrix([batch.column(c) for c in field_cols], n)
 
     def _chunk_sequences(self, users, ts, pos, matrix, max_length: int, batch_size: int, stats: dict[str, int]):
-        """Order one chunk by (user, time, input, row), fill gaps, truncate to whole newest events, emit batches."""
+        """Order one chunk by (user, time, input, row), apply the previous-event step, truncate to whole newest events,
+        emit batches."""
         denc = users.dictionary_encode()
         codes = denc.indices.to_numpy(zero_copy_only=False)
         rank = np.empty(len(denc.dictionary), np.int64)  # byte order of the user ids, as DuckDB's ORDER BY
@@ -457,8 +469,8 @@ class DomainTokenizer:
         n = len(order)
         starts = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]]))
         ends = np.append(starts[1:], n)
-        if self._needs_gap:
-            self._fill_gaps(matrix, ts, starts)
+        if self.context.active:
+            self.context.apply_sorted(matrix, ts, starts)
         lengths = (matrix != 0).sum(axis=1) + 1  # + [SEP]
         stats["events"] = stats.get("events", 0) + n
         stats["event_tokens"] = stats.get("event_tokens", 0) + int(lengths.sum())
@@ -497,23 +509,6 @@ class DomainTokenizer:
             )
             a = b
 
-    def _fill_gaps(self, matrix: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> None:
-        """Replace the [F_GAP_FIRST] placeholders of ordered events by the bin of the gap to the user's previous event."""
-        gap = np.empty(len(ts), np.int64)
-        gap[0] = -1
-        np.subtract(ts[1:], ts[:-1], out=gap[1:])
-        gap[starts] = -1
-        bins = None
-        col = 0
-        for enc in self.encoders:
-            g = getattr(enc, "gap_column", None)
-            if g is not None:
-                bins = TemporalEncoder.gap_bins(gap) if bins is None else bins
-                cell = matrix[:, col + g]
-                placeholder = cell == enc.gap_first_id
-                cell[placeholder] += bins[placeholder].astype(matrix.dtype)
-            col += enc.width
-
     def _field_columns(self) -> tuple[list[str], list[str]]:
         """Column of each field in the sorted query, and the distinct payload columns: fields with the same source
         and type (amount sign and magnitude of one expression; a temporal field on the event time) share one column,
@@ -526,21 +521,17 @@ class DomainTokenizer:
         return names, list(dict.fromkeys(n for n in names if n != "__ts"))
 
     @property
-    def _needs_gap(self) -> bool:
-        return any(getattr(enc.params, "time_since_previous", False) for enc in self.encoders)
-
-    @property
     def _token_dtype(self):
         """Cell type of the token matrix: 2 bytes while every id fits (the matrix is what a chunk holds in memory)."""
         return np.uint16 if self.vocab_size <= 65536 else np.int32
 
-    def _encode_matrix(self, columns: list, n: int, gap: np.ndarray | None) -> np.ndarray:
+    def _encode_matrix(self, columns: list, n: int) -> np.ndarray:
         """Every field of n events side by side: (n, sum of field widths), 0 in unused cells, no [SEP]."""
         widths = [enc.width for enc in self.encoders]
         out = np.empty((n, sum(widths)), self._token_dtype)
         col = 0
         for enc, column, w in zip(self.encoders, columns, widths):
-            out[:, col : col + w] = enc.encode_padded(column, gap_us=gap)
+            out[:, col : col + w] = enc.encode_padded(column)
             col += w
         return out
 
@@ -552,10 +543,6 @@ class DomainTokenizer:
         full[:, -1] = SEP_ID
         nonzero = full != 0
         return nonzero.sum(axis=1).astype(np.int64), full[nonzero]
-
-    def _encode_columns(self, columns: list, n: int, gap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Every field of n events at once -> (event lengths int64[n] incl. [SEP], flat ids int32)."""
-        return self._compact(self._encode_matrix(columns, n, gap))
 
     # ---------------------------------------------------------------- online
     @property
@@ -575,12 +562,15 @@ class DomainTokenizer:
         return self._event_struct
 
     def encode_event_tokens(
-        self, events: Sequence[Mapping[str, Any] | msgspec.Struct] | pa.Table, previous_ts: Mapping[str, int] | None = None
+        self,
+        events: Sequence[Mapping[str, Any] | msgspec.Struct] | pa.Table,
+        previous: Mapping[str, PreviousEvent] | None = None,
     ) -> EventTokens:
         """Token ids of each raw event (input order), through the same DuckDB expressions and field encoders as
-        tokenize(). One DuckDB pass per call. `previous_ts` (user -> last event time, us) feeds time_since_previous
-        fields for users whose earlier events are not in this call; parity with tokenize() then holds for events that
-        arrive in event-time order."""
+        tokenize(). One DuckDB pass per call. Tokens that depend on the user's previous event (time since previous,
+        calendar parts with only_changes) take it from these events (by time, ties by input order) or, for a user's
+        first event here, from `previous` (user -> PreviousEvent); parity with tokenize() then holds for events
+        that arrive in event-time order."""
         errors: list[str | None]
         if isinstance(events, pa.Table):
             table, errors = events, [None] * events.num_rows
@@ -593,14 +583,33 @@ class DomainTokenizer:
             if n <= 1:
                 return self._all_failed(n, errors, f"cannot tokenize: {' '.join(str(exc).split())}")
             # isolate the bad rows: one pass per row only on this failure path
-            parts = [self.encode_event_tokens(table.slice(i, 1), previous_ts) for i in range(n)]
+            parts = [self.encode_event_tokens(table.slice(i, 1), previous) for i in range(n)]
             return _concat_event_tokens(parts, errors)
         users = projected.column("__user")
-        ts_arr = projected.column("__ts")
-        keep_col = projected.column("__keep")
         user_null = users.is_null().to_numpy(zero_copy_only=False)
-        ts_null = ts_arr.is_null().to_numpy(zero_copy_only=False)
-        kept = keep_col.fill_null(False).to_numpy(zero_copy_only=False)
+        self._row_errors(projected, errors, user_null)
+        good_idx = np.flatnonzero(np.array([e is None for e in errors], bool))
+        sub = projected.take(pa.array(good_idx)) if len(good_idx) < n else projected
+        ts_all = np.zeros(n, np.int64)
+        ts_good = _ts_micros(sub.column("__ts"))
+        ts_all[good_idx] = ts_good
+        matrix = self._encode_matrix([sub.column(f"__f{i}") for i in range(len(self.encoders))], len(good_idx))
+        state = np.zeros((n, self.context.n_state), np.int64)
+        if self.context.active and len(good_idx):
+            users_good = sub.column("__user").combine_chunks()
+            state[good_idx] = self._apply_online_context(matrix, users_good, ts_good, previous or {})
+        lengths_good, flat = self._compact(matrix)
+        lengths = np.zeros(n, np.int64)
+        lengths[good_idx] = lengths_good
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        user_ids = users.to_pylist()
+        return EventTokens(user_ids=user_ids, event_ts=ts_all, offsets=offsets, ids=flat, errors=errors, context=state)
+
+    def _row_errors(self, projected: pa.Table, errors: list[str | None], user_null: np.ndarray) -> None:
+        """Set the reason of every row the tokenizer rejects (null user id or time, the schema filter)."""
+        ts_null = projected.column("__ts").is_null().to_numpy(zero_copy_only=False)
+        kept = projected.column("__keep").fill_null(False).to_numpy(zero_copy_only=False)
         for i in np.flatnonzero(user_null | ts_null | ~kept):
             if errors[i] is None:
                 if user_null[i]:
@@ -609,26 +618,33 @@ class DomainTokenizer:
                     errors[i] = f"null or unparseable event time ({self.schema.event_time})"
                 else:
                     errors[i] = f"excluded by the schema filter ({self.schema.filter})"
-        good = np.array([e is None for e in errors], bool)
-        good_idx = np.flatnonzero(good)
-        sub = projected.take(pa.array(good_idx)) if len(good_idx) < n else projected
-        ts_all = np.zeros(n, np.int64)
-        ts_good = _ts_micros(sub.column("__ts"))
-        ts_all[good_idx] = ts_good
-        gap = None
-        if self._needs_gap and len(good_idx):
-            gap = _online_gaps(sub.column("__user").to_pylist(), ts_good, previous_ts)
-        lengths_good, flat = self._encode_columns(
-            [sub.column(f"__f{i}") for i in range(len(self.encoders))], len(good_idx), gap
-        )
-        lengths = np.zeros(n, np.int64)
-        lengths[good_idx] = lengths_good
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        user_ids = users.to_pylist()
-        for i in np.flatnonzero(~good):
-            user_ids[i] = user_ids[i] if not user_null[i] else None
-        return EventTokens(user_ids=user_ids, event_ts=ts_all, offsets=offsets, ids=flat, errors=errors)
+
+    def _apply_online_context(
+        self, matrix: np.ndarray, users: pa.Array, ts: np.ndarray, previous: Mapping[str, PreviousEvent]
+    ) -> np.ndarray:
+        """The previous-event step on one micro-batch: each event's predecessor is the same user's event before it
+        here (by time, ties by input order), else `previous`. Returns the events' state cells (before the step)."""
+        denc = users.dictionary_encode()
+        codes = denc.indices.to_numpy(zero_copy_only=False)
+        n = len(ts)
+        order = np.lexsort((np.arange(n), ts, codes))
+        state = self.context.state_cells(matrix)
+        prev_ts = np.full(n, NO_PREVIOUS, np.int64)
+        prev_state = np.full_like(state, UNKNOWN_CELL)
+        same = np.zeros(n, bool)
+        same[1:] = codes[order[1:]] == codes[order[:-1]]
+        prev_ts[order[1:][same[1:]]] = ts[order[:-1][same[1:]]]
+        prev_state[order[1:][same[1:]]] = state[order[:-1][same[1:]]]
+        if previous:
+            names = denc.dictionary.to_pylist()
+            for i in order[~same]:  # each user's first event of the batch
+                before = previous.get(names[codes[i]])
+                if before is not None:
+                    prev_ts[i] = before.ts
+                    if len(before.state) == self.context.n_state:
+                        prev_state[i] = before.state
+        self.context.apply(matrix, ts, prev_ts, prev_state)
+        return state
 
     def encode_events(self, events: Sequence[Mapping[str, Any] | msgspec.Struct] | pa.Table, max_length: int | None = None) -> np.ndarray:
         """The full sequence of ONE user's events: exactly the input_ids tokenize() gives for the same events."""
@@ -693,7 +709,8 @@ class DomainTokenizer:
 
     def _all_failed(self, n: int, errors: list[str | None], reason: str) -> EventTokens:
         errs = [e if e is not None else reason for e in errors]
-        return EventTokens([None] * n, np.zeros(n, np.int64), np.zeros(n + 1, np.int64), np.zeros(0, np.int32), errs)
+        return EventTokens([None] * n, np.zeros(n, np.int64), np.zeros(n + 1, np.int64), np.zeros(0, np.int32), errs,
+                           np.zeros((n, self.context.n_state), np.int64))
 
 
 # ---------------------------------------------------------------------- DuckDB plumbing
@@ -971,21 +988,6 @@ def _column_array(values: list[Any], ctype: str, tz: str) -> pa.Array:
     return pa.array(local, type=pa.timestamp("us"))
 
 
-def _online_gaps(users: list[str], ts: np.ndarray, previous_ts: Mapping[str, int] | None) -> np.ndarray:
-    """Gap (us) to the same user's previous event among these events (sorted by time, ties by input order) or
-    previous_ts; -1 for a user's first event."""
-    n = len(users)
-    order = sorted(range(n), key=lambda i: (users[i], ts[i], i))
-    gap = np.full(n, -1, np.int64)
-    last: dict[str, int] = dict(previous_ts or {})
-    for i in order:
-        u = users[i]
-        if u in last:
-            gap[i] = ts[i] - last[u]
-        last[u] = int(ts[i])
-    return gap
-
-
 def _concat_event_tokens(parts: list[EventTokens], errors: list[str | None]) -> EventTokens:
     user_ids = [u for p in parts for u in p.user_ids]
     errs = [errors[i] if errors[i] is not None else p.errors[0] for i, p in enumerate(parts)]
@@ -998,4 +1000,5 @@ def _concat_event_tokens(parts: list[EventTokens], errors: list[str | None]) -> 
         offsets=offsets,
         ids=np.concatenate([p.ids for p in parts]).astype(np.int32),
         errors=errs,
+        context=np.concatenate([p.context for p in parts]),
     )

@@ -20,6 +20,8 @@ class UserWindow(msgspec.Struct, kw_only=True):
     `dropped_ts` is the event time of the newest event ever dropped by truncation (None while nothing was dropped).
     An event older than it arrives too late to be part of the window: it is counted but not inserted, exactly as the
     offline tokenize(), which keeps the newest whole events of the fully sorted history, would leave it out.
+    `context` is what the user's next event needs of the newest one (EventTokens.context: its calendar cells where
+    the schema emits only changes; empty otherwise).
     """
 
     ids: list[int] = []
@@ -28,6 +30,7 @@ class UserWindow(msgspec.Struct, kw_only=True):
     n_events: int = 0
     last_event_ts: int = -(2**63)
     dropped_ts: int | None = None
+    context: list[int] = []
 
 
 def append_events(
@@ -35,10 +38,12 @@ def append_events(
     event_ids: Sequence[Sequence[int] | np.ndarray],
     event_ts: Sequence[int],
     max_length: int,
+    event_context: Sequence[Sequence[int] | np.ndarray] | None = None,
 ) -> UserWindow:
     """Insert events (arrival order) by event time, ties after equal times; drop oldest whole events until
-    1 + len(ids) <= max_length. Returns a new window; the given one is not modified."""
-    if len(event_ids) != len(event_ts):
+    1 + len(ids) <= max_length. `event_context`: each event's context cells; the newest event's become the
+    window's `context`. Returns a new window; the given one is not modified."""
+    if len(event_ids) != len(event_ts) or (event_context is not None and len(event_context) != len(event_ts)):
         raise ValueError(f"{len(event_ids)} events but {len(event_ts)} event times")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -51,10 +56,13 @@ def append_events(
     n_events = window.n_events
     last_ts = window.last_event_ts
     dropped_ts = window.dropped_ts
-    for ids, ts in zip(event_ids, event_ts):
+    context = window.context
+    for k, (ids, ts) in enumerate(zip(event_ids, event_ts)):
         ts = int(ts)
         n_events += 1
-        last_ts = max(last_ts, ts)
+        if ts >= last_ts:  # the newest event so far (a tie: the later arrival, as the offline order)
+            last_ts = ts
+            context = [int(c) for c in event_context[k]] if event_context is not None else []
         if dropped_ts is not None and ts < dropped_ts:
             continue  # sorts before an event already dropped: the newest-events window can never hold it
         pos = bisect_right(times, ts)
@@ -72,6 +80,7 @@ def append_events(
         n_events=n_events,
         last_event_ts=last_ts,
         dropped_ts=dropped_ts,
+        context=context,
     )
 
 

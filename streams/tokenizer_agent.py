@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from domaintok.artifacts import pickle_files
+from domaintok.context import PreviousEvent
 from domaintok.errors import ArtifactError, EventError
 from domaintok.window import UserWindow, append_events, window_input_ids
 from streams.records import (
@@ -202,14 +203,14 @@ def _iso_us(us: int) -> str:
         return f"{us} us"
 
 
-def _crashing_events(tok: Any, events: list[Any], previous: dict[str, int]) -> dict[int, str]:
+def _crashing_events(tok: Any, events: list[Any], previous: dict[str, Any]) -> dict[int, str]:
     """Index -> reason for the events on which tok.encode_event_tokens raises, found by bisection.
 
     Why: the tokenizer reports bad rows in EventTokens.errors, but a value it did not foresee may still raise; then
     the halves are tokenized again until each raising event is alone (log2(n) rounds, only on this failure path).
     """
     try:
-        tok.encode_event_tokens(events, previous_ts=previous)
+        tok.encode_event_tokens(events, previous)
         return {}
     except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream: it is isolated below
         if len(events) == 1:
@@ -281,17 +282,17 @@ def process_batch(
     if not events:
         return BatchResult(stored_sequences(tok, table, replays), dead, 0)
 
-    # previous_ts: time_since_previous fields need each user's last event time from earlier batches
-    # (user ids come from the schema's expression; the record key is the same id, checked below).
-    previous: dict[str, int] = {}
+    # the tokens that depend on the user's previous event (time since previous, calendar changes) need the newest
+    # event of earlier batches (user ids come from the schema's expression; the record key is the same id, checked below).
+    previous: dict[str, PreviousEvent] = {}
     windows: dict[bytes, UserWindow | None] = {}
     for msg in kept:
         if msg.key not in windows:
             w = windows[msg.key] = decode_window(table.get(msg.key))
             if w is not None and w.n_events:
-                previous[msg.key.decode("utf-8", "replace")] = w.last_event_ts
+                previous[msg.key.decode("utf-8", "replace")] = PreviousEvent(w.last_event_ts, w.context)
     try:
-        et = tok.encode_event_tokens(events, previous_ts=previous)
+        et = tok.encode_event_tokens(events, previous)
     except Exception:  # noqa: BLE001 - isolate the events that make the tokenizer raise, then go on without them
         crashed = _crashing_events(tok, events, previous)
         dead += [_dead(kept[i], why, "tokenize") for i, why in sorted(crashed.items())]
@@ -300,7 +301,7 @@ def process_batch(
         events = [e for i, e in enumerate(events) if i not in crashed]
         if not events:
             return BatchResult(stored_sequences(tok, table, replays), dead, 0)
-        et = tok.encode_event_tokens(events, previous_ts=previous)
+        et = tok.encode_event_tokens(events, previous)
 
     if max_future_us is None:
         latest_ok = _INT64_MAX
@@ -345,16 +346,17 @@ def process_batch(
             seen[origin[0]] = origin[1]
         slot = per_user.get(key)
         if slot is None:
-            slot = per_user[key] = (user, [], [], [], [])
+            slot = per_user[key] = (user, [], [], [], [], [])
         slot[1].append(et.ids[et.offsets[i] : et.offsets[i + 1]])
         slot[2].append(int(et.event_ts[i]))
         slot[3].append(msg.timestamp_ms)
         slot[4].append(msg)
+        slot[5].append(et.context[i])
 
     out: list[tuple[bytes, SequenceRecord]] = []
     good = 0
-    for key, (user, ids, ts, kafka_ts, msgs) in per_user.items():
-        window = append_events(windows[key], ids, ts, max_length)
+    for key, (user, ids, ts, kafka_ts, msgs, context) in per_user.items():
+        window = append_events(windows[key], ids, ts, max_length, context)
         last = msgs[-1]
         stored = windows[key]
         origins_now = seen_origins.get(key, stored.origins if stored is not None else {})

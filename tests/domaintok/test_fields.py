@@ -154,17 +154,13 @@ def test_temporal_null_year_and_gap():
     assert enc.state == {"year_min": 2010, "year_max": 2011}
     ts = pa.array([dt.datetime(2009, 5, 1), dt.datetime(2010, 5, 1), dt.datetime(2012, 5, 1), None],
                   pa.timestamp("us", tz="UTC"))
-    gap = np.array([-1, 0, 30 * 1_000_000, 400 * 86400 * 1_000_000])
-    got = _temporal_ids(enc, ts) if False else None  # gap is required
-    with pytest.raises(ValueError, match="time_since_previous"):
-        enc.encode(ts)
-    counts, ids = enc.encode(ts, gap_us=gap)
+    # the encoder leaves the gap cell to the context step (domaintok/context.py): one calendar token per event
+    counts, ids = enc.encode(ts)
     names = [enc.token_names()[i - enc.base] for i in ids]
-    assert counts.tolist() == [2, 2, 2, 1]
-    assert names == ["[F_YEAR_BEFORE]", "[F_GAP_FIRST]", "[F_YEAR_2010]", "[F_GAP_00]",
-                     "[F_YEAR_AFTER]", "[F_GAP_00]", "[F_NULL]"]
+    assert counts.tolist() == [1, 1, 1, 1]
+    assert names == ["[F_YEAR_BEFORE]", "[F_YEAR_2010]", "[F_YEAR_AFTER]", "[F_NULL]"]
+    assert enc.width == 2 and enc.token_names()[enc.gap_first_id - enc.base] == "[F_GAP_FIRST]"
     assert len([n for n in enc.token_names() if "_GAP_" in n]) == len(GAP_EDGES_S) + 2
-    del got
 
 
 def test_text_pieces_truncation_blank_and_null():

@@ -13,6 +13,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
+from domaintok.context import PreviousEvent
 from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.schema import schema_from_dict
 from domaintok.tokenizer import BOS_ID, SEP_ID, SEQUENCES_SCHEMA, SPECIAL_TOKENS, DomainTokenizer
@@ -322,7 +323,7 @@ def test_time_since_previous_parity_with_previous_ts(toy):
     rows = [r for r in rows if r["cat"] != "drop"]
     first = tok.encode_event_tokens(rows[:5])
     last_ts = int(max(first.event_ts))
-    rest = tok.encode_event_tokens(rows[5:], previous_ts={user: last_ts})
+    rest = tok.encode_event_tokens(rows[5:], {user: PreviousEvent(last_ts)})
     online = np.concatenate([[BOS_ID], first.ids, rest.ids])
     assert online.tolist() == seq.column("input_ids")[0].as_py()
 

@@ -34,8 +34,22 @@ def _messages(tok, rows, start=0):
     ]
 
 
-def test_batches_match_offline_tokenize(retail_domain_tokenizer, retail_rows):
-    tok = retail_domain_tokenizer
+@pytest.fixture(scope="module")
+def change_only_tokenizer(retail_events_slice):
+    """The online_retail schema with calendar tokens only where they change (domaintok/context.py)."""
+    from domaintok.schema import load_schema, schema_from_dict
+    from domaintok.tokenizer import DomainTokenizer
+
+    raw = msgspec.to_builtins(load_schema("online_retail"))
+    for field in raw["fields"]:
+        if field["type"] == "temporal":
+            field["params"] = {**field.get("params", {}), "only_changes": True}
+    return DomainTokenizer.fit(schema_from_dict(raw), retail_events_slice, bpe_vocab_size=600)
+
+
+@pytest.mark.parametrize("calendar", ["every_event", "only_changes"])
+def test_batches_match_offline_tokenize(calendar, retail_domain_tokenizer, change_only_tokenizer, retail_rows):
+    tok = retail_domain_tokenizer if calendar == "every_event" else change_only_tokenizer
     table, rows = retail_rows
     decoders = EventDecoders(tok.event_struct)
     state: dict[bytes, bytes] = {}
