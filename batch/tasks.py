@@ -167,12 +167,12 @@ def open_events(schema: DomainSchema, data) -> duckdb.DuckDBPyConnection:
     the schema's filter and has a user and a time: __user, __ts, __input and __row (which input file and row: the
     tie-break that keeps events of equal time in input order), every raw column under its canonical name and type,
     and every schema field's value as __f_<name>."""
-    from domaintok.tokenizer import _KEEP, _connect, _create_events_view
+    from domaintok.event_sql import KEEP, connect, create_events_view
 
-    con = _connect(schema)
+    con = connect(schema)
     raw = _raw_column_fields(schema)
     extended = msgspec.structs.replace(schema, fields=[*schema.fields, *raw])
-    view = _create_events_view(con, extended, data)
+    view = create_events_view(con, extended, data)
     n = len(schema.fields)
     columns = [f"CAST(__f{n + i} AS {SQL_TYPE_BY_COLUMN[c.type]}) AS {_quote(c.name)}"
                for i, c in enumerate(schema.columns)]
@@ -180,7 +180,7 @@ def open_events(schema: DomainSchema, data) -> duckdb.DuckDBPyConnection:
     try:
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {EVENTS_TABLE} AS SELECT __user AS {USER}, __ts AS {TS}, __input, __row, "
-            f"{', '.join(columns + fields)} FROM {view} WHERE {_KEEP}"
+            f"{', '.join(columns + fields)} FROM {view} WHERE {KEEP}"
         )
     except duckdb.Error as exc:
         raise DomaintokError(f"events: {' '.join(str(exc).split())}") from None

@@ -49,12 +49,12 @@ def serialize_events(schema, data, max_events_per_user: int | None = None) -> pa
     n_events still counts all of them. Rows the schema's filter drops, or without a user or time, are left out.
     """
     from domaintok.schema import DomainSchema, load_schema
-    from domaintok.tokenizer import _KEEP, _connect, _create_events_view
+    from domaintok.event_sql import KEEP, connect, create_events_view
 
     if not isinstance(schema, DomainSchema):
         schema = load_schema(schema)
-    con = _connect(schema)
-    view = _create_events_view(con, schema, data)
+    con = connect(schema)
+    view = create_events_view(con, schema, data)
     parts = [f"coalesce({_field_text(i, f.type)}, '?')" for i, f in enumerate(schema.fields)]
     text = " || ' | ' || ".join(parts)
     limit = "" if max_events_per_user is None else "WHERE rank_from_newest <= $limit"
@@ -67,7 +67,7 @@ def serialize_events(schema, data, max_events_per_user: int | None = None) -> pa
                        row_number() OVER (PARTITION BY __user ORDER BY __ts DESC, __input DESC, __row DESC)
                          AS rank_from_newest,
                        count(*) OVER (PARTITION BY __user) AS n_events
-                FROM {view} WHERE {_KEEP}
+                FROM {view} WHERE {KEEP}
             )
             SELECT user_id, event_ts, n_events, text FROM numbered {limit}
             ORDER BY user_id, event_ts, rank_from_newest DESC

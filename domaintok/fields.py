@@ -111,14 +111,20 @@ def stable_hash64(values: pa.Array) -> np.ndarray:
 
 
 class FieldEncoder:
-    """Base: a field spec, its typed params, its first token id (`base`, set by the tokenizer) and fitted state."""
+    """Base: a field spec, its typed params, its fitted state and its first token id `base` (0 until the vocabulary
+    layout places it: `placed` returns the encoder at its ids, so an encoder's ids never change under it)."""
 
-    def __init__(self, spec: FieldSpec, state: dict[str, Any] | None = None):
+    def __init__(self, spec: FieldSpec, state: dict[str, Any] | None = None, *, base: int = 0):
         self.spec = spec
         self.params = spec.typed_params()
         self.prefix = spec.name.upper()
-        self.base = 0
+        self.base = int(base)
         self.state: dict[str, Any] = dict(state or {})
+
+    def placed(self, base: int, **shared: Any) -> FieldEncoder:
+        """This fitted encoder with its tokens from `base` on; `shared` holds the schema-wide pieces some encoders
+        use (the text fields' BPE)."""
+        return type(self)(self.spec, self.state, base=base)
 
     def fit(self, con, view: str, col: str) -> None:  # noqa: D102 - data-free encoders have nothing to fit
         self.state = {}
@@ -404,10 +410,13 @@ _CHUNKED_TEXT = f"^{_NOT_SPACE}+(?: {_NOT_SPACE}+)*$"
 class TextEncoder(FieldEncoder):
     """[F_NULL] for null/blank text; otherwise the shared byte-level BPE pieces of the trimmed text, first max_tokens."""
 
-    def __init__(self, spec, state=None):
-        super().__init__(spec, state)
-        self.bpe = None  # tokenizers.Tokenizer shared by the schema's text fields (set by the tokenizer)
-        self.bpe_base = 0  # global id of BPE piece 0
+    def __init__(self, spec, state=None, *, base=0, bpe=None, bpe_base=0):
+        super().__init__(spec, state, base=base)
+        self.bpe = bpe  # tokenizers.Tokenizer shared by the schema's text fields
+        self.bpe_base = bpe_base  # global id of BPE piece 0
+
+    def placed(self, base, *, bpe=None, bpe_base=0, **_):
+        return TextEncoder(self.spec, self.state, base=base, bpe=bpe, bpe_base=bpe_base)
 
     def fit(self, con, view, col):
         self.state = {}
@@ -536,4 +545,5 @@ ENCODERS: dict[str, type[FieldEncoder]] = {
 
 
 def make_encoder(spec: FieldSpec, state: dict[str, Any] | None = None) -> FieldEncoder:
+    """An encoder of the field's type, not yet placed in a vocabulary (base 0)."""
     return ENCODERS[spec.type](spec, state)
