@@ -10,13 +10,22 @@ Bucketing instead of packing: packing users into one row would let one user's to
 every batch carried a block-diagonal mask, which rules out the flash kernel. Sorting a buffer of
 `bucket_batches * batch_size` sequences by length and cutting it into batches keeps padding small (the measured
 `padding_fraction` is reported in metrics.json) while batches stay pure causal attention.
+
+Distributed training (torchrun / accelerate launch): each rank reads its own contiguous range of rows (`num_shards`,
+`shard_index`; DataLoader workers split a rank's range further), fixed across epochs, shuffled within. Ranks hold
+different numbers of items (the train/eval hash, windows per user), yet every rank must run the same number of
+batches per epoch or the gradient all-reduce hangs: `plan_batches` gives every rank `ceil(items / global batch)`
+batches, sized from the item counts of all shards, so each item is seen exactly once per epoch and the global batch is
+the one asked for (the last ones may be smaller). `RankBatches` serves one rank's planned batches to a DataLoader.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +172,8 @@ class SequenceDataset(IterableDataset):
     max_sequences: int | None = None
     read_batch_rows: int = 8_192
     windows: str = "newest"
+    num_shards: int = 1
+    shard_index: int = 0
     epoch: int = 0
     stats: StreamStats = field(default_factory=StreamStats)
 
@@ -174,6 +185,8 @@ class SequenceDataset(IterableDataset):
             raise ValueError("batch_size must be positive and context_length at least 2")
         if self.windows not in WINDOWS:
             raise ValueError(f"windows must be one of {WINDOWS}, got {self.windows!r}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         open_sequences(self.path)  # fail at construction, not inside a DataLoader worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -181,73 +194,201 @@ class SequenceDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self.iter_batches():
+            yield from batch
+
+    def iter_batches(self, sizes: list[int] | None = None) -> Iterator[list[dict[str, np.ndarray]]]:
+        """The items in length-bucketed batches: of `batch_size` (the last one smaller), or exactly the planned
+        `sizes` (`plan_batches`), in shuffled order either way; a plan that does not add up to the items raises."""
         rng = np.random.default_rng([self.seed, self.epoch])
+        plan = None if sizes is None else deque(sizes)
         buffer: list[np.ndarray] = []
         capacity = self.bucket_batches * self.batch_size
         for ids in self._read():
             buffer.append(ids)
             if len(buffer) >= capacity:
-                yield from self._drain(buffer, rng)
-                buffer = []
-        if buffer:
-            yield from self._drain(buffer, rng)
+                buffer = yield from self._drain(buffer, rng, plan, final=False)
+        if buffer or plan:
+            yield from self._drain(buffer, rng, plan, final=True)
 
-    def _read(self) -> Iterator[np.ndarray]:
-        parquet = open_sequences(self.path)
-        row_groups = np.arange(parquet.num_row_groups)
+    def count_items(self, worker: tuple[int, int] | None = None) -> int:
+        """Items this shard (or DataLoader worker `(id, count)` of it) yields per epoch; leaves `stats` alone."""
+        return sum(1 for _ in replace(self, stats=StreamStats())._read(worker))
+
+    def _pieces(self, parquet: pq.ParquetFile, worker: tuple[int, int] | None) -> list[tuple[int, int, int]]:
+        """(row group, first row, end row) of this reader's rows: shard `shard_index * workers + worker` of
+        `num_shards * workers` contiguous, equal row ranges of the file, row groups in epoch-shuffled order."""
+        if worker is None:
+            info = get_worker_info()
+            worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = self.num_shards * worker[1]
+        shard = self.shard_index * worker[1] + worker[0]
+        sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        total = sum(sizes)
+        lo, hi = shard * total // shards, (shard + 1) * total // shards
+        pieces, start = [], 0
+        for group, rows in enumerate(sizes):  # the part of each row group inside [lo, hi), in row group offsets
+            first, end = max(lo - start, 0), min(hi - start, rows)
+            if first < end:
+                pieces.append((group, first, end))
+            start += rows
         if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch, 1]).shuffle(row_groups)
-        worker = get_worker_info()
-        if worker is not None:  # each DataLoader worker reads its own row groups
-            row_groups = row_groups[worker.id :: worker.num_workers]
+            order = np.arange(len(pieces))
+            np.random.default_rng([self.seed, self.epoch, 1]).shuffle(order)
+            pieces = [pieces[i] for i in order]
+        return pieces
+
+    def _read(self, worker: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        parquet = open_sequences(self.path)
+        pieces = self._pieces(parquet, worker)
         if self.split == "eval" and self.eval_fraction <= 0:
             return
         by_user = self.split != "all" and self.eval_fraction > 0
         yielded = 0
-        for batch in parquet.iter_batches(
-            batch_size=self.read_batch_rows, row_groups=row_groups.tolist(), columns=list(REQUIRED_COLUMNS)
-        ):
-            users = batch.column("user_id").to_pylist()
-            lists = batch.column("input_ids")
-            offsets = lists.offsets.to_numpy()
-            values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
-            for row, user in enumerate(users):
-                if by_user and is_eval_user(user, self.eval_fraction) != (self.split == "eval"):
+        for group, first, end in pieces:
+            offset = 0  # of `batch` in its row group
+            for batch in parquet.iter_batches(
+                batch_size=self.read_batch_rows, row_groups=[group], columns=list(REQUIRED_COLUMNS)
+            ):
+                batch_end = offset + batch.num_rows
+                if first > offset or end < batch_end:  # a shard boundary cuts this batch
+                    batch = batch.slice(max(first - offset, 0), max(min(end, batch_end) - max(first, offset), 0))
+                offset = batch_end
+                if batch.num_rows == 0:
                     continue
-                ids = values[offsets[row] : offsets[row + 1]]
-                if len(ids) < 2:
-                    continue
-                if len(ids) <= self.context_length:
-                    pieces = [ids]
-                elif self.windows == "all":
-                    pieces = event_windows(ids, self.context_length, self.sep_token_id)
-                else:
-                    pieces = [truncate_window(ids, self.context_length, self.sep_token_id)]
-                    self.stats.truncated += 1
-                for piece in pieces:
-                    if len(piece) < 2:
+                users = batch.column("user_id").to_pylist()
+                lists = batch.column("input_ids")
+                offsets = lists.offsets.to_numpy()
+                values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+                for row, user in enumerate(users):
+                    if by_user and is_eval_user(user, self.eval_fraction) != (self.split == "eval"):
                         continue
-                    yield piece
-                    yielded += 1
-                    if self.max_sequences is not None and yielded >= self.max_sequences:
-                        return
+                    ids = values[offsets[row] : offsets[row + 1]]
+                    if len(ids) < 2:
+                        continue
+                    if len(ids) <= self.context_length:
+                        pieces_of_user = [ids]
+                    elif self.windows == "all":
+                        pieces_of_user = event_windows(ids, self.context_length, self.sep_token_id)
+                    else:
+                        pieces_of_user = [truncate_window(ids, self.context_length, self.sep_token_id)]
+                        self.stats.truncated += 1
+                    for piece in pieces_of_user:
+                        if len(piece) < 2:
+                            continue
+                        yield piece
+                        yielded += 1
+                        if self.max_sequences is not None and yielded >= self.max_sequences:
+                            return
 
-    def _drain(self, buffer: list[np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    def _drain(self, buffer: list[np.ndarray], rng: np.random.Generator, plan: deque | None, final: bool):
+        """Yield the buffer as length-sorted batches in random order; returns the items left for the next buffer
+        (with a plan, those short of its next batch size)."""
         lengths = np.fromiter((len(s) for s in buffer), dtype=np.int64, count=len(buffer))
         if self.shuffle:
             # Random tie-breaking among equal lengths, then a random order of whole batches.
             order = np.lexsort((rng.random(len(buffer)), lengths))
         else:
             order = np.argsort(lengths, kind="stable")
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if plan is None:
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            rest = order[len(order) :]
+        else:
+            batches, start = [], 0
+            while plan and start + plan[0] <= len(order):
+                batches.append(order[start : start + plan[0]])
+                start += plan.popleft()
+            rest = order[start:]
+            if final and (len(rest) or plan):
+                raise RuntimeError(
+                    f"{self.path}: the batch plan does not match the items read ({len(rest)} items left over, "
+                    f"{len(plan)} planned batches unfilled): did the file change during training?"
+                )
         if self.shuffle:
             rng.shuffle(batches)
         for rows in batches:
             self.stats.sequences += len(rows)
             self.stats.tokens += int(lengths[rows].sum())
             self.stats.padded_slots += int(lengths[rows].max()) * len(rows)
-            for row in rows:
-                yield {"input_ids": buffer[row]}
+            yield [{"input_ids": buffer[row]} for row in rows]
+        return [buffer[row] for row in rest]
+
+
+def batch_sizes(items: int, batches: int, batch_size: int) -> list[int]:
+    """Sizes of exactly `batches` batches holding `items` items: `batch_size` each while the later batches still get
+    at least one item, more only where `items` exceeds `batches * batch_size`; full batches first, so a single shard
+    gets the usual `batch_size, ..., batch_size, rest`."""
+    if batches <= 0 or items < batches:
+        raise ValueError(f"{items} items cannot fill {batches} batches of at least one item")
+    sizes, left = [], items
+    for j in range(batches):
+        later = batches - j - 1
+        size = max(min(batch_size, left - later), math.ceil(left / (later + 1)))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def plan_batches(counts: list[list[int]], global_batch: int) -> list[list[list[int]]]:
+    """Batch sizes per rank and DataLoader worker from the item counts of every shard (`counts[rank][worker]`).
+
+    Every rank runs `ceil(total / global_batch)` batches an epoch (split among its workers), each of about
+    `global_batch / ranks` items, so a step of all ranks together trains on `global_batch` items (the last steps of
+    an epoch may have fewer) and every item is used exactly once.
+    """
+    ranks = len(counts)
+    if global_batch < ranks:
+        raise ValueError(f"a global batch of {global_batch} cannot give each of {ranks} processes a sequence")
+    steps = math.ceil(sum(map(sum, counts)) / global_batch)
+    plan = []
+    for rank, workers in enumerate(counts):
+        per_rank = global_batch // ranks + (rank < global_batch % ranks)
+        share = [steps // len(workers) + (w < steps % len(workers)) for w in range(len(workers))]
+        if any(n < k for n, k in zip(workers, share)):
+            raise ValueError(
+                f"rank {rank} holds {sum(workers)} items for {steps} batches: fewer than one item per batch (too "
+                "many processes or workers for this data, or a batch size too large)"
+            )
+        plan.append([batch_sizes(n, k, per_rank) if k else [] for n, k in zip(workers, share)])
+    return plan
+
+
+@dataclass
+class RankBatches(IterableDataset):
+    """One rank's planned batches (lists of items) for a DataLoader with `batch_size=None`: `len` is the number of
+    batches per epoch, the same on every rank; `set_epoch` reshuffles. `sizes[w]` are DataLoader worker w's."""
+
+    dataset: SequenceDataset
+    sizes: list[list[int]]
+    total_items: int = 0  # over every rank: the epoch's items
+
+    def __post_init__(self):
+        super().__init__()
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sizes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[dict[str, np.ndarray]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != len(self.sizes):
+            raise RuntimeError(f"planned for {len(self.sizes)} DataLoader worker(s), run with {workers}")
+        yield from self.dataset.iter_batches(self.sizes[worker])
+
+
+def rank_batches(dataset: SequenceDataset, global_batch: int, gather=None, num_workers: int = 0) -> RankBatches:
+    """This rank's `RankBatches` over `dataset` (its shard set by `num_shards` / `shard_index`). Counts the shard's
+    items (one read of the shard) and exchanges the counts through `gather` (a list from every rank, in rank order:
+    e.g. torch.distributed.all_gather_object); `gather` may be None on one process."""
+    workers = max(1, num_workers)
+    local = [dataset.count_items((w, workers)) for w in range(workers)]
+    counts = gather(local) if gather is not None else [local]
+    if len(counts) != dataset.num_shards:
+        raise ValueError(f"counts from {len(counts)} ranks for a dataset cut into {dataset.num_shards} shards")
+    return RankBatches(dataset, plan_batches(counts, global_batch)[dataset.shard_index], sum(map(sum, counts)))
 
 
 @dataclass
@@ -272,11 +413,15 @@ class CausalLMCollator:
 __all__ = [
     "SequenceDataset",
     "CausalLMCollator",
+    "RankBatches",
     "StreamStats",
+    "batch_sizes",
     "context_warning",
     "count_sequences",
     "event_windows",
     "is_eval_user",
     "length_summary",
     "open_sequences",
+    "plan_batches",
+    "rank_batches",
 ]
