@@ -2,6 +2,10 @@
 
 Each user in a batch gives `views` random contiguous runs of whole events, each re-prefixed with [BOS]; runs of the
 same user are positives, every other run in the batch a negative (multi-positive InfoNCE on cosine similarity).
+
+Under torchrun each rank computes InfoNCE over its own share of the global batch (negatives are the rank's users, not
+every rank's) and DDP averages the gradients: with N processes CoLES sees the negatives of a single-process run with
+a batch N times smaller, while causal LM is exactly the single-process loss of the global batch.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from batch.sequence_data import CausalLMCollator
+from batch.sequence_data import CausalLMCollator, RankBatches, SequenceDataset
 from domaintok.models.padded import PaddedBatch
 
 OBJECTIVES = ("clm", "coles", "clm+coles")
@@ -75,9 +80,10 @@ class ColesCollator:
     clm: bool = True
     seed: int = 0
     pad_to_multiple_of: int | None = None
+    rank: int = 0  # under torchrun: each rank draws its own views
 
     def __post_init__(self):
-        self._rng = np.random.default_rng([self.seed, 7])
+        self._rng = np.random.default_rng([self.seed, 7] if self.rank == 0 else [self.seed, 7, self.rank])
         self._lm = CausalLMCollator(self.pad_token_id, self.pad_to_multiple_of)
 
     def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -108,7 +114,13 @@ def coles_loss(embeddings: torch.Tensor, views: int, temperature: float) -> torc
 
 class PretrainTrainer(Trainer):
     """The HF Trainer with the pretraining objective: causal LM, CoLES, or their sum `clm + weight * coles` in one
-    step; the parts' running means are logged beside `loss` (as clm_loss / coles_loss)."""
+    step; the parts' running means are logged beside `loss` (as clm_loss / coles_loss), averaged over ranks.
+
+    Data: a `RankBatches` train set is served as it is planned (each rank its own shard, the same number of batches
+    on every rank), not re-sharded or dispatched by accelerate; a `SequenceDataset` eval set is read whole by every
+    rank in batches of `per_device_eval_batch_size`, so eval_loss (batch losses weighted by rows) is the
+    single-process value whatever the ranks.
+    """
 
     def __init__(self, *args, objective: str = "clm", coles: ColesSettings | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -116,9 +128,38 @@ class PretrainTrainer(Trainer):
         self.coles = coles or ColesSettings()
         self._parts: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
+    def get_train_dataloader(self):
+        if not isinstance(self.train_dataset, RankBatches):
+            return super().get_train_dataloader()
+        from accelerate.data_loader import DataLoaderShard
+
+        # accelerate's DataLoaderShard without a device or a sharding wrapper: it forwards set_epoch to the data
+        # and `skip_first_batches` (resuming mid-epoch) keeps it one; the Trainer moves batches to the device.
+        return DataLoaderShard(
+            self.train_dataset, batch_size=None, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not isinstance(dataset, SequenceDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        return DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
+                          num_workers=0, pin_memory=self.args.dataloader_pin_memory)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.use_coles:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.use_coles:
+            result = self._objective_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            # The Trainer weighs every eval batch as a full one, the smaller last one too: log() reports eval_loss
+            # weighted by each batch's rows instead, as its parts are.
+            loss = result[0] if return_outputs else result
+            self._record("loss", loss.detach(), False, inputs["input_ids"].shape[0])
+        return result
+
+    def _objective_loss(self, model, inputs, return_outputs, num_items_in_batch):
         inputs = dict(inputs)
         rows = inputs["input_ids"].shape[0]
         if not self.use_clm:
@@ -133,10 +174,15 @@ class PretrainTrainer(Trainer):
             # The Trainer leaves a token-normalised loss unscaled under gradient accumulation; a mean is not.
             loss = loss / self.current_gradient_accumulation_steps
         if self.use_clm:
+            clm = outputs.loss
+            if model.training and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every rank's tokens and DDP averages gradients: scale by the ranks as
+                # Trainer.compute_loss does, so the step's gradient is the global per-token loss's.
+                clm = clm * self.accelerator.num_processes
             # outputs.loss is this micro-batch's share of the accumulated step's per-token loss
             steps = self.current_gradient_accumulation_steps if model.training and num_items_in_batch is not None else 1
-            self._record("clm_loss", outputs.loss * steps, model.training, rows)
-            loss = outputs.loss + loss
+            self._record("clm_loss", clm * steps, model.training, rows)
+            loss = clm + loss
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, name: str, value: torch.Tensor, training: bool, rows: int) -> None:
@@ -151,7 +197,9 @@ class PretrainTrainer(Trainer):
             if parts:
                 values = torch.stack([v for v, _ in parts]).float()
                 weights = torch.tensor([w for _, w in parts], dtype=torch.float32, device=values.device)
-                logs[key] = float((values * weights).sum() / weights.sum())
+                mean = (values * weights).sum() / weights.sum()
+                # Every rank logs at the same steps (the Trainer gathers the loss there too): average over ranks.
+                logs[key] = float(self.accelerator.reduce(mean, reduction="mean"))
         super().log(logs, *args, **kwargs)
 
 

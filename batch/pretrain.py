@@ -3,6 +3,10 @@ CoLES (batch/contrastive.py) or both.
 
 Streams sequences (batch/sequence_data.py), writes a self-contained model dir: safetensors weights + config, the
 tokenizer files, metrics.json and loss_curve.png. Trainer checkpoints (for --resume) live beside it, not in it.
+
+Distributed: under `torchrun` or `accelerate launch` every process reads its own shard of the training sequences
+and `--batch-size` stays the global batch (split across processes), so the schedule (`max_steps`, warm-up) and the
+loss per step are those of a single-process run with the same batch; only rank 0 writes the model dir.
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ def pretrain(settings: PretrainSettings) -> dict:
     import torch
     from transformers import AutoTokenizer, TrainingArguments
 
+    from accelerate import PartialState
+
     from batch.contrastive import ColesCollator, ColesSettings, PretrainTrainer, check_objective
     from batch.sequence_data import (
         CausalLMCollator,
@@ -139,10 +145,24 @@ def pretrain(settings: PretrainSettings) -> dict:
         context_warning,
         count_sequences,
         length_summary,
+        rank_batches,
     )
     from domaintok.models import DomainTransformerForCausalLM
 
     s = settings
+    cuda = torch.cuda.is_available()
+    # Joins the process group when started by torchrun / accelerate launch (gloo on CPU, NCCL on GPU); the Trainer's
+    # arguments below reuse this state.
+    if not cuda:
+        # accelerate names the device of a multi-CPU run "cpu:0", which torch.load cannot map tensors to: the
+        # Trainer would fail to reload the optimizer on --resume. Its state (rebuilt by TrainingArguments) takes
+        # the device from this variable instead.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+    state = PartialState(cpu=not cuda)
+    world, rank = state.num_processes, state.process_index
+    echo = click.echo if state.is_main_process else (lambda *args, **kwargs: None)
+    if s.batch_size < world:
+        raise DomaintokError(f"--batch-size is the global batch: {s.batch_size} cannot be split over {world} processes")
     use_clm, use_coles = check_objective(s.objective)
     coles = ColesSettings(
         weight=s.coles_weight, views=s.coles_views, min_fraction=s.coles_min_fraction,
@@ -158,12 +178,11 @@ def pretrain(settings: PretrainSettings) -> dict:
         raise DomaintokError(f"{s.tokenizer}: objective {s.objective!r} needs a [SEP] token to cut events")
     context_length = s.context_length or tok.max_length or 1024
     source = "--context-length" if s.context_length else "the tokenizer's max_length" if tok.max_length else "default"
-    click.echo(f"pretrain: context {context_length:,} tokens ({source})", err=True)
+    echo(f"pretrain: context {context_length:,} tokens ({source})", err=True)
     lengths = length_summary(s.sequences, context_length)
     warning = context_warning("pretrain", context_length, lengths) if s.windows == "newest" else None
     if warning:
-        click.echo(warning, err=True)
-    cuda = torch.cuda.is_available()
+        echo(warning, err=True)
     if s.threads:
         torch.set_num_threads(s.threads)
     checkpoint_dir = s.resolved_checkpoint_dir()
@@ -190,27 +209,38 @@ def pretrain(settings: PretrainSettings) -> dict:
     n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
     n_embedding = model.model.embed_tokens.weight.numel()
 
+    # --batch-size is global: each of the `world` processes takes its share of every step's batch.
+    per_device = math.ceil(s.batch_size / world)
     common = dict(
-        path=s.sequences, batch_size=s.batch_size, context_length=context_length, sep_token_id=tok.sep_token_id,
+        path=s.sequences, context_length=context_length, sep_token_id=tok.sep_token_id,
         eval_fraction=s.eval_fraction, seed=s.seed, windows=s.windows,
     )
-    train_set = SequenceDataset(split="train", shuffle=True, **common)
-    eval_set = SequenceDataset(split="eval", shuffle=False, max_sequences=s.eval_max_sequences, **common)
+    train_set = SequenceDataset(split="train", shuffle=True, batch_size=per_device, num_shards=world,
+                                shard_index=rank, **common)
+    # Every rank evaluates the whole (capped) eval split in global batches: the single-process eval_loss.
+    eval_set = SequenceDataset(split="eval", shuffle=False, max_sequences=s.eval_max_sequences,
+                               batch_size=s.batch_size, **common)
     counting = dict(windows=s.windows, context_length=context_length, sep_token_id=tok.sep_token_id)
-    n_train = count_sequences(s.sequences, "train", s.eval_fraction, **counting)
     n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction, **counting), s.eval_max_sequences)
+    # Each rank counts the items of its own shard (one read of it) and learns the others' counts: every rank then
+    # runs the same number of batches per epoch, which sets the schedule below.
+    try:
+        train_batches = rank_batches(train_set, s.batch_size, _all_gather if world > 1 else None)
+    except ValueError as exc:  # a shard with fewer items than the epoch has steps
+        raise DomaintokError(f"{s.sequences}: {exc}") from None
+    n_train = train_batches.total_items
     if s.windows == "all":
-        click.echo(f"pretrain: every window of each user's history: {n_train:,} training windows", err=True)
+        echo(f"pretrain: every window of each user's history: {n_train:,} training windows", err=True)
     if n_train == 0:
         raise DomaintokError(f"{s.sequences}: no training sequences (empty file, or every user in the eval split)")
-    steps_per_epoch = math.ceil(math.ceil(n_train / s.batch_size) / s.grad_accum)
+    steps_per_epoch = math.ceil(len(train_batches) / s.grad_accum)
     max_steps = s.max_steps or max(1, math.ceil(steps_per_epoch * s.epochs))
     save_steps = s.save_steps or max(1, max_steps // 5)
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=max_steps,
-        per_device_train_batch_size=s.batch_size,
+        per_device_train_batch_size=per_device,
         per_device_eval_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.lr or DEFAULT_LR.get(s.preset, 3e-4),
@@ -244,14 +274,14 @@ def pretrain(settings: PretrainSettings) -> dict:
     if use_coles:
         collator = ColesCollator(
             pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, settings=coles, clm=use_clm, seed=s.seed,
-            pad_to_multiple_of=pad_multiple,
+            pad_to_multiple_of=pad_multiple, rank=rank,
         )
     else:
         collator = CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=pad_multiple)
     trainer = PretrainTrainer(
         model=model,
         args=args,
-        train_dataset=train_set,
+        train_dataset=train_batches,
         eval_dataset=eval_set if n_eval else None,
         data_collator=collator,
         # With the tokenizer's pad id the Trainer counts real tokens (`non_padding`) and saves it in checkpoints.
@@ -269,7 +299,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     else:
         final_eval = trainer.evaluate() if n_eval else {}
 
-    stats = train_set.stats
+    stats = _all_reduce_stats(train_set.stats, state) if world > 1 else train_set.stats
     # Real (non-pad) tokens trained in this session: batches skipped while resuming are not counted.
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     # The Trainer's own average divides by every step, resumed ones included; report the final tenth instead.
@@ -296,6 +326,8 @@ def pretrain(settings: PretrainSettings) -> dict:
         "steps": int(trainer.state.global_step),
         "max_steps": max_steps,
         "batch_size": s.batch_size,
+        "processes": world,
+        "per_device_batch_size": per_device,
         "grad_accum": s.grad_accum,
         "train_loss": sum(final_window) / len(final_window) if final_window else None,
         "eval_loss": final_eval.get("eval_loss"),
@@ -314,13 +346,22 @@ def pretrain(settings: PretrainSettings) -> dict:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
     }
 
+    # FSDP shards the weights over ranks: gathering the full state dict is collective, so every rank takes part.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if state.is_main_process:
+        _write_model_dir(s, trainer, metrics, full_state)
+    state.wait_for_everyone()  # no rank returns before the model dir is in place
+    return metrics
+
+
+def _write_model_dir(s: PretrainSettings, trainer, metrics: dict, state_dict: dict | None = None) -> None:
     # Rerun-safe: build the whole directory aside, then swap it in.
     tmp = s.output.with_name(f".{s.output.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    unwrapped.save_pretrained(tmp)  # safetensors + config.json only
+    unwrapped.save_pretrained(tmp, state_dict=state_dict)  # safetensors + config.json only
     # transformers writes the weights through a private temp file (mode 0600); containers running the workers
     # as another user must be able to read them, so apply the usual umask-derived mode.
     umask = os.umask(0)
@@ -333,7 +374,27 @@ def pretrain(settings: PretrainSettings) -> dict:
     if s.output.exists():
         shutil.rmtree(s.output)
     tmp.rename(s.output)
-    return metrics
+
+
+def _all_gather(value) -> list:
+    """`value` from every rank, in rank order (any picklable object)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _all_reduce_stats(stats, state):
+    """The data stream's counters summed over ranks."""
+    import torch
+
+    from batch.sequence_data import StreamStats
+
+    names = ("sequences", "tokens", "padded_slots", "truncated")
+    total = torch.tensor([getattr(stats, n) for n in names], dtype=torch.int64, device=state.device)
+    torch.distributed.all_reduce(total)
+    return StreamStats(**dict(zip(names, total.tolist())))
 
 
 def _build_config(s: PretrainSettings, **kwargs):
@@ -409,7 +470,9 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
                    "windows of whole events (tokenize with a --max-length covering it). clm only.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Sequences per micro-batch over all processes (under torchrun / accelerate launch each process "
+                   "takes its share).")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -433,6 +496,7 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
 
     Writes OUTPUT/ with model.safetensors + config.json, the tokenizer files, metrics.json (train/eval loss,
     tokens/s, padding fraction, parameters) and loss_curve.png. bf16 on GPU; CPU works for the tiny preset.
+    Runs distributed under `torchrun --nproc_per_node N $(which domaintok) pretrain ...` or `accelerate launch`.
     """
     settings = PretrainSettings(
         sequences=sequences, tokenizer=tokenizer, output=output, preset=preset, context_length=context_length,
@@ -443,7 +507,12 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
         objective=objective, coles_weight=coles_weight, coles_temperature=coles_temperature, pooling=pooling,
         threads=threads,
     )
-    metrics = pretrain(settings)
+    try:
+        metrics = pretrain(settings)
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     eval_loss = metrics["eval_loss"]
     arch = metrics["architecture"]
     click.echo(
@@ -453,6 +522,14 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
         f"{'n/a' if eval_loss is None else f'{eval_loss:.4f}'}, {metrics['tokens_per_second']:,.0f} tokens/s, "
         f"padding {metrics['padding_fraction']:.1%} -> {output}"
     )
+
+
+def _leave_process_group() -> None:
+    """End this process's part in the torchrun / accelerate process group, if it joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def architecture_overrides(hidden_size=None, layers=None, heads=None, intermediate_size=None) -> dict[str, int]:
