@@ -2,12 +2,19 @@
 
 Labels, sequences and features are joined by user id in DuckDB; rows are split train/valid/test with no user on
 two sides; training stops early on the validation metric; writes the fused model, metrics.json, predictions.parquet.
+
+Distributed: under `torchrun` (or `accelerate launch`) every process joins the same data, draws the same global
+batches (`--batch-size` is the global batch) and trains on its own slice of each through DistributedDataParallel,
+its loss weighted by the slice's share, so a step's gradient is the single-process gradient of the global batch.
+Evaluation predicts a disjoint slice of rows per process and gathers them, so every process takes the same early
+stopping decisions; only rank 0 writes the output directory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import zlib
@@ -297,6 +304,70 @@ def selection_score(task: str, metrics: dict, metric: str | None = None) -> floa
     return value if metric in HIGHER_IS_BETTER else -value
 
 
+# --- processes ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun / accelerate launch job: `world` processes, this one `rank` (1 and 0 alone)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """This rank's slice of a global batch and the weight of its mean loss, `len(slice) / len(rows) * world`, so
+        that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss. A rank left with
+        no row (a batch smaller than the ranks) runs one row at weight 0: every rank must join every all-reduce."""
+        if self.world == 1:
+            return rows, 1.0
+        mine = np.array_split(rows, self.world)[self.rank]
+        if len(mine) == 0:
+            return rows[:1], 0.0
+        return mine, len(mine) / len(rows) * self.world
+
+    def all_sum(self, value: float) -> float:
+        """`value` summed over the ranks."""
+        return float(sum(self.gather(float(value))))
+
+    def gather(self, value) -> list:
+        """`value` of every rank, in rank order."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def join_process_group(device_type: str) -> Ranks:
+    """Join the job's process group when started by torchrun / accelerate launch (WORLD_SIZE > 1): NCCL on CUDA, gloo
+    on CPU; one process otherwise. A group already joined (e.g. by an earlier run in this process) is reused."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Ranks(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank)
+
+
 # --- training -----------------------------------------------------------------------------------------------------
 
 
@@ -465,10 +536,13 @@ class _Best:
 class _Trainer:
     """The training loop over one joined data set: stages of steps with evaluations and early stopping."""
 
-    def __init__(self, model, settings: FinetuneSettings, sequences, numeric, categorical, y, rows, device, pad: int):
+    def __init__(self, model, settings: FinetuneSettings, sequences, numeric, categorical, y, rows, device, pad: int,
+                 ranks: Ranks | None = None):
         import torch
 
         self.model, self.s = model, settings
+        self.ranks = ranks or Ranks()
+        self.ddp = model  # what training steps call: the model, or its DistributedDataParallel wrapper
         self.sequences, self.numeric, self.categorical = sequences, numeric, categorical
         self.y, self.rows, self.device, self.pad = y, rows, device, pad
         self.labels = torch.from_numpy(np.array(y, copy=True))  # Arrow buffers are read-only
@@ -482,9 +556,24 @@ class _Trainer:
         self.stages: list[str] = []
 
     def evaluate(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
-        pred = predict(self.model, [self.sequences[i] for i in rows], self.numeric[rows], self.categorical[rows],
+        """Metrics and predictions over `rows`; with several processes each predicts its slice and all gather them."""
+        mine = np.array_split(np.arange(len(rows)), self.ranks.world)[self.ranks.rank]
+        local = rows[mine]
+        pred = predict(self.model, [self.sequences[i] for i in local], self.numeric[local], self.categorical[local],
                        self.s.batch_size, self.device)
+        if self.ranks.world > 1:
+            pred = np.concatenate([p for p in self.ranks.gather(pred) if len(p)])  # slices in rank order: rows' order
         return task_metrics(self.s.task, self.y[rows], pred), pred
+
+    def _wrap(self):
+        """DistributedDataParallel over the model as it is now: built per stage, since stages change which
+        parameters train (DDP fixes its set of gradients when built)."""
+        if self.ranks.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _train_step(self, rows, optimizer, scheduler) -> float:
         import torch
@@ -492,19 +581,34 @@ class _Trainer:
         from domaintok.models.padded import PaddedBatch
 
         self.model.train()
+        global_rows = len(rows)
+        rows, weight = self.ranks.share(rows)  # this process's slice of the global batch
         batch = PaddedBatch.from_sequences([self.sequences[i] for i in rows], pad_token_id=self.pad).to(self.device)
-        out = self.model(batch.input_ids, batch.attention_mask, self.numeric[rows].to(self.device),
-                         self.categorical[rows].to(self.device), labels=self.labels[rows].to(self.device))
+        out = self.ddp(batch.input_ids, batch.attention_mask, self.numeric[rows].to(self.device),
+                       self.categorical[rows].to(self.device), labels=self.labels[rows].to(self.device))
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        (out.loss * weight).backward()  # DDP averages the ranks' gradients: the global batch's mean loss
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()
-        return out.loss.detach().item()
+        # this slice's part of the global batch's mean loss (summed over ranks at the next evaluation)
+        return out.loss.detach().item() * (len(rows) / global_rows if weight else 0.0)
 
     def run_stage(self, stage: str, epochs: int, patience: int, encoder_lr: float) -> None:
         """Train every trainable parameter for up to `epochs` epochs (or max_steps), evaluating on valid
         `evals_per_epoch` times an epoch; keeps the best evaluation in self.best."""
+        self.ddp = self._wrap()
+        try:
+            self._run_stage(stage, epochs, patience, encoder_lr)
+        finally:
+            # Drop this stage's DDP (and the gradient hooks it set) before the next changes what trains.
+            self.ddp = self.model
+            if self.ranks.world > 1:
+                import gc
+
+                gc.collect()
+
+    def _run_stage(self, stage: str, epochs: int, patience: int, encoder_lr: float) -> None:
         import torch
         from tqdm.auto import tqdm
 
@@ -519,7 +623,7 @@ class _Trainer:
         min_steps = math.ceil(s.min_epochs * steps_per_epoch)
         bad_evals, done, loss_sum, loss_n, stage_best = 0, 0, 0.0, 0, -math.inf
         self.stages.append(stage)
-        bar = tqdm(total=total, desc=f"finetune {stage}", disable=not s.progress, leave=False)
+        bar = tqdm(total=total, desc=f"finetune {stage}", disable=not s.progress or not self.ranks.main, leave=False)
         while done < total:
             for rows in _batches(self.rng.permutation(train_rows), self.lengths, s.batch_size, self.rng):
                 loss_sum += self._train_step(rows, optimizer, scheduler)
@@ -528,7 +632,7 @@ class _Trainer:
                 self.step += 1
                 bar.update(1)
                 if done % eval_every == 0 or done == total:
-                    score = self._evaluate_and_keep(stage, loss_sum / loss_n)
+                    score = self._evaluate_and_keep(stage, self.ranks.all_sum(loss_sum) / loss_n)
                     # Patience follows this stage's own best: stage 2 gets its run even below stage 1's score.
                     improved = score > stage_best + s.min_delta
                     stage_best = max(stage_best, score)
@@ -667,6 +771,9 @@ def finetune(settings: FinetuneSettings) -> dict:
     y, class_names = _targets(s.task, table.column("label"), s.label_column)
 
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = join_process_group(device.type)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)  # one GPU per process
     torch.manual_seed(s.seed)
     encoder = load_encoder(s.model, device="cpu")
     encoder_config = encoder.config
@@ -688,9 +795,11 @@ def finetune(settings: FinetuneSettings) -> dict:
         extra["target_mean"] = float(y[rows["train"]].mean())
         extra["target_std"] = float(y[rows["train"]].std()) or 1.0
     model = _build_model(s, encoder, stats, extra, max_length).to(device)
+    if ranks.world > 1:
+        torch.manual_seed(s.seed + ranks.rank)  # same initial weights everywhere, each rank its own dropout
     numeric, categorical = encode_tabular(model.config, table)
     pad = encoder_config.pad_token_id if encoder_config.pad_token_id is not None else 0
-    trainer = _Trainer(model, s, sequences, numeric, categorical, y, rows, device, pad)
+    trainer = _Trainer(model, s, sequences, numeric, categorical, y, rows, device, pad, ranks)
 
     staged = s.staged and s.use_sequence and model.config.has_tabular
     first = "tabular" if not s.use_sequence else "fusion"
@@ -734,22 +843,25 @@ def finetune(settings: FinetuneSettings) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
+        "processes": ranks.world,
         "history": trainer.history,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
     }
 
-    # Rerun-safe: build the directory aside, then swap it in.
-    out = Path(s.output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    predictions = _predictions_table(s.task, table, held_out, split, y, test_pred, class_names)
-    pq.write_table(predictions, tmp / "predictions.parquet")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if ranks.main:
+        # Rerun-safe: build the directory aside, then swap it in.
+        out = Path(s.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        predictions = _predictions_table(s.task, table, held_out, split, y, test_pred, class_names)
+        pq.write_table(predictions, tmp / "predictions.parquet")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    ranks.barrier()  # no process returns before the output is in place
     return metrics
 
 
@@ -777,7 +889,8 @@ def finetune(settings: FinetuneSettings) -> dict:
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
               help="Epochs of the fusion run (the tabular stage has --stage1-epochs).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap on optimizer steps per stage.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Rows per step over all processes (under torchrun / accelerate launch each process takes its share).")
 @click.option("--encoder-lr", "--lr", "encoder_lr", type=click.FloatRange(min=0, min_open=True), default=3e-4,
               show_default=True, help="Peak learning rate of the transformer (or its adapters).")
 @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
@@ -841,7 +954,12 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs, min_delta=min_delta,
         max_length=max_length, seed=seed,
     )
-    metrics = finetune(settings)
+    try:
+        metrics = finetune(settings)
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items() if isinstance(v, float))
     click.echo(
         f"fine-tuned {metrics['task']} on {metrics['rows']['train']} users for {metrics['steps']} steps "
@@ -852,8 +970,18 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         click.echo("note: the validation metric was still improving at the last evaluation; more --epochs may help")
 
 
+def _leave_process_group() -> None:
+    """End this process's part in the torchrun / accelerate process group, if it joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 __all__ = [
     "FinetuneSettings",
+    "Ranks",
+    "join_process_group",
     "finetune",
     "join_inputs",
     "infer_feature_types",
