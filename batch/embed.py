@@ -7,13 +7,12 @@ to a temp file that replaces the output only when complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import click
 
+from domaintok.artifacts import atomic_file
 from domaintok.errors import DomaintokError
 
 INPUT_COLUMNS = ("user_id", "input_ids", "n_events", "last_event_ts")
@@ -30,7 +29,6 @@ def embed_parquet(
 ) -> dict:
     """Embed every user of `sequences` with the model in `model_dir`; returns counts and throughput."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -50,14 +48,11 @@ def embed_parquet(
     if missing:
         raise DomaintokError(f"{sequences}: missing column(s) {', '.join(missing)} (expected a `domaintok tokenize` output)")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
     users = tokens = truncated = 0
     started = time.perf_counter()
     bar = tqdm(total=parquet.metadata.num_rows, unit="user", desc="embed", disable=not progress)
     try:
-        with pq.ParquetWriter(tmp, EMBEDDINGS_SCHEMA, compression="zstd") as writer:
+        with atomic_file(output) as tmp, pq.ParquetWriter(tmp, EMBEDDINGS_SCHEMA, compression="zstd") as writer:
             for batch in parquet.iter_batches(batch_size=chunk_rows, columns=list(INPUT_COLUMNS)):
                 lists = batch.column("input_ids")
                 offsets = lists.offsets.to_numpy()
@@ -72,28 +67,10 @@ def embed_parquet(
                     rows[i] = truncate_window(rows[i], context, sep)
                     truncated += 1
                 embeddings = embed_sequences(model, rows, batch_size=batch_size)  # (rows, H) float32
-                H = embeddings.shape[1]
-                table = pa.table(
-                    {
-                        "user_id": batch.column("user_id").cast(pa.string()),
-                        "embedding": pa.ListArray.from_arrays(
-                            pa.array(np.arange(0, (batch.num_rows + 1) * H, H, dtype=np.int32)),
-                            pa.array(embeddings.reshape(-1)),
-                        ),
-                        "n_events": batch.column("n_events").cast(pa.int64()),
-                        "last_event_ts": batch.column("last_event_ts").cast(pa.timestamp("us", tz="UTC")),
-                        "model_version": pa.array([version] * batch.num_rows, pa.string()),
-                    },
-                    schema=EMBEDDINGS_SCHEMA,
-                )
-                writer.write_table(table)
+                writer.write_table(_embeddings_table(batch, embeddings, version))
                 users += batch.num_rows
                 tokens += int(offsets[-1] - offsets[0])
                 bar.update(batch.num_rows)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         bar.close()
     seconds = time.perf_counter() - started
@@ -110,6 +87,29 @@ def embed_parquet(
         "device": str(next(model.parameters()).device),
         "batch_size": batch_size,
     }
+
+
+def _embeddings_table(batch, embeddings, version: str):
+    """One EMBEDDINGS_SCHEMA table for a batch of sequences and their (rows, H) float32 embeddings."""
+    import numpy as np
+    import pyarrow as pa
+
+    from domaintok.models.embedding import EMBEDDINGS_SCHEMA
+
+    H = embeddings.shape[1]
+    return pa.table(
+        {
+            "user_id": batch.column("user_id").cast(pa.string()),
+            "embedding": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, (batch.num_rows + 1) * H, H, dtype=np.int32)),
+                pa.array(embeddings.reshape(-1)),
+            ),
+            "n_events": batch.column("n_events").cast(pa.int64()),
+            "last_event_ts": batch.column("last_event_ts").cast(pa.timestamp("us", tz="UTC")),
+            "model_version": pa.array([version] * batch.num_rows, pa.string()),
+        },
+        schema=EMBEDDINGS_SCHEMA,
+    )
 
 
 @click.command("embed")

@@ -8,10 +8,8 @@ one chunk: inputs over CHUNK_EVENTS events are split into user ranges.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from domaintok.artifacts import atomic_file
 from domaintok.event_encoding import EventEncoding, compact
 from domaintok.event_sql import (
     KEEP,
@@ -107,23 +106,14 @@ def tokenize_to_parquet(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Stream sequences into a parquet file (written to a temp file beside it, then renamed); returns counts."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     users = tokens = 0
     counts: dict[str, int] = {}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with pq.ParquetWriter(tmp, SEQUENCES_SCHEMA, compression="zstd") as writer:
-            for batch in iter_tokenize(tok, data, max_length, on_rows=on_rows, stats=counts, **kwargs):
-                writer.write_batch(batch)
-                users += batch.num_rows
-                tokens += len(batch.column("input_ids").values)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as tmp, pq.ParquetWriter(tmp, SEQUENCES_SCHEMA, compression="zstd") as writer:
+        for batch in iter_tokenize(tok, data, max_length, on_rows=on_rows, stats=counts, **kwargs):
+            writer.write_batch(batch)
+            users += batch.num_rows
+            tokens += len(batch.column("input_ids").values)
     events = counts.get("events", 0)
     user_tokens = np.concatenate(counts.get("user_tokens") or [np.zeros(0, np.int64)])
     return {

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from domaintok.artifacts import atomic_file
 from domaintok.errors import DomaintokError
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -356,8 +357,5 @@ def generate_events(domain: str, n_users: int, n_events: int, *, seed: int = 0, 
 
 def write_events_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     """Write `table` to `path` atomically (temp file + rename), so a rerun never leaves half a file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import click
@@ -17,6 +16,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from domaintok.artifacts import atomic_file
 from streams.clients import DeadLetterReader, EmbeddingConsumer, latest_per_user
 from streams.records import DeadLetter, EmbeddingRecord
 from streams.settings import KafkaSettings
@@ -119,15 +119,14 @@ def _jsonl(record) -> bytes:
 
 def write_records(records: list, path: Path, dead_letter: bool) -> None:
     """Write records to parquet or JSONL by `path`'s suffix, atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if path.suffix == ".parquet":
-        table = _dead_letter_table(records) if dead_letter else _embedding_table(records)
-        pq.write_table(table, tmp)
-    else:
-        with open(tmp, "wb") as out:
-            for record in records:
-                out.write(_jsonl(record) + b"\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        if path.suffix == ".parquet":
+            table = _dead_letter_table(records) if dead_letter else _embedding_table(records)
+            pq.write_table(table, tmp)
+        else:
+            with open(tmp, "wb") as out:
+                for record in records:
+                    out.write(_jsonl(record) + b"\n")
 
 
 @click.command("consume")

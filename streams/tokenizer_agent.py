@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from domaintok.artifacts import pickle_files
+from domaintok.artifacts import refuse_pickles
 from domaintok.context import PreviousEvent
 from domaintok.errors import ArtifactError, EventError
 from domaintok.window import UserWindow, append_events, window_input_ids
@@ -60,9 +60,7 @@ def load_tokenizer(directory: Any) -> Any:
     path = Path(directory)
     if not path.is_dir():
         raise ArtifactError(f"tokenizer dir {str(path)!r} does not exist")
-    pickled = pickle_files(path, recursive=True)
-    if pickled:
-        raise ArtifactError(f"tokenizer dir {str(path)!r}: refusing pickle files {', '.join(pickled)} (JSON only)")
+    refuse_pickles(path, recursive=True, prefix=f"tokenizer dir {str(path)!r}")
     return DomainTokenizer.from_pretrained(path)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from domaintok.artifacts import pickle_files
+from domaintok.artifacts import check_fingerprint, refuse_pickles
 from domaintok.errors import ArtifactError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
@@ -42,9 +42,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path}: not a model directory (no config.json)")
-    pickled = pickle_files(path)
-    if pickled:
-        raise ArtifactError(f"{path}: refusing pickle weights {', '.join(pickled)}; only safetensors are loaded")
+    refuse_pickles(path, kind="weights")
     if not any(path.glob("model*.safetensors")):
         raise ArtifactError(f"{path}: no {WEIGHTS_NAME} in the model directory")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
@@ -67,11 +65,7 @@ def load_encoder(
     """
     path = check_model_dir(model_dir)
     config = DomainTransformerConfig.from_pretrained(path)
-    if expected_fingerprint is not None and config.tokenizer_fingerprint != expected_fingerprint:
-        raise ArtifactError(
-            f"{path}: model was trained with tokenizer fingerprint {config.tokenizer_fingerprint!r}, "
-            f"but the tokenizer in use has {expected_fingerprint!r}"
-        )
+    check_fingerprint(path, config.tokenizer_fingerprint, expected_fingerprint)
     model = DomainTransformerModel.from_pretrained(path, config=config, use_safetensors=True)
     return model.to(torch.device(device) if device is not None else default_device()).eval()
 

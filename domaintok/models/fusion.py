@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from domaintok.artifacts import pickle_files
+from domaintok.artifacts import check_fingerprint, refuse_pickles
 from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
@@ -447,17 +447,11 @@ class JointFusionModel(nn.Module):
         path = Path(model_dir)
         if not (path / CONFIG_NAME).is_file():
             raise ArtifactError(f"{path}: not a joint fusion model directory (no {CONFIG_NAME})")
-        pickled = pickle_files(path)
-        if pickled:
-            raise ArtifactError(f"{path}: refusing pickle files {', '.join(pickled)}; only safetensors are loaded")
+        refuse_pickles(path)
         if not (path / WEIGHTS_NAME).is_file():
             raise ArtifactError(f"{path}: no {WEIGHTS_NAME} in the model directory")
         config = JointFusionConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        if expected_fingerprint is not None and config.tokenizer_fingerprint != expected_fingerprint:
-            raise ArtifactError(
-                f"{path}: model was trained with tokenizer fingerprint {config.tokenizer_fingerprint!r}, "
-                f"but the tokenizer in use has {expected_fingerprint!r}"
-            )
+        check_fingerprint(path, config.tokenizer_fingerprint, expected_fingerprint)
         model = cls(config)
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
         if device is not None:
