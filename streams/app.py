@@ -1,7 +1,8 @@
 """The Faust tokenizer app: events -> per-user windows (changelog-backed Table) -> sequences, bad events -> dead-letter.
 
 Run with `faust -A streams.app worker -l info --without-web` or `domaintok worker tokenize`; every setting comes from the
-environment (see `AppConfig.from_env`), never from code.
+environment (see `AppConfig.from_env`), never from code. Importing this module builds nothing: `create_app` is the
+factory, and the module attribute `app` (what `faust -A` reads) is built from the environment on first access.
 
 At-least-once, in this order per micro-batch: (1) Table writes and sends are queued, (2) the producer is flushed and
 every send's delivery awaited, (3) only then does `take_events` ack the batch's events, so the committed offset never
@@ -264,4 +265,10 @@ def _app_from_env() -> faust.App:
     return create_app(AppConfig.from_env(), settings)
 
 
-app = _app_from_env()
+def __getattr__(name: str):
+    """`faust -A streams.app worker` reads `app`: it is built from the environment then, never by an import of this
+    module (which tests and tools do for AppConfig and create_app)."""
+    if name == "app":
+        built = globals()["app"] = _app_from_env()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

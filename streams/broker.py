@@ -220,7 +220,7 @@ class Broker:
             start_new_session=True,  # Ctrl-C in a terminal reaches us; we stop the broker gracefully
             preexec_fn=_die_with_parent,
         )
-        _LIVE.add(self)
+        _track(self)
         try:
             self._wait_ready(self.startup_timeout)
         except BaseException:
@@ -549,11 +549,19 @@ def local_or_configured(settings: KafkaSettings, kind: str = "embedded", *, crea
         yield local, broker
 
 
-@atexit.register
 def _stop_live_brokers() -> None:
     for broker in list(_LIVE):
         with contextlib.suppress(Exception):
             broker.stop(timeout=10)
+
+
+def _track(broker: Broker) -> None:
+    """Stop `broker` at interpreter exit if nobody did; the exit hook is registered by the first start, not by an
+    import of this module."""
+    if not _LIVE:
+        atexit.unregister(_stop_live_brokers)  # registered at most once
+        atexit.register(_stop_live_brokers)
+    _LIVE.add(broker)
 
 
 def ensure_topics(

@@ -59,3 +59,35 @@ def test_the_window_rule_lives_in_one_module():
                 ):
                     offenders.append(f"{path.relative_to(ROOT)}: def {node.name}")
     assert not offenders, offenders
+
+
+def test_importing_any_module_does_nothing():
+    """No module acts when imported: no app built, no port opened, no exit hook registered, no settings required.
+    Every module of the three packages is imported in a fresh interpreter with no Kafka or DOMAINTOK settings."""
+    import os
+    import subprocess
+    import sys
+
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for package in FORBIDDEN
+        for p in (ROOT / package).rglob("*.py")
+    )
+    script = f"""
+import atexit, socket, sys
+import numpy, pyarrow, pyarrow.parquet, duckdb, torch, transformers, transformers.trainer, faust, confluent_kafka, aiokafka, prometheus_client  # their own exit hooks
+listening = []
+real_listen = socket.socket.listen
+socket.socket.listen = lambda self, *a: listening.append(self.getsockname()) or real_listen(self, *a)
+before = atexit._ncallbacks()
+import importlib
+for name in {modules!r}:
+    importlib.import_module(name)
+assert atexit._ncallbacks() == before, f"exit hooks registered by an import: {{atexit._ncallbacks() - before}}"
+assert not listening, f"ports opened by an import: {{listening}}"
+print("ok", len({modules!r}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "DOMAINTOK_"))}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")

@@ -20,7 +20,7 @@ from streams.demo import build_artifacts, event_rows, producer_overrides, start_
 from streams.records import SequenceRecord, decode_sequence
 
 
-EXIT_AGENT_FAILED = 70  # streams.app.EXIT_AGENT_FAILED (importing streams.app builds the app from the env)
+EXIT_AGENT_FAILED = 70  # streams.app.EXIT_AGENT_FAILED
 
 
 class _Sequences(_TopicReader[SequenceRecord]):
