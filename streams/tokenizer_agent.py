@@ -252,11 +252,37 @@ def process_batch(
     Forwarded events are never forwarded again: one that is still off its home partition (the partition count
     changed in between) is folded where it is. None: no forwarding (every event is folded where it is read).
     """
-    fingerprint = tok.fingerprint
     dead: list[DeadLetterOut] = []
-    events: list[Any] = []
-    kept: list[Message] = []
-    origins: list[tuple[int, int] | None] = []  # per kept message: where a forwarded event was first read
+    screened = _screen(messages, tok.fingerprint, decoders, dead)
+    if not screened.events:
+        return BatchResult(stored_sequences(tok, table, replays), dead, 0)
+    windows, previous = _stored_windows(screened.kept, table)
+    et = _tokenize(tok, screened, previous, dead)
+    if et is None:
+        return BatchResult(stored_sequences(tok, table, replays), dead, 0)
+    latest_ok = _INT64_MAX if max_future_us is None else (
+        (now_us if now_us is not None else time.time_ns() // 1000) + max_future_us
+    )
+    routed = _route(screened, et, windows, dead, list(replays), max_future_us, latest_ok, home)
+    out = _fold(tok, routed, windows, table, max_length)
+    good = sum(len(slot.ids) for slot in routed.per_user.values())
+    # the stored windows of replayed users go out again (ours and the caller's replays)
+    out += stored_sequences(tok, table, routed.replays, skip_keys={key for key, _ in out})
+    return BatchResult(out, dead, good, routed.replayed, routed.forwards)
+
+
+@dataclasses.dataclass
+class _Screened:
+    """The records of a batch that decoded to events, with where a forwarded one was first read."""
+
+    events: list[Any] = dataclasses.field(default_factory=list)
+    kept: list[Message] = dataclasses.field(default_factory=list)
+    origins: list[tuple[int, int] | None] = dataclasses.field(default_factory=list)
+
+
+def _screen(messages: Sequence[Message], fingerprint: str, decoders: EventDecoders, dead: list[DeadLetterOut]) -> _Screened:
+    """Step 1: the fingerprint header, the key, the value's bytes; the rest is dead-lettered."""
+    out = _Screened()
     for msg in messages:
         got = header_value(msg.headers, HEADER_FINGERPRINT)
         if got != fingerprint:
@@ -271,53 +297,76 @@ def process_batch(
             continue
         try:
             origin = _origin(msg.headers)
-            events.append(decoders.decode(msg.value, msg.headers))
+            out.events.append(decoders.decode(msg.value, msg.headers))
         except Exception as exc:  # noqa: BLE001 - whatever the bytes raise, the record goes to dead-letter
             dead.append(_dead(msg, _decode_reason(exc), "decode"))
             continue
-        kept.append(msg)
-        origins.append(origin)
-    if not events:
-        return BatchResult(stored_sequences(tok, table, replays), dead, 0)
+        out.kept.append(msg)
+        out.origins.append(origin)
+    return out
 
-    # the tokens that depend on the user's previous event (time since previous, calendar changes) need the newest
-    # event of earlier batches (user ids come from the schema's expression; the record key is the same id, checked below).
+
+def _stored_windows(
+    kept: list[Message], table: Mapping[bytes, bytes]
+) -> tuple[dict[bytes, StoredWindow | None], dict[str, PreviousEvent]]:
+    """Step 2: each user's stored window, read once, and its newest event for the tokens that depend on the previous
+    one (user ids come from the schema's expression; the record key is the same id, checked in _route)."""
+    windows: dict[bytes, StoredWindow | None] = {}
     previous: dict[str, PreviousEvent] = {}
-    windows: dict[bytes, UserWindow | None] = {}
     for msg in kept:
         if msg.key not in windows:
             w = windows[msg.key] = decode_window(table.get(msg.key))
             if w is not None and w.n_events:
                 previous[msg.key.decode("utf-8", "replace")] = PreviousEvent(w.last_event_ts, w.context)
-    try:
-        et = tok.encode_event_tokens(events, previous)
-    except Exception:  # noqa: BLE001 - isolate the events that make the tokenizer raise, then go on without them
-        crashed = _crashing_events(tok, events, previous)
-        dead += [_dead(kept[i], why, "tokenize") for i, why in sorted(crashed.items())]
-        kept = [m for i, m in enumerate(kept) if i not in crashed]
-        origins = [o for i, o in enumerate(origins) if i not in crashed]
-        events = [e for i, e in enumerate(events) if i not in crashed]
-        if not events:
-            return BatchResult(stored_sequences(tok, table, replays), dead, 0)
-        et = tok.encode_event_tokens(events, previous)
+    return windows, previous
 
-    if max_future_us is None:
-        latest_ok = _INT64_MAX
-    else:
-        latest_ok = (now_us if now_us is not None else time.time_ns() // 1000) + max_future_us
-    # group good events per user key, arrival order kept
-    per_user: dict[bytes, tuple[str, list, list, list[int], list[Message]]] = {}
-    replayed = 0
-    replays = list(replays)
-    forwards: list[ForwardOut] = []
-    seen_origins: dict[bytes, dict[int, int]] = {}  # per user: the stored origins, advanced by this batch
-    for i, msg in enumerate(kept):
+
+def _tokenize(tok: Any, screened: _Screened, previous: dict[str, PreviousEvent], dead: list[DeadLetterOut]):
+    """Step 3: ONE encode_event_tokens call; if the tokenizer raises, the events that make it raise are isolated,
+    dead-lettered and dropped from `screened`, and the rest tokenized again. None when no event is left."""
+    try:
+        return tok.encode_event_tokens(screened.events, previous)
+    except Exception:  # noqa: BLE001 - isolate the events that make the tokenizer raise, then go on without them
+        crashed = _crashing_events(tok, screened.events, previous)
+    dead += [_dead(screened.kept[i], why, "tokenize") for i, why in sorted(crashed.items())]
+    screened.kept = [m for i, m in enumerate(screened.kept) if i not in crashed]
+    screened.origins = [o for i, o in enumerate(screened.origins) if i not in crashed]
+    screened.events = [e for i, e in enumerate(screened.events) if i not in crashed]
+    return tok.encode_event_tokens(screened.events, previous) if screened.events else None
+
+
+@dataclasses.dataclass
+class _UserEvents:
+    """One user's good events of the batch, in arrival order."""
+
+    user: str
+    ids: list = dataclasses.field(default_factory=list)
+    ts: list[int] = dataclasses.field(default_factory=list)
+    kafka_ts: list[int] = dataclasses.field(default_factory=list)
+    msgs: list[Message] = dataclasses.field(default_factory=list)
+    context: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Routed:
+    per_user: dict[bytes, _UserEvents]
+    forwards: list[ForwardOut]
+    replays: list[Message]
+    replayed: int
+    seen_origins: dict[bytes, dict[int, int]]  # per user: the stored origins, advanced by this batch
+
+
+def _route(screened: _Screened, et: Any, windows: dict[bytes, StoredWindow | None], dead: list[DeadLetterOut],
+           replays: list[Message], max_future_us: int | None, latest_ok: int, home) -> _Routed:
+    """Step 4: each tokenized event is dead-lettered (tokenizer reason, key, future time), forwarded to its home
+    partition, skipped as a replay, or grouped under its user for folding."""
+    routed = _Routed({}, [], replays, 0, {})
+    for i, msg in enumerate(screened.kept):
         reason = et.errors[i]
         if reason is not None:
             dead.append(_dead(msg, reason, "tokenize"))
             continue
-        user = et.user_ids[i]
-        key = msg.key
+        user, key = et.user_ids[i], msg.key
         if key != user.encode("utf-8"):
             dead.append(_dead(msg, f"record key {key[:100]!r} is not the event's user id {user[:100]!r}", "key"))
             continue
@@ -325,58 +374,66 @@ def process_batch(
             why = f"event time {_iso_us(et.event_ts[i])} is more than {max_future_us / 3.6e9:g} h in the future"
             dead.append(_dead(msg, why, "time"))
             continue
-        origin = origins[i]
+        origin = screened.origins[i]
         if origin is None and home is not None and home(key) != msg.partition:
-            forwards.append(_forward(msg, home(key)))
+            routed.forwards.append(_forward(msg, home(key)))
             continue
-        stored = windows[key]
-        if stored is not None and stored.partition == msg.partition and msg.offset <= stored.offset:
-            replayed += 1
-            replays.append(msg)
+        if _is_replay(msg, origin, windows[key], routed):
             continue
-        if origin is not None:
-            seen = seen_origins.get(key)
-            if seen is None:
-                seen = seen_origins[key] = dict(stored.origins) if stored is not None else {}
-            if origin[1] <= seen.get(origin[0], -1):
-                replayed += 1  # the same event forwarded again (its forwarder replayed it after a crash)
-                continue
-            seen[origin[0]] = origin[1]
-        slot = per_user.get(key)
+        slot = routed.per_user.get(key)
         if slot is None:
-            slot = per_user[key] = (user, [], [], [], [], [])
-        slot[1].append(et.ids[et.offsets[i] : et.offsets[i + 1]])
-        slot[2].append(int(et.event_ts[i]))
-        slot[3].append(msg.timestamp_ms)
-        slot[4].append(msg)
-        slot[5].append(et.context[i])
+            slot = routed.per_user[key] = _UserEvents(user)
+        slot.ids.append(et.ids[et.offsets[i] : et.offsets[i + 1]])
+        slot.ts.append(int(et.event_ts[i]))
+        slot.kafka_ts.append(msg.timestamp_ms)
+        slot.msgs.append(msg)
+        slot.context.append(et.context[i])
+    return routed
 
+
+def _is_replay(msg: Message, origin: tuple[int, int] | None, stored: StoredWindow | None, routed: _Routed) -> bool:
+    """True for an event the user's window already holds: at or below its stored input position, or a forward at or
+    below the highest origin offset seen from that origin partition (a re-forward after a crash)."""
+    if stored is not None and stored.partition == msg.partition and msg.offset <= stored.offset:
+        routed.replayed += 1
+        routed.replays.append(msg)
+        return True
+    if origin is not None:
+        seen = routed.seen_origins.get(msg.key)
+        if seen is None:
+            seen = routed.seen_origins[msg.key] = dict(stored.origins) if stored is not None else {}
+        if origin[1] <= seen.get(origin[0], -1):
+            routed.replayed += 1  # the same event forwarded again (its forwarder replayed it after a crash)
+            return True
+        seen[origin[0]] = origin[1]
+    return False
+
+
+def _fold(tok: Any, routed: _Routed, windows: dict[bytes, StoredWindow | None], table: MutableMapping[bytes, bytes],
+          max_length: int) -> list[tuple[bytes, SequenceRecord]]:
+    """Step 5: each user's events into their window (read once, assigned back once: a Faust Table only persists
+    assignments), and the user's new sequence record."""
     out: list[tuple[bytes, SequenceRecord]] = []
-    good = 0
-    for key, (user, ids, ts, kafka_ts, msgs, context) in per_user.items():
-        window = append_events(windows[key], ids, ts, max_length, context)
-        last = msgs[-1]
+    for key, slot in routed.per_user.items():
         stored = windows[key]
-        origins_now = seen_origins.get(key, stored.origins if stored is not None else {})
+        window = append_events(stored, slot.ids, slot.ts, max_length, slot.context)
+        last = slot.msgs[-1]
+        origins_now = routed.seen_origins.get(key, stored.origins if stored is not None else {})
         window = StoredWindow(**msgspec.structs.asdict(window), partition=last.partition, offset=last.offset,
                               origins=origins_now)
         table[key] = encode_window(window)
-        good += len(ids)
-        out.append(
-            (
-                user.encode("utf-8"),
-                SequenceRecord(
-                    user_id=user,
-                    input_ids=window_input_ids(window, tok.bos_token_id).tolist(),
-                    n_events=window.n_events,
-                    last_event_ts=window.last_event_ts,
-                    source_ts_ms=max(kafka_ts),
-                    fingerprint=fingerprint,
-                ),
-            )
-        )
-    out += stored_sequences(tok, table, replays, skip_keys={key for key, _ in out})  # ours and the caller's
-    return BatchResult(out, dead, good, replayed, forwards)
+        out.append((
+            slot.user.encode("utf-8"),
+            SequenceRecord(
+                user_id=slot.user,
+                input_ids=window_input_ids(window, tok.bos_token_id).tolist(),
+                n_events=window.n_events,
+                last_event_ts=window.last_event_ts,
+                source_ts_ms=max(slot.kafka_ts),
+                fingerprint=tok.fingerprint,
+            ),
+        ))
+    return out
 
 
 def _origin(headers: Headers) -> tuple[int, int] | None:
