@@ -16,6 +16,13 @@ import click
 from domaintok.errors import DomaintokError
 
 ENTRY_POINT_GROUP = "domaintok.commands"
+# top-level modules of the optional dependencies (pyproject.toml) -> the extra that installs them
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(["torch", "accelerate", "peft", "matplotlib", "lightgbm", "sklearn", "scipy", "onnx",
+                     "onnxruntime", "onnxscript"], "train"),
+    **dict.fromkeys(["faust", "mode", "confluent_kafka", "aiokafka", "cramjam", "calfkit", "prometheus_client",
+                     "uvloop"], "stream"),
+}
 
 
 class PluginGroup(click.Group):
@@ -34,7 +41,12 @@ class PluginGroup(click.Group):
         ep = self._entry_points().get(name)
         if ep is None:
             return None
-        command = ep.load()
+        try:
+            command = ep.load()
+        except ModuleNotFoundError as exc:
+            if missing_extra(exc) is None:
+                raise
+            raise DomaintokError(f"`domaintok {name}` {missing_extra(exc)}") from None
         if not isinstance(command, click.Command):
             raise TypeError(f"entry point {ep.value!r} is not a click command")
         self.add_command(command, name)
@@ -66,6 +78,14 @@ def cli():
     """
 
 
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """'needs X, which is not installed: pip install ...' when X comes with one of our extras; None otherwise."""
+    extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return f"needs {exc.name}, which is not installed: pip install 'domaintok[{extra}]'"
+
+
 def _fail(prog: str, message: str) -> int:
     # One line, whatever the message carried: a user reads the first line only.
     line = " ".join(str(message).split())
@@ -88,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(prog, exc.format_message())
     except DomaintokError as exc:
         return _fail(prog, str(exc))
+    except ModuleNotFoundError as exc:  # a command whose extra is not installed: say which one
+        if missing_extra(exc) is None:
+            raise
+        return _fail(prog, missing_extra(exc))
     except OSError as exc:  # a path the command could not read or write: say which, not a traceback
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         return _fail(prog, f"{exc.strerror or exc}{where}")

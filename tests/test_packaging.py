@@ -146,8 +146,11 @@ def test_installed_wheel_fits_a_shipped_schema_by_name_from_anywhere(installed_w
 def test_the_environment_satisfies_every_declared_lower_bound():
     # A bound above what is installed would be untested; one below it is checked by reading the code (pyproject).
     unmet = []
-    for spec in PYPROJECT["project"]["dependencies"]:
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    for spec in PYPROJECT["project"]["dependencies"] + [d for extra in optional.values() for d in extra]:
         requirement = Requirement(spec)
+        if requirement.name == "domaintok":
+            continue  # `all` names the other extras
         try:
             installed = version(requirement.name)
         except PackageNotFoundError:
@@ -156,3 +159,53 @@ def test_the_environment_satisfies_every_declared_lower_bound():
         if not requirement.specifier.contains(installed, prereleases=True):
             unmet.append(f"{spec}: installed {installed}")
     assert not unmet, unmet
+
+
+# -- extras: a tokenizer worker installs neither torch nor LightGBM -------------------------------------------------
+
+BLOCK_TRAIN = """
+import sys
+from domaintok.cli import EXTRA_OF_MODULE
+BLOCKED = {m for m, extra in EXTRA_OF_MODULE.items() if extra == "train"}
+for name in BLOCKED:
+    sys.modules[name] = None  # as if not installed: `import` raises ModuleNotFoundError, find_spec gives None
+"""
+
+
+def test_extras_split_the_dependencies():
+    core = {Requirement(d).name for d in PYPROJECT["project"]["dependencies"]}
+    extras = {k: {Requirement(d).name for d in v} for k, v in PYPROJECT["project"]["optional-dependencies"].items()}
+    assert not core & {"torch", "lightgbm", "onnx", "faust-streaming", "confluent-kafka"}
+    assert {"torch", "lightgbm", "scikit-learn", "onnx"} <= extras["train"]
+    assert {"faust-streaming", "confluent-kafka", "prometheus-client"} <= extras["stream"]
+    assert PYPROJECT["project"]["optional-dependencies"]["all"] == ["domaintok[train,stream]"]
+
+
+@pytest.mark.slow
+def test_fit_tokenize_and_the_tokenizer_worker_need_no_train_extra(tmp_path):
+    """With torch, LightGBM, scikit-learn, onnx... made uninstallable, the core + stream paths still work, and a
+    command that needs the train extra says which one to install."""
+    events = _retail_events(tmp_path / "retail.parquet")
+    out = _python(BLOCK_TRAIN + f"""
+from domaintok.cli import main
+assert main(["fit", "--schema", "online_retail", "--input", {str(events)!r}, "--output", {str(tmp_path / 'tok')!r}]) == 0
+assert main(["tokenize", "--tokenizer", {str(tmp_path / 'tok')!r}, "--input", {str(events)!r},
+             "--output", {str(tmp_path / 'seq.parquet')!r}]) == 0
+import streams.app, streams.tokenizer_agent, streams.produce, streams.consume
+from streams.tokenizer_agent import load_tokenizer
+assert load_tokenizer({str(tmp_path / 'tok')!r}).fingerprint
+assert main(["pretrain", "--sequences", {str(tmp_path / 'seq.parquet')!r}, "--tokenizer", {str(tmp_path / 'tok')!r},
+             "--output", {str(tmp_path / 'model')!r}, "--preset", "tiny"]) == 2
+assert main(["evaluate", "--help"]) == 2
+print(sorted(m for m, mod in sys.modules.items() if m.split(".")[0] in BLOCKED and mod is not None))
+""", cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_missing_extra_is_named_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_TRAIN + "from domaintok.cli import main\nsys.exit(main(['evaluate', '--help']))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("is not installed: pip install 'domaintok[train]'")
