@@ -254,6 +254,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         use_cpu=not cuda,
         torch_compile=s.compile,
         gradient_checkpointing=s.gradient_checkpointing,
+        ddp_find_unused_parameters=False,  # every objective uses every parameter (checked for clm, coles, both)
         logging_strategy="steps",
         logging_steps=s.logging_steps or max(1, max_steps // 50),
         logging_first_step=True,

@@ -305,7 +305,14 @@ class SequenceDataset(IterableDataset):
                     f"{len(plan)} planned batches unfilled): did the file change during training?"
                 )
         if self.shuffle:
-            rng.shuffle(batches)
+            # A random order of whole batches, but each size keeps its places: the smaller batches stay after the
+            # full ones (the last steps of an epoch), so step j has the planned size on every rank at once.
+            sizes = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
+            for size in np.unique(sizes):
+                at = np.flatnonzero(sizes == size)
+                same = [batches[i] for i in at]
+                for i, j in zip(at, rng.permutation(len(at))):
+                    batches[i] = same[j]
         for rows in batches:
             self.stats.sequences += len(rows)
             self.stats.tokens += int(lengths[rows].sum())
