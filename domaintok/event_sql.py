@@ -231,7 +231,7 @@ def create_events_view(
         selects.append(f"SELECT {', '.join(cols)}, {k} AS __input, {quote(row_col)} AS __row FROM {name}")
     union = " UNION ALL BY NAME ".join(f"({s})" for s in selects)
     fields = ", ".join(
-        f"CAST(({spec.source}) AS {SQL_TYPE_BY_FIELD[spec.type]}) AS __f{i}" for i, spec in enumerate(schema.fields)
+        f"{field_sql(spec)} AS __f{i}" for i, spec in enumerate(schema.fields)
     )
     keep = f"coalesce(({schema.filter}), false)" if schema.filter else "true"
     if restrict is not None:
@@ -252,3 +252,12 @@ def ts_micros(col) -> np.ndarray:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     return arr.cast(pa.timestamp("us", tz=arr.type.tz)).view(pa.int64()).to_numpy(zero_copy_only=False)
 
+
+def field_sql(spec) -> str:
+    """The SQL of one field's encoder input: its source cast to the type its encoder reads; for a semantic-ID entity
+    with a `content` expression, a struct of the value and its text (an unseen item is coded from its text)."""
+    params = spec.typed_params()
+    value = f"CAST(({spec.source}) AS {SQL_TYPE_BY_FIELD[spec.type]})"
+    if spec.type == "categorical_entity" and params.ids == "semantic" and params.content is not None:
+        return f"struct_pack(value := {value}, text := CAST(({params.content}) AS VARCHAR))"
+    return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -240,21 +241,76 @@ class CategoricalEncoder(FieldEncoder):
 
 
 class EntityEncoder(FieldEncoder):
-    """[F_NULL] then n_tokens groups of `buckets` tokens [F_j_b]: token j of a value is bits 16j..16j+15 of its hash mod buckets."""
+    """High-cardinality ids (products, merchants). `ids: hashed`: [F_NULL] then n_tokens groups of `buckets` tokens
+    [F_j_b], token j of a value being bits 16j..16j+15 of its hash mod buckets. `ids: semantic`: [F_NULL], then per
+    level the codes [F_L{l}_ccc] and the disambiguation digits [F_D_dd] of the value's semantic ID
+    (domaintok/semantic_ids.py), fitted on the items' content text and/or their co-occurrence in users' histories."""
+
+    def __init__(self, spec, state=None, *, base=0):
+        super().__init__(spec, state, base=base)
+        self._semantic = None  # SemanticIds, built from the state on first use
+
+    @property
+    def semantic(self):
+        if self._semantic is None:
+            from domaintok.semantic_ids import SemanticIds
+
+            self._semantic = SemanticIds.from_dict(self.state["semantic"])
+        return self._semantic
+
+    def fit(self, con, view, col):
+        if self.params.ids != "semantic":
+            self.state = {}
+            return
+        from domaintok.semantic_ids import SemanticIdParams, fit_semantic_ids, item_sequences
+
+        params = msgspec.convert(self.params.semantic, SemanticIdParams)
+        has_text = self.params.content is not None
+        value = f'"{col}".value' if has_text else f'"{col}"'
+        if has_text:  # each item once, with its most frequent non-null text (ties: the smallest text)
+            items = con.sql(
+                f'SELECT v, first(t ORDER BY t IS NULL, c DESC, t) AS t FROM (SELECT {value} AS v, "{col}".text AS t, '
+                f"count(*) AS c FROM {view} WHERE {value} IS NOT NULL GROUP BY ALL) GROUP BY v ORDER BY v"
+            ).to_arrow_table()
+        else:
+            items = con.sql(f"SELECT DISTINCT {value} AS v FROM {view} WHERE {value} IS NOT NULL ORDER BY v").to_arrow_table()
+        sequences = None
+        if params.source != "content":
+            events = con.sql(f"SELECT __user, __ts, {value} AS v FROM {view} ORDER BY __user, __ts, __input, __row")
+            events = events.to_arrow_table()
+            sequences = item_sequences(items.column("v"), events.column("v"), events.column("__user"))
+        texts = items.column("t") if has_text else None
+        self.state = {"semantic": fit_semantic_ids(items.column("v"), texts, sequences, params).to_dict()}
+        self._semantic = None
+
+    def _layout(self) -> tuple[list[int], int]:
+        """Codes per level then digits (the ID's positions), and the width of a level's code in token names."""
+        sizes = self.semantic.vocab_sizes
+        return sizes, len(str(max(sizes) - 1))
 
     def suffixes(self):
-        b, k = self.params.buckets, self.params.n_tokens
-        width = len(str(b - 1))
-        return ["NULL", *(f"{j}_{i:0{width}d}" for j in range(k) for i in range(b))]
+        if self.params.ids != "semantic":
+            b, k = self.params.buckets, self.params.n_tokens
+            width = len(str(b - 1))
+            return ["NULL", *(f"{j}_{i:0{width}d}" for j in range(k) for i in range(b))]
+        sizes, width = self._layout()
+        out = ["NULL"]
+        for level, size in enumerate(sizes[:-1]):
+            out += [f"L{level}_{c:0{width}d}" for c in range(size)]
+        return out + [f"D_{d:0{width}d}" for d in range(sizes[-1])]
 
     @property
     def max_tokens_per_event(self):
+        if self.params.ids == "semantic":
+            return len(self.semantic.vocab_sizes)
         return self.params.n_tokens
 
     def encode(self, col):
         return padded_to_ragged(self.encode_padded(col))
 
     def encode_padded(self, col):
+        if self.params.ids == "semantic":
+            return self._encode_semantic(_as_array(col))
         arr = _strings(col)
         b, k = self.params.buckets, self.params.n_tokens
         # hash each distinct value of the batch once
@@ -268,6 +324,24 @@ class EntityEncoder(FieldEncoder):
         table = (parts.astype(np.int64) + 1 + np.arange(k) * b + self.base).astype(np.int32)
         table[m, 0], table[m, 1:] = self.base, 0
         return table[idx]
+
+    def _encode_semantic(self, arr: pa.Array) -> np.ndarray:
+        """Each value's semantic ID as token ids (seen items: their fitted ID; unseen ones: from their text when the
+        field has `content`, else hashed); a null value is the single [F_NULL]."""
+        if pa.types.is_struct(arr.type):
+            values, texts = arr.field("value"), arr.field("text")
+            if arr.null_count:
+                values = pc.if_else(arr.is_valid(), values, pa.nulls(len(arr), values.type))
+        else:
+            values, texts = _strings(arr), None
+        ids = self.semantic.ids_for(values, texts)  # (n, levels + 1), -1 rows for nulls
+        sizes = np.asarray(self.semantic.vocab_sizes, np.int64)
+        offsets = self.base + 1 + np.concatenate([[0], np.cumsum(sizes[:-1])])
+        out = (ids + offsets[None, :]).astype(np.int32)
+        null = ids[:, 0] < 0
+        out[null] = 0
+        out[null, 0] = self.base
+        return out
 
 
 class TemporalEncoder(FieldEncoder):

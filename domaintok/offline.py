@@ -24,6 +24,7 @@ from domaintok.event_sql import (
     DataLike,
     EventFilter,
     create_events_view,
+    field_sql,
     input_rows,
     sql_str,
     tokenize_connection,
@@ -251,7 +252,9 @@ def _field_columns(schema: DomainSchema) -> tuple[list[str], list[str]]:
     names, seen = [], {}
     event_time = (schema.event_time.strip(), "TIMESTAMPTZ")
     for i, spec in enumerate(schema.fields):
-        key = (spec.source.strip(), SQL_TYPE_BY_FIELD[spec.type])
+        sql = field_sql(spec)
+        # a semantic-ID entity reads a struct of value and text: its own column, shared only with the same struct
+        key = (spec.source.strip(), SQL_TYPE_BY_FIELD[spec.type]) if sql.startswith("CAST(") else (sql, "STRUCT")
         names.append("__ts" if key == event_time else seen.setdefault(key, f"__f{i}"))
     return names, list(dict.fromkeys(n for n in names if n != "__ts"))
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from domaintok.errors import SchemaError
+from domaintok.errors import DomaintokError, SchemaError
 
 # The schemas shipped inside the package (package data): `load_schema("online_retail")` reads online_retail.yaml here.
 SCHEMAS_DIR: Traversable = resources.files("domaintok") / "schemas"
@@ -66,10 +66,15 @@ class CategoricalParams(_Strict, forbid_unknown_fields=True, kw_only=True):
 
 
 class EntityParams(_Strict, forbid_unknown_fields=True, kw_only=True):
-    """categorical_entity: a stable 64-bit hash of the value, spread over n_tokens tokens of `buckets` ids each."""
+    """categorical_entity: `ids: hashed` (default) spreads a stable 64-bit hash of the value over n_tokens tokens of
+    `buckets` ids each; `ids: semantic` gives each value a semantic ID (domaintok/semantic_ids.py): `levels` codes
+    from item vectors (the `content` expression's text, co-occurrence in users' histories, or both) plus a digit."""
 
+    ids: Literal["hashed", "semantic"] = "hashed"
     buckets: int = 64
     n_tokens: int = 2
+    content: str | None = None  # SQL expression of the item's text (e.g. a product description), for semantic ids
+    semantic: dict[str, Any] = {}  # SemanticIdParams: levels, codes, disambiguation, source, dims, ...
 
 
 class TemporalParams(_Strict, forbid_unknown_fields=True, kw_only=True):
@@ -242,6 +247,17 @@ def _check_params(name: str, ftype: str, p: Any, where: str) -> None:
         raise bad(f"max_size and min_frequency must be >= 1, got {p.max_size} and {p.min_frequency}")
     if ftype == "categorical_entity" and (not 2 <= p.buckets <= 65536 or not 1 <= p.n_tokens <= 4):
         raise bad(f"buckets must be in 2..65536 and n_tokens in 1..4, got {p.buckets} and {p.n_tokens}")
+    if ftype == "categorical_entity" and p.ids == "semantic":
+        from domaintok.semantic_ids import SemanticIdParams  # numpy + msgspec only
+
+        try:
+            semantic = msgspec.convert(p.semantic, SemanticIdParams)
+        except (msgspec.ValidationError, DomaintokError) as exc:
+            raise bad(f"semantic: {exc}") from None
+        if semantic.source != "cooccurrence" and p.content is None:
+            raise bad(f"semantic ids from source {semantic.source!r} need `content` (the item's text expression)")
+    elif ftype == "categorical_entity" and (p.content is not None or p.semantic):
+        raise bad("`content` and `semantic` apply to ids: semantic only")
     if ftype == "temporal":
         unknown = [part for part in p.parts if part not in CALENDAR_PARTS]
         if unknown:

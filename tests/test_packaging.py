@@ -129,7 +129,7 @@ def test_installed_wheel_fits_a_shipped_schema_by_name_from_anywhere(installed_w
         "assert domaintok.__file__.startswith(site), domaintok.__file__\n"
         "assert batch.fit.__file__.startswith(site), batch.fit.__file__\n"
         "assert str(domaintok.schema.SCHEMAS_DIR).startswith(site), domaintok.schema.SCHEMAS_DIR\n"
-        "assert domaintok.schema.shipped_schema_names() == ['ecommerce', 'finance', 'online_retail']",
+        "assert domaintok.schema.shipped_schema_names() == ['ecommerce', 'finance', 'online_retail', 'online_retail_compact']",
         cwd=workdir, pythonpath=installed_wheel,
     )
     events = _retail_events(tmp_path / "retail.parquet")

@@ -42,7 +42,7 @@ def _field(**overrides):
     return _with(fields=[*BASE["fields"], field])
 
 
-@pytest.mark.parametrize("name", ["finance", "ecommerce", "online_retail"])
+@pytest.mark.parametrize("name", ["finance", "ecommerce", "online_retail", "online_retail_compact"])
 def test_shipped_schemas_load_by_name_and_path(name):
     by_name = load_schema(name)
     by_path = load_schema(SCHEMAS_DIR / f"{name}.yaml")
@@ -51,9 +51,9 @@ def test_shipped_schemas_load_by_name_and_path(name):
 
 
 def test_bare_names_are_the_schemas_shipped_inside_the_package():
-    assert shipped_schema_names() == ["ecommerce", "finance", "online_retail"]
+    assert shipped_schema_names() == ["ecommerce", "finance", "online_retail", "online_retail_compact"]
     assert Path(str(SCHEMAS_DIR)).parent == Path(domaintok.__file__).parent  # package data, not the checkout
-    with pytest.raises(SchemaError, match=r"'no_such_schema': no such file \(known names: ecommerce, finance, online_retail\)"):
+    with pytest.raises(SchemaError, match=r"'no_such_schema': no such file \(known names: ecommerce, finance, online_retail, online_retail_compact\)"):
         load_schema("no_such_schema")
 
 

@@ -47,9 +47,19 @@ def change_only_tokenizer(retail_events_slice):
     return DomainTokenizer.fit(schema_from_dict(raw), retail_events_slice, bpe_vocab_size=600)
 
 
-@pytest.mark.parametrize("calendar", ["every_event", "only_changes"])
-def test_batches_match_offline_tokenize(calendar, retail_domain_tokenizer, change_only_tokenizer, retail_rows):
-    tok = retail_domain_tokenizer if calendar == "every_event" else change_only_tokenizer
+@pytest.fixture(scope="module")
+def compact_tokenizer(retail_events_slice):
+    """online_retail_compact.yaml: only_changes calendar tokens and semantic-ID stock codes, no description BPE."""
+    from domaintok.tokenizer import DomainTokenizer
+
+    return DomainTokenizer.fit("online_retail_compact", retail_events_slice)
+
+
+@pytest.mark.parametrize("schema", ["online_retail", "only_changes", "online_retail_compact"])
+def test_batches_match_offline_tokenize(schema, retail_domain_tokenizer, change_only_tokenizer, compact_tokenizer,
+                                        retail_rows):
+    tok = {"online_retail": retail_domain_tokenizer, "only_changes": change_only_tokenizer,
+           "online_retail_compact": compact_tokenizer}[schema]
     table, rows = retail_rows
     decoders = EventDecoders(tok.event_struct)
     state: dict[bytes, bytes] = {}
