@@ -98,9 +98,32 @@ def _consumer_settings(config: AppConfig) -> dict:
 
 
 def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
-    tok = load_tokenizer(config.tokenizer_dir)  # refuses pickles, other versions, edited content
-    max_length = config.max_length or tok.max_length
-    decoders = EventDecoders(tok.event_struct)
+    """The tokenizer worker's Faust app: the tokenize agent over the events topic, the per-user windows Table, the lag
+    timer and the metrics endpoint. Loads the tokenizer first (refusing pickles, other versions, edited content)."""
+    tok = load_tokenizer(config.tokenizer_dir)
+    app = _faust_app(config, settings)
+    worker = TokenizeWorker(app, config, settings, tok)
+
+    @app.agent(worker.events)
+    async def tokenize(stream):
+        logs.install()  # Faust set up logging when its worker started: from here on, one format for every line
+        # Records go out through app.producer (TokenizeWorker.send), so declare the output topics as Topic.send would.
+        await worker.sequences.maybe_declare()
+        await worker.dead_letter.maybe_declare()
+        async for batch in stream.take_events(config.batch_size, within=config.batch_within):
+            try:
+                await worker.handle_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - every failure ends the process, see crash_exit
+                crash_exit(exc)
+
+    app.timer(interval=5.0)(worker.report_lag)
+    app.conf.domaintok_config = config  # for tests and the worker command
+    metrics.serve(config.metrics_port)
+    return app
+
+
+def _faust_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
+    """The Faust App with the worker's settings and its consumer path (batch delivery or stock + gap-safe commits)."""
     app = faust.App(
         config.app_id,
         **settings.faust_settings(),
@@ -122,110 +145,119 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
         from streams.fast_consumer import use_gap_safe_consumer
 
         use_gap_safe_consumer(app)
-    raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    events = app.topic(settings.topic_events, partitions=settings.partitions, **raw)
-    sequences = app.topic(settings.topic_sequences, partitions=settings.partitions, **raw)
-    dead_letter = app.topic(settings.topic_dead_letter, partitions=settings.partitions, **raw)
-    # use_partitioner: keys are the input's raw key bytes, so the changelog partition = the input partition
-    # (producers use murmur2, as Faust does); this is also what lets the agent write inside take_events().
-    windows = app.Table(
-        "user-windows", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes,
-        schema=faust.Schema(key_type=bytes, value_type=bytes, **raw),
-    )
-    # The resume point per input partition, in the Table (streams/positions.py): Faust's committed offset can skip
-    # events after a restart with a backlog (faust-streaming issue 596) and redeliver the last one.
-    guard = PositionGuard(windows, settings.partitions)
-    # Events read off their user's home partition go there (streams/routing.py): home from the topic's real count.
-    routing: dict[str, HomePartitions] = {}
-    misrouted_warning = RateLimitedWarning(every=60.0)
+    return app
 
-    def home_partitions() -> HomePartitions:
-        partitions = app.consumer.topic_partitions(settings.topic_events) or settings.partitions
-        current = routing.get("home")
-        if current is None or current.partitions != partitions:
-            if partitions != settings.partitions:
+
+class TokenizeWorker:
+    """What the tokenize agent does with each micro-batch: the position guard, process_batch, the sends and their
+    delivery, all before take_events acks the batch."""
+
+    def __init__(self, app: faust.App, config: AppConfig, settings: KafkaSettings, tok) -> None:
+        self.app, self.settings, self.tok = app, settings, tok
+        self.max_length = config.max_length or tok.max_length
+        self.decoders = EventDecoders(tok.event_struct)
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.events = app.topic(settings.topic_events, partitions=settings.partitions, **raw)
+        self.sequences = app.topic(settings.topic_sequences, partitions=settings.partitions, **raw)
+        self.dead_letter = app.topic(settings.topic_dead_letter, partitions=settings.partitions, **raw)
+        # use_partitioner: keys are the input's raw key bytes, so the changelog partition = the input partition
+        # (producers use murmur2, as Faust does); this is also what lets the agent write inside take_events().
+        self.windows = app.Table(
+            "user-windows", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes,
+            schema=faust.Schema(key_type=bytes, value_type=bytes, **raw),
+        )
+        # The resume point per input partition, in the Table (streams/positions.py): Faust's committed offset can
+        # skip events after a restart with a backlog (faust-streaming issue 596) and redeliver the last one.
+        self.guard = PositionGuard(self.windows, settings.partitions)
+        self._home: HomePartitions | None = None
+        self._misrouted_warning = RateLimitedWarning(every=60.0)
+
+    def home_partitions(self) -> HomePartitions:
+        """Events read off their user's home partition go there (streams/routing.py): home from the topic's real
+        partition count, which may differ from the Table's after the topic grew."""
+        partitions = self.app.consumer.topic_partitions(self.settings.topic_events) or self.settings.partitions
+        if self._home is None or self._home.partitions != partitions:
+            if partitions != self.settings.partitions:
                 log.warning("event=partition_count topic=%s partitions=%d table_partitions=%d: the events topic no "
                             "longer matches the tokenizer's Table; see the README's 'Growing partitions'",
-                            settings.topic_events, partitions, settings.partitions)
-            current = routing["home"] = HomePartitions(partitions)
-        return current
+                            self.settings.topic_events, partitions, self.settings.partitions)
+            self._home = HomePartitions(partitions)
+        return self._home
 
-    @app.agent(events)
-    async def tokenize(stream):
-        logs.install()  # Faust set up logging when its worker started: from here on, one format for every line
-        # Records go out through app.producer (handle_batch), so declare the output topics as Topic.send would.
-        await sequences.maybe_declare()
-        await dead_letter.maybe_declare()
-        async for batch in stream.take_events(config.batch_size, within=config.batch_within):
-            try:
-                await handle_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - every failure ends the process, see crash_exit
-                crash_exit(exc)
-
-    async def handle_batch(batch) -> None:
+    async def handle_batch(self, batch) -> None:
         messages = [
             Message(
                 m.key, m.value, list(m.headers or ()), m.topic, m.partition, m.offset, int((m.timestamp or 0) * 1000)
             )
             for m in (ev.message for ev in batch)
         ]
-        screened = guard.screen(messages, time.monotonic())
-        consumer = app.consumer
-        for partition, offset in screened.seeks.items():
-            metrics.log_kv(log, "gap", partition=partition, seek_to=offset, arrived=screened.arrived.get(partition),
-                           dropped=screened.dropped)
-            tp = TP(settings.topic_events, partition)
-            await consumer.seek(tp, offset)
-            await consumer.settle_before(tp, offset)  # below the stored position: folded already, commit past it
-        for partition, first, last in screened.accepted_holes:
-            log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
-                        first, last, partition)
-            await consumer.settle_before(TP(settings.topic_events, partition), last + 1)
+        screened = self.guard.screen(messages, time.monotonic())
+        await self._seek(screened)
         t0 = time.perf_counter()
         # the guard's replays are not folded again, but re-send their users' stored windows (see stored_sequences)
-        result = process_batch(tok, decoders, screened.keep, windows, max_length, replays=screened.replays,
-                               home=home_partitions())
-        guard.record(screened.keep)
+        result = process_batch(self.tok, self.decoders, screened.keep, self.windows, self.max_length,
+                               replays=screened.replays, home=self.home_partitions())
+        self.guard.record(screened.keep)
         metrics.BATCH_SECONDS.labels("tokenize").observe(time.perf_counter() - t0)
         metrics.BATCH_SIZE.labels("tokenize").observe(len(messages))
         metrics.EVENTS_IN.labels("tokenize").inc(len(messages))
-        # Straight to the app's producer (Faust's public Producer.send): one record costs ~5x less than through
-        # Topic.send, whose per-record FutureMessage/sensor/callback machinery was a quarter of the worker's CPU.
-        send = app.producer.send
-        seq_topic = settings.topic_sequences
-        futures = [await send(seq_topic, key, encode_record(rec), None, None, None) for key, rec in result.sequences]
-        for d in result.dead_letters:
-            futures.append(await send(settings.topic_dead_letter, d.key, d.value, None, None, d.headers))
-            metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
-        events_topic = settings.topic_events
-        for f in result.forwards:
-            futures.append(await send(events_topic, f.key, f.value, f.partition, f.timestamp_ms / 1000, f.headers))
-        if result.forwards:
-            metrics.MISROUTED.labels("tokenize").inc(len(result.forwards))
-            due = misrouted_warning.add(len(result.forwards))
-            if due:
-                log.warning("event=misrouted count=%d: events arrived off their user's home partition (a producer "
-                            "not using murmur2 key partitioning, or a changed partition count) and were forwarded "
-                            "there", due)
-        # Deliveries (sequences, dead letters, forwards, changelog) confirmed before take_events acks the batch.
-        await app.producer.flush()
-        if futures:
-            await asyncio.gather(*futures)
+        await self._send(result)
         metrics.RECORDS_OUT.labels("tokenize").inc(len(result.sequences))
         if result.dead_letters or result.replayed or screened.replayed or screened.dropped:
             metrics.log_kv(log, "batch", events=len(messages), sequences=len(result.sequences),
                            dead_lettered=len(result.dead_letters), replayed=result.replayed + screened.replayed,
                            dropped=screened.dropped)
 
-    @app.timer(interval=5.0)
-    async def report_lag() -> None:
+    async def _seek(self, screened) -> None:
+        """The position guard's seeks (a gap after a restart) and the offsets it takes as absent, settled so the
+        committed offset can pass them."""
+        consumer = self.app.consumer
+        for partition, offset in screened.seeks.items():
+            metrics.log_kv(log, "gap", partition=partition, seek_to=offset, arrived=screened.arrived.get(partition),
+                           dropped=screened.dropped)
+            tp = TP(self.settings.topic_events, partition)
+            await consumer.seek(tp, offset)
+            await consumer.settle_before(tp, offset)  # below the stored position: folded already, commit past it
+        for partition, first, last in screened.accepted_holes:
+            log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
+                        first, last, partition)
+            await consumer.settle_before(TP(self.settings.topic_events, partition), last + 1)
+
+    async def _send(self, result) -> None:
+        """Sequences, dead letters and forwards, then every delivery (and the changelog) confirmed.
+
+        Straight to the app's producer (Faust's public Producer.send): one record costs ~5x less than through
+        Topic.send, whose per-record FutureMessage/sensor/callback machinery was a quarter of the worker's CPU."""
+        send = self.app.producer.send
+        settings = self.settings
+        futures = [await send(settings.topic_sequences, key, encode_record(rec), None, None, None)
+                   for key, rec in result.sequences]
+        for d in result.dead_letters:
+            futures.append(await send(settings.topic_dead_letter, d.key, d.value, None, None, d.headers))
+            metrics.DEAD_LETTERED.labels("tokenize", d.reason_class).inc()
+        for f in result.forwards:
+            futures.append(await send(settings.topic_events, f.key, f.value, f.partition, f.timestamp_ms / 1000,
+                                      f.headers))
+        if result.forwards:
+            metrics.MISROUTED.labels("tokenize").inc(len(result.forwards))
+            due = self._misrouted_warning.add(len(result.forwards))
+            if due:
+                log.warning("event=misrouted count=%d: events arrived off their user's home partition (a producer "
+                            "not using murmur2 key partitioning, or a changed partition count) and were forwarded "
+                            "there", due)
+        # Deliveries (sequences, dead letters, forwards, changelog) confirmed before take_events acks the batch.
+        await self.app.producer.flush()
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def report_lag(self) -> None:
         """domaintok_consumer_lag{stage="tokenize"}: high watermark minus the next offset to read, summed over the
         worker's assigned events partitions."""
-        consumer = app.consumer
+        consumer = self.app.consumer
         lag = 0
         try:
             for tp in consumer.assignment():
-                if tp.topic != settings.topic_events:
+                if tp.topic != self.settings.topic_events:
                     continue
                 high = consumer.highwater(tp)
                 position = await consumer.position(tp)
@@ -235,10 +267,6 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
             log.debug("consumer lag not read: %r", exc)
             return
         metrics.CONSUMER_LAG.labels("tokenize").set(lag)
-
-    app.conf.domaintok_config = config  # for tests and the worker command
-    metrics.serve(config.metrics_port)
-    return app
 
 
 def crash_exit(exc: BaseException) -> None:
