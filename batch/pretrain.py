@@ -134,9 +134,8 @@ class PretrainSettings:
 def pretrain(settings: PretrainSettings) -> dict:
     """Run a pretraining job end to end; returns the metrics also written to <output>/metrics.json."""
     import torch
-    from transformers import AutoTokenizer, TrainingArguments
-
     from accelerate import PartialState
+    from transformers import AutoTokenizer, TrainingArguments
 
     from batch.contrastive import ColesCollator, ColesSettings, PretrainTrainer, check_objective
     from batch.sequence_data import (
@@ -151,8 +150,8 @@ def pretrain(settings: PretrainSettings) -> dict:
 
     s = settings
     cuda = torch.cuda.is_available()
-    # Joins the process group when started by torchrun / accelerate launch (gloo on CPU, NCCL on GPU); the Trainer's
-    # arguments below reuse this state.
+    # Joins the process group when started by torchrun / accelerate launch (gloo on CPU, NCCL on GPU);
+    # TrainingArguments below rebuilds this state over the same group.
     if not cuda:
         # accelerate names the device of a multi-CPU run "cpu:0", which torch.load cannot map tensors to: the
         # Trainer would fail to reload the optimizer on --resume. Its state (rebuilt by TrainingArguments) takes

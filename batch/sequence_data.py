@@ -2,9 +2,9 @@
 
 Choice: an `IterableDataset` over parquet record batches (not a map-style dataset over memory-mapped Arrow).
 It reads only the `user_id` and `input_ids` columns, one row group at a time, so memory stays flat whatever the
-file size, needs no conversion step before training, and shards by row group across DataLoader workers. The cost
-is no random access: shuffling is per epoch over row groups plus a bounded in-memory buffer, and the Trainer must
-be given `max_steps` (computed from the row count by `count_sequences`).
+file size, needs no conversion step before training, and shards by rows across ranks and DataLoader workers. The
+cost is no random access: shuffling is per epoch over row groups plus a bounded in-memory buffer, and the epoch's
+length must be counted first (`count_sequences`, or per shard by `rank_batches`).
 
 Bucketing instead of packing: packing users into one row would let one user's tokens attend to another's unless
 every batch carried a block-diagonal mask, which rules out the flash kernel. Sorting a buffer of

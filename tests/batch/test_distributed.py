@@ -3,12 +3,13 @@
 Unit tests check the sharding of the training stream directly: every rank reads its own rows, every rank runs the
 same number of batches per epoch, and across ranks each item is used exactly once an epoch. The end-to-end tests
 run `python -m torch.distributed.run --nproc_per_node 2` on a tiny synthetic data set (a word-level tokenizer of 45
-tokens, 192 users, the tiny preset) and compare with a single-process run of the same global batch:
+tokens, 192 users, the tiny preset) and compare with a single-process run of the same global batch. Starting
+processes costs most of the time (imports), so one torchrun launch runs both the pretraining and the finetuning
+(the real CLI, wrapped to record), and a second one resumes through the installed `domaintok` console script.
 
-- pretrain: the items each rank trained on (recorded by a wrapper around the real CLI), the loss curve (within
-  `PRETRAIN_CURVE_TOLERANCE`: the ranks bucket their own shards, so the global batches hold other users than a
-  single process's, and only the curve's level can match), which processes wrote the model dir, and `--resume`
-  through the real `domaintok` console script;
+- pretrain: the items each rank trained on, the loss curve (within `PRETRAIN_CURVE_TOLERANCE`: the ranks bucket
+  their own shards, so the global batches hold other users than a single process's, and only the curve's level can
+  match), which processes wrote the model dir, and `--resume`;
 - finetune: every process trains on a slice of the same global batches, so without dropout the run is the
   single-process run up to float rounding (`FINETUNE_TOLERANCE`).
 """
@@ -138,9 +139,10 @@ def test_every_rank_runs_the_same_batches_and_each_item_once_an_epoch(tmp_path, 
 
 # --- torchrun end to end ------------------------------------------------------------------------------------------
 
-# Runs the real CLI in each torchrun process after wrapping two functions, to record (1) the items each rank trains
-# on, per epoch, and (2) which ranks write the model directory.
-RECORDING_LAUNCHER = '''
+# Runs the real CLI in each torchrun process, one command after the other (each joins and leaves the process group),
+# after wrapping two functions to record (1) the items each rank trains on, per epoch, and (2) which ranks write
+# the pretrained model directory.
+RECORDING_LAUNCHER = """
 import json, os, sys
 from batch import pretrain, sequence_data
 from domaintok.cli import main
@@ -161,12 +163,13 @@ def recording_write(*args, **kwargs):
 
 sequence_data.RankBatches.__iter__ = recording_iter
 pretrain._write_model_dir = recording_write
-sys.exit(main(sys.argv[1:]))
-'''
+commands = json.loads(sys.argv[1])
+sys.exit(max(main(command) for command in commands))
+"""
 
 
-def torchrun(*args, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPU (gloo), one thread per process."""
+def torchrun(*args, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS` on CPU (gloo), one thread a process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                *map(str, args)]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
@@ -184,8 +187,7 @@ def console_script() -> str:
     return str(script)
 
 
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory) -> Path:
+def write_word_tokenizer(out: Path) -> Path:
     """A plain HF word-level tokenizer over the synthetic ids (pretrain reads vocabulary and special ids from it)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -196,48 +198,87 @@ def word_tokenizer(tmp_path_factory) -> Path:
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), pad_token="[PAD]",
         bos_token="[BOS]", sep_token="[SEP]", eos_token="[EOS]", unk_token="[UNK]", model_max_length=CONTEXT,
     )
-    out = tmp_path_factory.mktemp("word_tokenizer")
     tokenizer.save_pretrained(out)
     return out
 
 
-def pretrain_args(sequences: Path, tokenizer: Path, output: Path, steps: int) -> list[str]:
-    return ["pretrain", "--sequences", sequences, "--tokenizer", tokenizer, "--output", output, "--preset", "tiny",
-            "--context-length", CONTEXT, "--batch-size", 16, "--lr", 3e-3, "--eval-fraction", 0.2,
-            "--max-steps", steps, "--save-steps", steps // 2, "--threads", 1, "--seed", 0]
+def write_finetune_inputs(root: Path, rows: list[list[int]]) -> tuple[Path, Path]:
+    """Labels with an explicit split (129 train rows: the last global batch of 16 has a single row, so one process
+    trains on none of it) and a numeric feature that carries part of the label."""
+    rng = np.random.default_rng(1)
+    users = [f"user-{i:03d}" for i in range(N_USERS)]
+    events = np.array([(len(r) - 4) // 3 for r in rows])
+    label = ((events > 4) ^ (rng.random(N_USERS) < 0.15)).astype(np.int64)
+    split = ["train"] * 129 + ["valid"] * 32 + ["test"] * 31
+    labels, features = root / "labels.parquet", root / "features.parquet"
+    pq.write_table(pa.table({"user_id": users, "label": label, "split": split}), labels)
+    pq.write_table(pa.table({"user_id": users, "x": rng.normal(size=N_USERS) + label}), features)
+    return labels, features
+
+
+def pretrain_args(root: Path, output: str, steps: int) -> list[str]:
+    return [str(a) for a in [
+        "pretrain", "--sequences", root / "seq.parquet", "--tokenizer", root / "tokenizer", "--output", root / output,
+        "--preset", "tiny", "--context-length", CONTEXT, "--batch-size", 16, "--lr", 3e-3, "--eval-fraction", 0.2,
+        "--max-steps", steps, "--save-steps", steps // 2, "--threads", 1, "--seed", 0]]
+
+
+# Without dropout, so that two processes can reproduce one exactly; patience never stops a stage early.
+FINETUNE_OPTIONS = dict(epochs=2, stage1_epochs=2, batch_size=16, dropout=0.0, evals_per_epoch=2, patience=10)
+
+
+def finetune_args(root: Path, output: str) -> list[str]:
+    return ["finetune", "--model", str(root / "encoder"), "--sequences", str(root / "seq.parquet"), "--labels",
+            str(root / "labels.parquet"), "--features", str(root / "features.parquet"), "--output", str(root / output),
+            *[f"--{k.replace('_', '-')}={v}" for k, v in FINETUNE_OPTIONS.items()]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One process, in this process: pretrain ("one") and finetune ("ft-one"). Two processes, one torchrun launch:
+    the same pretraining ("two", recorded) and the same finetuning ("ft-two"). Pretraining runs two epochs with
+    checkpoints at each epoch's end; finetuning starts from a tiny encoder without dropout (pretrain's has 0.1,
+    which each process would draw differently)."""
+    import torch
+
+    from domaintok.cli import main
+    from domaintok.models import DomainTransformerConfig, DomainTransformerModel
+
+    root = tmp_path_factory.mktemp("distributed")
+    rows = write_users(root / "seq.parquet")
+    write_word_tokenizer(root / "tokenizer")
+    write_finetune_inputs(root, rows)
+    torch.manual_seed(0)
+    config = DomainTransformerConfig.from_preset("tiny", vocab_size=FIRST + TOKENS, pad_token_id=PAD,
+                                                 bos_token_id=BOS, sep_token_id=SEP, tokenizer_fingerprint="fp",
+                                                 max_position_embeddings=CONTEXT, dropout=0.0)
+    DomainTransformerModel(config).save_pretrained(root / "encoder")
+    train = sorted(items(SequenceDataset(path=root / "seq.parquet", split="train", batch_size=16,
+                                         context_length=CONTEXT, sep_token_id=SEP, eval_fraction=0.2, shuffle=False)))
+    steps = 2 * -(-len(train) // 16)
+    seconds = {}
+    started = time.perf_counter()
+    assert main(pretrain_args(root, "one", steps)) == 0
+    assert main(finetune_args(root, "ft-one")) == 0
+    seconds["one"] = time.perf_counter() - started
+    (root / "record").mkdir()
+    (root / "launch.py").write_text(RECORDING_LAUNCHER)
+    started = time.perf_counter()
+    torchrun(root / "launch.py", json.dumps([pretrain_args(root, "two", steps), finetune_args(root, "ft-two")]),
+             env={"DOMAINTOK_TEST_RECORD": str(root / "record")})
+    seconds["two"] = time.perf_counter() - started
+    metrics = {run: json.loads((root / run / "metrics.json").read_text()) for run in ("one", "two", "ft-one", "ft-two")}
+    return {"root": root, "train": train, "steps": steps, "seconds": seconds, **metrics}
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_pretrain_on_two_processes_matches_one(word_tokenizer, tmp_path):
-    from domaintok.cli import main
-
-    sequences = tmp_path / "seq.parquet"
-    write_users(sequences)
-    train = sorted(items(SequenceDataset(path=sequences, split="train", batch_size=16, context_length=CONTEXT,
-                                         sep_token_id=SEP, eval_fraction=0.2, shuffle=False)))
-    steps_per_epoch = -(-len(train) // 16)
-    steps = 2 * steps_per_epoch  # two whole epochs
-
-    started = time.perf_counter()
-    assert main(list(map(str, pretrain_args(sequences, word_tokenizer, tmp_path / "one", steps)))) == 0
-    one_seconds = time.perf_counter() - started
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-
-    record = tmp_path / "record"
-    record.mkdir()
-    launcher = tmp_path / "launch_pretrain.py"
-    launcher.write_text(RECORDING_LAUNCHER)
-    started = time.perf_counter()
-    torchrun(launcher, *pretrain_args(sequences, word_tokenizer, tmp_path / "two", steps),
-             env={"DOMAINTOK_TEST_RECORD": str(record)})
-    two_seconds = time.perf_counter() - started
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-
+def test_pretrain_on_two_processes_matches_one(runs):
+    root, train, steps, one, two = runs["root"], runs["train"], runs["steps"], runs["one"], runs["two"]
     # (1) Each rank read its own items; together, every training item exactly once an epoch.
     seen = {}
     for rank in (0, 1):
-        for line in (record / f"items-{rank}.jsonl").read_text().splitlines():
+        for line in (root / "record" / f"items-{rank}.jsonl").read_text().splitlines():
             batch = json.loads(line)
             seen.setdefault((batch["epoch"], rank), []).extend(tuple(x) for x in batch["items"])
     assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -255,23 +296,29 @@ def test_pretrain_on_two_processes_matches_one(word_tokenizer, tmp_path):
     drop = float(curve["one"][:3].mean() - curve["one"][-3:].mean())
     print(f"pretrain loss curve, 1 vs 2 processes over {steps} steps: mean |difference| {difference:.4f} nats "
           f"(max {np.abs(curve['one'] - curve['two']).max():.4f}), the loss falls {drop:.3f}; eval loss "
-          f"{one['eval_loss']:.4f} vs {two['eval_loss']:.4f}; {one_seconds:.1f} s vs {two_seconds:.1f} s")
+          f"{one['eval_loss']:.4f} vs {two['eval_loss']:.4f}; pretrain + finetune {runs['seconds']['one']:.1f} s "
+          f"in this process vs {runs['seconds']['two']:.1f} s for the torchrun launch")
     assert difference < PRETRAIN_CURVE_TOLERANCE and drop > 4 * PRETRAIN_CURVE_TOLERANCE
     assert abs(one["eval_loss"] - two["eval_loss"]) < PRETRAIN_CURVE_TOLERANCE
 
     # (3) Only rank 0 wrote the model dir, and completely.
-    assert (record / "writes").read_text().split() == ["0"]
+    assert (root / "record" / "writes").read_text().split() == ["0"]
     assert {"config.json", "model.safetensors", "metrics.json", "loss_curve.png", "tokenizer.json"} <= {
-        p.name for p in (tmp_path / "two").iterdir()}
-    assert not list(tmp_path.glob(".two*"))
+        p.name for p in (root / "two").iterdir()}
+    assert not list(root.glob(".two*"))
 
-    # (4) --resume from the last checkpoint, through the installed console script as a user runs it.
-    checkpoints = tmp_path / "two.checkpoints"
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_pretrain_resumes_on_two_processes(runs):
+    """--resume from the last checkpoint of the two-process run, through the installed console script."""
+    root, steps, two = runs["root"], runs["steps"], runs["two"]
+    checkpoints = root / "two.checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{steps // 2}", f"checkpoint-{steps}"]
-    args = pretrain_args(sequences, word_tokenizer, tmp_path / "two", steps + 4)
-    args[args.index("--save-steps") + 1] = steps // 2
+    args = pretrain_args(root, "two", steps + 4)
+    args[args.index("--save-steps") + 1] = str(steps // 2)
     torchrun(console_script(), *args, "--resume")
-    resumed = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    resumed = json.loads((root / "two" / "metrics.json").read_text())
     assert resumed["resumed"] and resumed["steps"] == steps + 4 and resumed["processes"] == 2
     before = [(e["step"], e["loss"]) for e in two["log_history"] if "loss" in e]
     after = [(e["step"], e["loss"]) for e in resumed["log_history"] if "loss" in e]
@@ -279,67 +326,23 @@ def test_pretrain_on_two_processes_matches_one(word_tokenizer, tmp_path):
     assert f"checkpoint-{steps + 4}" in {p.name for p in checkpoints.iterdir()}
 
 
-def write_finetune_inputs(root: Path) -> tuple[Path, Path, Path]:
-    """Labels (explicit split: 129 train rows, so the last global batch of 16 has a single row and one process
-    trains on none of it), a numeric feature that carries part of the label, and the users' sequences."""
-    sequences = root / "seq.parquet"
-    rows = write_users(sequences)
-    rng = np.random.default_rng(1)
-    users = [f"user-{i:03d}" for i in range(N_USERS)]
-    events = np.array([(len(r) - 4) // 3 for r in rows])
-    x = rng.normal(size=N_USERS)
-    label = ((events > 4) ^ (rng.random(N_USERS) < 0.15)).astype(np.int64)
-    split = ["train"] * 129 + ["valid"] * 32 + ["test"] * 31
-    labels = root / "labels.parquet"
-    pq.write_table(pa.table({"user_id": users, "label": label, "split": split}), labels)
-    features = root / "features.parquet"
-    pq.write_table(pa.table({"user_id": users, "x": x + label}), features)
-    return sequences, labels, features
-
-
 @pytest.mark.integration
 @pytest.mark.slow
-def test_finetune_on_two_processes_is_the_single_process_run(tmp_path):
-    import torch
-
-    from batch.finetune import FinetuneSettings, finetune
-    from domaintok.models import DomainTransformerConfig, DomainTransformerModel
-
-    torch.manual_seed(0)
-    config = DomainTransformerConfig.from_preset("tiny", vocab_size=FIRST + TOKENS, pad_token_id=PAD,
-                                                 bos_token_id=BOS, sep_token_id=SEP, tokenizer_fingerprint="fp",
-                                                 max_position_embeddings=CONTEXT, dropout=0.0)
-    DomainTransformerModel(config).save_pretrained(tmp_path / "encoder")
-    sequences, labels, features = write_finetune_inputs(tmp_path)
-    options = dict(epochs=2, stage1_epochs=2, batch_size=16, dropout=0.0, evals_per_epoch=2, patience=10)
-
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    one = finetune(FinetuneSettings(model=tmp_path / "encoder", sequences=sequences, labels=labels,
-                                    features=features, output=tmp_path / "one", progress=False, **options))
-    one_seconds = time.perf_counter() - started
-    cli = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    started = time.perf_counter()
-    torchrun(console_script(), "finetune", "--model", tmp_path / "encoder", "--sequences", sequences, "--labels",
-             labels, "--features", features, "--output", tmp_path / "two", *cli)
-    two_seconds = time.perf_counter() - started
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    gaps = [max(abs(a["train_loss"] - b["train_loss"]), abs(a["score"] - b["score"]))
-            for a, b in zip(one["history"], two["history"])]
-    print(f"finetune, 1 vs 2 processes: {len(gaps)} evaluations over {one['steps']} steps, largest difference of "
-          f"train loss or valid score {max(gaps):.2e}; {one_seconds:.1f} s vs {two_seconds:.1f} s")
-
+def test_finetune_on_two_processes_is_the_single_process_run(runs):
+    root, one, two = runs["root"], runs["ft-one"], runs["ft-two"]
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["stages"] == two["stages"] == ["fusion", "tabular"] and two["steps"] == one["steps"]
     assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]]
-    for a, b in zip(one["history"], two["history"]):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=FINETUNE_TOLERANCE)
-        assert b["score"] == pytest.approx(a["score"], abs=FINETUNE_TOLERANCE)
+    gaps = [max(abs(a["train_loss"] - b["train_loss"]), abs(a["score"] - b["score"]))
+            for a, b in zip(one["history"], two["history"])]
+    print(f"finetune, 1 vs 2 processes: {len(gaps)} evaluations over {one['steps']} steps, largest difference of "
+          f"train loss or valid score {max(gaps):.2e}")
+    assert max(gaps) < FINETUNE_TOLERANCE
     assert (two["best_step"], two["best_stage"]) == (one["best_step"], one["best_stage"])
     for key in ("auc", "logloss", "accuracy"):
         assert two["test"][key] == pytest.approx(one["test"][key], abs=FINETUNE_TOLERANCE)
-    predictions = [pq.read_table(tmp_path / run / "predictions.parquet") for run in ("one", "two")]
+    predictions = [pq.read_table(root / run / "predictions.parquet") for run in ("ft-one", "ft-two")]
     assert predictions[0].column("user_id").to_pylist() == predictions[1].column("user_id").to_pylist()
     np.testing.assert_allclose(predictions[1].column("prediction").to_numpy(),
                                predictions[0].column("prediction").to_numpy(), atol=FINETUNE_TOLERANCE)
-    assert not list(tmp_path.glob(".two*"))
+    assert not list(root.glob(".ft-two*"))
