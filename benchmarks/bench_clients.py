@@ -19,7 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from domaintok.synthetic import generate_events  # noqa: E402
-from streams.broker import ensure_topics, make_broker  # noqa: E402
+from localkafka.broker import ensure_topics, make_broker  # noqa: E402
 from streams.clients import EmbeddingConsumer, EventProducer  # noqa: E402
 from streams.records import EmbeddingRecord, encode_record, event_headers, json_encoder  # noqa: E402
 from streams.settings import KafkaSettings  # noqa: E402

@@ -27,8 +27,8 @@ def main() -> None:
     from confluent_kafka import Producer
 
     from domaintok.models.embedding import embed_sequences
-    from streams.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
-    from streams.demo import build_artifacts
+    from localkafka.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
+    from localkafka.demo import build_artifacts
     from streams.encoder import EncoderConfig, EncoderWorker
     from streams.records import SequenceRecord, encode_record
     from streams.settings import KafkaSettings

@@ -69,7 +69,7 @@ def warm_broker(settings, seconds: float, rate: int = 4000) -> None:
         return
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    from streams.broker import ensure_topics
+    from localkafka.broker import ensure_topics
 
     topic = "bench-broker-warmup"
     ensure_topics(settings, [topic], partitions=4)
@@ -91,7 +91,7 @@ def warm_broker(settings, seconds: float, rate: int = 4000) -> None:
 
 
 def _start_encoder(settings, model_dir: Path, log_path: Path, enc_args: list[str], threads: int | None):
-    from streams.demo import start_encoder
+    from localkafka.demo import start_encoder
 
     old = os.environ.get("OMP_NUM_THREADS")
     if threads:
@@ -168,9 +168,9 @@ def main() -> None:
     ap.add_argument("--drain", type=float, default=60.0, help="seconds after the load to wait for the backlog")
     ap.add_argument("--logs", type=Path, default=None, help="copy the workers' logs here")
     args = ap.parse_args()
-    from streams.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
+    from localkafka.broker import ApacheKafkaBroker, EmbeddedBroker, ensure_topics
     from streams.clients import EmbeddingConsumer
-    from streams.demo import build_artifacts, event_rows, start_tokenizer, stop_process, wait_ready
+    from localkafka.demo import build_artifacts, event_rows, start_tokenizer, stop_process, wait_ready
     from streams.records import decode_sequence
     from streams.settings import KafkaSettings
 
@@ -194,7 +194,7 @@ def main() -> None:
             tok_env["DOMAINTOK_MAX_LENGTH"] = str(args.max_length)
         if args.tok_within is not None:
             tok_env["DOMAINTOK_BATCH_WITHIN"] = str(args.tok_within)
-        from streams.broker import free_port
+        from localkafka.broker import free_port
 
         ports = {"tokenize": free_port(), "encode": free_port()}
         tok_env["DOMAINTOK_METRICS_PORT"] = str(ports["tokenize"])

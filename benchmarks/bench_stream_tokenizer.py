@@ -87,7 +87,7 @@ def __getattr__(name: str):
 
 
 def _start_baseline(settings, app_id: str, log_path: Path, batch_size: int, within: float) -> subprocess.Popen:
-    from streams.demo import worker_env
+    from localkafka.demo import worker_env
 
     env = worker_env(settings, BENCH_APP_ID=app_id, BENCH_BATCH_SIZE=str(batch_size), BENCH_BATCH_WITHIN=str(within))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
@@ -98,7 +98,7 @@ def _start_baseline(settings, app_id: str, log_path: Path, batch_size: int, with
 
 
 def _fresh_settings(base, tag: str):
-    from streams.broker import ensure_topics
+    from localkafka.broker import ensure_topics
 
     prefix = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
     settings = base.replace(topic_events=f"{prefix}.events", topic_sequences=f"{prefix}.out",
@@ -139,7 +139,7 @@ def run_variant(kind: str, base_settings, work: Path, rows, tok, tok_dir, n_work
     from confluent_kafka import Consumer
 
     from streams.clients import EventProducer
-    from streams.demo import producer_overrides, start_tokenizer, stop_process, wait_ready
+    from localkafka.demo import producer_overrides, start_tokenizer, stop_process, wait_ready
 
     settings = _fresh_settings(base_settings, kind)
     app_id = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
@@ -245,8 +245,8 @@ def main() -> None:
                     help="also our worker fed by a CRC32 (librdkafka default) producer: the forwarding cost")
     args = ap.parse_args()
 
-    from streams.broker import ApacheKafkaBroker, EmbeddedBroker
-    from streams.demo import build_artifacts, event_rows
+    from localkafka.broker import ApacheKafkaBroker, EmbeddedBroker
+    from localkafka.demo import build_artifacts, event_rows
     from streams.settings import KafkaSettings
 
     broker_cls = ApacheKafkaBroker if args.broker == "apache" else EmbeddedBroker

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streams.broker import ApacheKafkaBroker  # noqa: E402
+from localkafka.broker import ApacheKafkaBroker  # noqa: E402
 from tests.fixtures_kafka import KafkaUnderTest, create_test_topics  # noqa: E402
 from tests.streams.faults_support import Artifacts, Harness, run_load  # noqa: E402
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from domaintok.errors import DomaintokError
 from domaintok.synthetic import DOMAINS, generate_events, write_events_parquet
-from streams.broker import ensure_topics
+from streams.topics import ensure_topics
 from streams.clients import EventProducer
 from streams.records import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK
 from streams.settings import KafkaSettings
@@ -107,6 +107,56 @@ class _Pacer:
                 time.sleep(ahead)
 
 
+def _event_batches(inputs, synthetic, stdin: bool, users: int, n_events: int, seed: int, save_parquet, tok):
+    """The events to send (Arrow batches, or lists of dicts from stdin) and their count when known."""
+    if synthetic:
+        table = generate_events(synthetic, users, n_events, seed=seed)
+        if save_parquet:
+            write_events_parquet(table, save_parquet)
+        return iter(table.to_batches(max_chunksize=BATCH_ROWS)), table.num_rows
+    if stdin:
+        return _stdin_events(), None
+    files = _parquet_files(inputs)
+    return _parquet_batches(files, tok), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _send_all(producer, batches: Iterator[Any], tok, total: int | None, limit: int | None, pacer, quiet: bool,
+              started: float) -> None:
+    """Send every event (at most `limit`) at the pacer's rate, with a progress bar. The key is the schema's user id
+    column; where the schema's user id is an expression, DuckDB evaluates it per batch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    key_by_sql = tok is not None and tok.schema.user_id not in {c.name for c in tok.schema.columns}
+    progress = Progress(
+        TextColumn("produce"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:,.0f} ev/s"),
+        TimeRemainingColumn(), disable=quiet, transient=True,
+    )
+    with progress:
+        task = progress.add_task("produce", total=total, rate=0.0)
+        for batch in batches:
+            rows = batch if isinstance(batch, list) else None
+            table = None if rows is not None else (batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
+            n_rows = len(rows) if rows is not None else table.num_rows
+            offset = 0
+            while offset < n_rows:
+                if limit is not None and producer.sent >= limit:
+                    return
+                size = min(pacer.chunk(), n_rows - offset, (limit - producer.sent) if limit else n_rows)
+                if rows is not None:
+                    events, keys = rows[offset:offset + size], None
+                else:
+                    part = table.slice(offset, size)
+                    events = part.to_pylist()
+                    keys = _user_keys(part, tok) if key_by_sql else None
+                producer.send_many(events, keys)
+                offset += size
+                pacer.wait(producer.sent)
+                elapsed = max(time.monotonic() - started, 1e-9)
+                progress.update(task, completed=producer.sent, rate=producer.sent / elapsed)
+            if limit is not None and producer.sent >= limit:
+                return
+
+
 @click.command("produce")
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, allow_dash=True, path_type=Path))
 @click.option("--synthetic", type=click.Choice(DOMAINS), default=None,
@@ -154,76 +204,23 @@ def command(
         from domaintok.tokenizer import DomainTokenizer
 
         tok = DomainTokenizer.from_pretrained(tokenizer)
-    # Key: the schema's user id column; an expression is evaluated per batch by DuckDB instead.
-    key_field = "user_id"
-    key_by_sql = False
-    if tok is not None:
-        column_names = {c.name for c in tok.schema.columns}
-        key_field = tok.schema.user_id
-        key_by_sql = key_field not in column_names
-
-    total: int | None = None
-    if synthetic:
-        table = generate_events(synthetic, users, n_events, seed=seed)
-        if save_parquet:
-            write_events_parquet(table, save_parquet)
-        batches: Iterator[Any] = iter(table.to_batches(max_chunksize=BATCH_ROWS))
-        total = table.num_rows
-    elif stdin:
-        batches = _stdin_events()
-    else:
-        files = _parquet_files(inputs)
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        batches = _parquet_batches(files, tok)
+    batches, total = _event_batches(inputs, synthetic, stdin, users, n_events, seed, save_parquet, tok)
     if limit is not None:
         total = min(total, limit) if total is not None else limit
-
     if create_topic:
         ensure_topics(settings, [topic], exact=False)
-    content_type = CONTENT_TYPE_JSON if value_format == "json" else CONTENT_TYPE_MSGPACK
     producer = EventProducer(
         settings,
         topic=topic,
         fingerprint=tok.fingerprint if tok is not None else None,
-        content_type=content_type,
+        content_type=CONTENT_TYPE_JSON if value_format == "json" else CONTENT_TYPE_MSGPACK,
         event_struct=tok.event_struct if tok is not None else None,
-        key_field=key_field,
+        key_field=tok.schema.user_id if tok is not None else "user_id",
     )
-    pacer = _Pacer(rate)
     started = time.monotonic()
     interrupted = False
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("produce"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:,.0f} ev/s"),
-        TimeRemainingColumn(), disable=quiet, transient=True,
-    )
     try:
-        with progress:
-            task = progress.add_task("produce", total=total, rate=0.0)
-            for batch in batches:
-                rows = batch if isinstance(batch, list) else None
-                table = None if rows is not None else (batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
-                n_rows = len(rows) if rows is not None else table.num_rows
-                offset = 0
-                while offset < n_rows:
-                    if limit is not None and producer.sent >= limit:
-                        break
-                    size = min(pacer.chunk(), n_rows - offset, (limit - producer.sent) if limit else n_rows)
-                    if rows is not None:
-                        events = rows[offset:offset + size]
-                        keys = None
-                    else:
-                        part = table.slice(offset, size)
-                        events = part.to_pylist()
-                        keys = _user_keys(part, tok) if key_by_sql else None
-                    producer.send_many(events, keys)
-                    offset += size
-                    pacer.wait(producer.sent)
-                    elapsed = max(time.monotonic() - started, 1e-9)
-                    progress.update(task, completed=producer.sent, rate=producer.sent / elapsed)
-                if limit is not None and producer.sent >= limit:
-                    break
+        _send_all(producer, batches, tok, total, limit, _Pacer(rate), quiet, started)
     except KeyboardInterrupt:
         interrupted = True
     producer.flush()

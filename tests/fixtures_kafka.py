@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from streams.broker import ApacheKafkaBroker, Broker, EmbeddedBroker, ensure_topics
+from localkafka.broker import ApacheKafkaBroker, Broker, EmbeddedBroker, ensure_topics
 from streams.settings import KafkaSettings
 
 REQUIRES_APACHE_REASON = "needs Apache Kafka ({why}); DOMAINTOK_TEST_BROKER=embedded selected the tansu broker"

@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from streams.clients import EventProducer
-from streams.demo import event_rows, producer_overrides, start_encoder, start_tokenizer, stop_process, wait_ready
+from localkafka.demo import event_rows, producer_overrides, start_encoder, start_tokenizer, stop_process, wait_ready
 from streams.records import decode_embedding, decode_sequence
 from streams.settings import KafkaSettings
 
@@ -58,7 +58,7 @@ class Artifacts:
 
     @classmethod
     def build(cls, work: Path, n_users: int, n_events: int, seed: int = 7) -> Artifacts:
-        from streams.demo import build_artifacts
+        from localkafka.demo import build_artifacts
 
         events, tok, tok_dir, model_dir = build_artifacts(work, "ecommerce", n_users, n_events, seed=seed)
         users = events.column(tok.schema.user_id).cast("string").to_pylist()

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from streams.clients import EventProducer, _TopicReader
-from streams.demo import build_artifacts, event_rows, producer_overrides, start_tokenizer, stop_process, wait_ready
+from localkafka.demo import build_artifacts, event_rows, producer_overrides, start_tokenizer, stop_process, wait_ready
 from streams.records import SequenceRecord, decode_sequence
 
 

@@ -42,7 +42,7 @@ def artifacts(tmp_path_factory):
     """An ecommerce tokenizer and a tiny model trained with it, plus a finance tokenizer (another schema)."""
     from domaintok.synthetic import generate_events, write_events_parquet
     from domaintok.tokenizer import DomainTokenizer
-    from streams.demo import build_artifacts
+    from localkafka.demo import build_artifacts
 
     work = tmp_path_factory.mktemp("artifacts")
     _, _, tok_dir, model_dir = build_artifacts(work, "ecommerce", 20, 300, seed=1)

@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from domaintok.errors import DomaintokError
-from streams.broker import (
+from localkafka.broker import (
     ApacheKafkaBroker,
     EmbeddedBroker,
     ensure_topics,

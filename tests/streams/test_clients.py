@@ -267,7 +267,7 @@ def test_latest_per_user_keeps_largest_n_events():
 
 
 def test_delivery_failures_are_raised_by_flush():
-    from streams.broker import free_port
+    from localkafka.broker import free_port
 
     settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")  # nothing listens there
     quiet = logging.getLogger("test.rdkafka")

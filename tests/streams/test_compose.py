@@ -14,7 +14,7 @@ import click
 import pytest
 import yaml
 
-from streams.broker import KAFKA_VERSION
+from localkafka.broker import KAFKA_VERSION
 from streams.settings import ENV_VARS, KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def test_commands_exist_in_the_cli(compose, entry_points):
         command = service["command"]
         assert command[0] in entry_points, f"{name}: `domaintok {command[0]}` is not a CLI command"
     assert compose["services"]["topics"]["command"] == ["broker", "topics"]
-    from streams.broker import command as broker
+    from localkafka.broker import command as broker
 
     assert "topics" in broker.commands
 

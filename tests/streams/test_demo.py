@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_short_run_completes_every_user():
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAFKA_")}
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from streams.demo import command; sys.exit(command())",
+        [sys.executable, "-c", "import sys; from localkafka.demo import command; sys.exit(command())",
          "--duration", "4", "--rate", "300", "--users", "30"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )

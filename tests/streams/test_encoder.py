@@ -9,7 +9,7 @@ import pytest
 
 from domaintok.errors import ArtifactError
 from streams.clients import DeadLetterReader, EmbeddingConsumer
-from streams.demo import build_artifacts
+from localkafka.demo import build_artifacts
 from streams.encoder import EncoderConfig, EncoderWorker, select_newest
 from streams.records import SequenceRecord, encode_record
 

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from streams.clients import EventProducer
-from streams.demo import build_artifacts, event_rows, producer_overrides, start_tokenizer, stop_process, wait_ready
+from localkafka.demo import build_artifacts, event_rows, producer_overrides, start_tokenizer, stop_process, wait_ready
 from streams.records import decode_sequence
 
 BATCH_MARKER = "batch delivery from topic"

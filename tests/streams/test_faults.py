@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from streams.broker import ApacheKafkaBroker
+from localkafka.broker import ApacheKafkaBroker
 from streams.positions import PositionGuard, position_key
 from tests.fixtures_kafka import KafkaUnderTest, create_test_topics
 from tests.streams.faults_support import Artifacts, Harness, kill_loop, run_load

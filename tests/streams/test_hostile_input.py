@@ -316,7 +316,7 @@ def _sequence_counts(settings, expected: dict[str, int], timeout: float) -> dict
 @pytest.mark.requires_apache("dead-letter and Table guarantees are tested on Apache Kafka")
 def test_real_worker_survives_hostile_sample(kafka_settings, retail_tokenizer, retail_domain_tokenizer, pool, tmp_path):
     from streams.clients import DeadLetterReader, DeliveryError, EventProducer
-    from streams.demo import start_tokenizer, stop_process, wait_ready
+    from localkafka.demo import start_tokenizer, stop_process, wait_ready
 
     tok = retail_domain_tokenizer
     # ~900 kB strings: the largest that fit the producer's message.max.bytes (1,000,000) with the event around them

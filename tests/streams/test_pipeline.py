@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from streams.clients import DeadLetterReader, EmbeddingConsumer, EventProducer
-from streams.demo import build_artifacts, event_rows, producer_overrides, start_encoder, start_tokenizer, stop_process, wait_ready
+from localkafka.demo import build_artifacts, event_rows, producer_overrides, start_encoder, start_tokenizer, stop_process, wait_ready
 from streams.records import event_headers
 
 pytestmark = pytest.mark.integration

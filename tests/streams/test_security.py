@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from domaintok.errors import DomaintokError
-from streams.broker import ApacheKafkaBroker, BrokerTls, ensure_topics, free_port
+from localkafka.broker import ApacheKafkaBroker, BrokerTls, ensure_topics, free_port
 from streams.clients import EmbeddingConsumer, EventProducer
 from streams.records import EmbeddingRecord, encode_record
 from streams.settings import KafkaAuthError, KafkaSettings
@@ -214,7 +214,7 @@ def test_no_secret_in_reprs_or_errors(pki):
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from streams.demo import build_artifacts
+    from localkafka.demo import build_artifacts
 
     work = tmp_path_factory.mktemp("secure-pipeline")
     _, tok, tok_dir, model_dir = build_artifacts(work, "ecommerce", 30, 600, seed=5)
@@ -255,7 +255,7 @@ def test_pipeline_over_sasl_ssl(secure_broker, pki, artifacts, tmp_path):
     """CLI producer -> Faust tokenizer worker -> encoder worker -> CLI consumer, all on SASL_SSL + SCRAM-SHA-256."""
     import pyarrow.parquet as pq
 
-    from streams.demo import start_encoder, start_tokenizer, stop_process, wait_ready
+    from localkafka.demo import start_encoder, start_tokenizer, stop_process, wait_ready
 
     work, tok, tok_dir, model_dir = artifacts
     settings = secure_settings(secure_broker, pki, "SASL_SSL", "SCRAM-SHA-256")

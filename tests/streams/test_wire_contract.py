@@ -16,7 +16,7 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from streams.demo import build_artifacts, start_encoder, start_tokenizer, stop_process, wait_ready
+from localkafka.demo import build_artifacts, start_encoder, start_tokenizer, stop_process, wait_ready
 
 pytestmark = pytest.mark.integration
 

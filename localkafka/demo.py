@@ -127,7 +127,8 @@ def command(duration: float, rate: int, users: int, domain: str, show: int, max_
     from rich.live import Live
     from rich.table import Table
 
-    from streams.broker import EmbeddedBroker, ensure_topics
+    from localkafka.broker import EmbeddedBroker
+    from streams.topics import ensure_topics
     from streams.clients import EmbeddingConsumer, EventProducer
 
     console = Console()
