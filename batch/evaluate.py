@@ -538,10 +538,38 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     s = settings
     p = s.resolved_preset()
     methods = selected_methods(s.methods)
-    if s.folds < 1:
-        raise DomaintokError(f"--folds must be >= 1, got {s.folds}")
     spec: TasksFile = load_tasks(s.tasks)
     schema = load_schema(s.schema)
+    _check_settings(s, p)
+    out = Path(s.output)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    clock = _Clock(s.log)
+    data = _prepare_inputs(s, p, spec, schema, work, clock)
+    lms = sorted({METHODS[m].lm for m in methods if METHODS[m].lm})
+    # predictions[task][method] = one (y, prediction) per fold on that fold's test users, aligned across methods
+    per_fold: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
+    infos: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
+    folds_meta = []
+    pretrain_meta: dict[str, dict] = {}
+    for k in range(s.folds):
+        fold = _run_fold(s, p, k, spec, schema, data, methods, lms, per_fold, infos, clock)
+        folds_meta.append({k2: int((fold.split == k2).sum()) for k2 in ("train", "valid", "test")})
+        if k == 0:
+            pretrain_meta = {lm: fold.pretrain[lm] for lm in lms}
+    results = _compare(spec, methods, per_fold, infos, p["bootstrap"], s.seed)
+    report = _report(s, p, spec, schema, data, methods, folds_meta, pretrain_meta, results, clock)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(render_markdown(report))
+    plot_relative(report, out / "results.png")
+    s.log(f"wrote {out / 'results.md'}, results.json and results.png in {report['total_seconds']:.0f}s")
+    return report
+
+
+def _check_settings(s: EvaluateSettings, p: dict) -> None:
+    """Refuse bad folds and preset options before anything runs; set torch's threads."""
+    if s.folds < 1:
+        raise DomaintokError(f"--folds must be >= 1, got {s.folds}")
     for key, options in (("finetune_sequence", p["finetune_sequence"]), ("finetune_tabular", p["finetune_tabular"])):
         check_options(FinetuneSettings, options, f"preset {s.preset!r} {key}")
     check_options(PretrainSettings, p["pretrain"], f"preset {s.preset!r} pretrain")
@@ -549,11 +577,23 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
         import torch
 
         torch.set_num_threads(p["torch_threads"])
-    out = Path(s.output)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    clock = _Clock(s.log)
 
+
+@dataclass
+class _Inputs:
+    """What every fold shares: the events connection, the population, the aggregates and the pre-cutoff events."""
+
+    con: Any
+    users: Any
+    features: Any
+    features_path: Path
+    n_aggregates: int
+    events_all: Path
+    n_events: int
+    work: Path
+
+
+def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work: Path, clock) -> _Inputs:
     con = open_events(schema, [Path(e) for e in s.events])
     users = build_population(con, spec, p["max_users"])
     register_split(con, users, assign_split(users, spec.split))
@@ -567,63 +607,60 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     events_all = work / "events_inputs.parquet"
     n_events = _write_events(con, events_all, raw_column_names(schema), spec.cutoff, None)
     clock.lap(f"aggregates: {n_aggregates} columns")
+    return _Inputs(con, users, features, features_path, n_aggregates, events_all, n_events, work)
 
-    lms = sorted({METHODS[m].lm for m in methods if METHODS[m].lm})
-    embed_lms = sorted({METHODS[m].lm for m in methods
-                        if {"embeddings", "embedding_score"} & set(METHODS[m].inputs)})
-    # predictions[task][method] = one (y, prediction) per fold on that fold's test users, aligned across methods
-    per_fold: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
-    infos: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
-    folds_meta = []
-    pretrain_meta: dict[str, dict] = {}
-    for k in range(s.folds):
-        fold = _Fold(k, work / f"fold{k}", assign_split(users, spec.split, k, s.folds))
-        fold.dir.mkdir(parents=True, exist_ok=True)
-        register_split(con, users, fold.split)
-        _write_events(con, fold.dir / "events_fit.parquet", raw_column_names(schema), spec.cutoff, ("train", "valid"))
-        folds_meta.append({k2: int((fold.split == k2).sum()) for k2 in ("train", "valid", "test")})
-        _build_language_models(s, p, schema, fold, events_all, users, lms, embed_lms, clock)
-        if k == 0:
-            pretrain_meta = {lm: fold.pretrain[lm] for lm in lms}
-        for task in spec.tasks:
-            labels = build_labels(con, spec, task)
-            labels_path = fold.dir / f"labels_{task.name}.parquet"
-            pq.write_table(labels, labels_path)
-            classes = _classes(labels, task.kind)
-            truth = dict(zip(labels.column("user_id").to_pylist(), _encoded_labels(labels, task.kind, classes)))
-            preds = {}
-            for name in methods:
-                method = METHODS[name]
-                if method.trainer == "lightgbm":
-                    preds[name] = _run_lightgbm(method, task.kind, labels, features, fold, classes,
-                                                p["lightgbm_rounds"], s.seed)
-                else:
-                    preds[name] = _run_finetune(s, p, name, method, task, fold, labels_path, features_path, classes)
-                clock.lap(f"fold {k}: {task.name}: {name}")
-            common = sorted(set.intersection(*(set(u) for u, _, _ in preds.values())))
-            y = np.array([truth[u] for u in common])
-            for name, (u, pred, info) in preds.items():
-                index = {user: i for i, user in enumerate(u)}
-                per_fold[task.name][name].append((y, pred[[index[c] for c in common]]))
-                infos[task.name][name].append(info)
-            if not common:
-                raise DomaintokError(f"task {task.name!r}: no test user is scored by every method")
 
-    results = _compare(spec, methods, per_fold, infos, p["bootstrap"], s.seed)
-    report = {
+def _run_fold(s, p, k: int, spec: TasksFile, schema, data: _Inputs, methods, lms, per_fold, infos, clock) -> _Fold:
+    """One rotation of the user-hash split: its tokenizers and language models, then every task's methods, scored
+    on the users every method scored."""
+    fold = _Fold(k, data.work / f"fold{k}", assign_split(data.users, spec.split, k, s.folds))
+    fold.dir.mkdir(parents=True, exist_ok=True)
+    register_split(data.con, data.users, fold.split)
+    _write_events(data.con, fold.dir / "events_fit.parquet", raw_column_names(schema), spec.cutoff, ("train", "valid"))
+    embed_lms = sorted({METHODS[m].lm for m in methods if {"embeddings", "embedding_score"} & set(METHODS[m].inputs)})
+    _build_language_models(s, p, schema, fold, data.events_all, data.users, lms, embed_lms, clock)
+    for task in spec.tasks:
+        labels = build_labels(data.con, spec, task)
+        labels_path = fold.dir / f"labels_{task.name}.parquet"
+        pq.write_table(labels, labels_path)
+        classes = _classes(labels, task.kind)
+        truth = dict(zip(labels.column("user_id").to_pylist(), _encoded_labels(labels, task.kind, classes)))
+        preds = {}
+        for name in methods:
+            method = METHODS[name]
+            if method.trainer == "lightgbm":
+                preds[name] = _run_lightgbm(method, task.kind, labels, data.features, fold, classes,
+                                            p["lightgbm_rounds"], s.seed)
+            else:
+                preds[name] = _run_finetune(s, p, name, method, task, fold, labels_path, data.features_path, classes)
+            clock.lap(f"fold {k}: {task.name}: {name}")
+        common = sorted(set.intersection(*(set(u) for u, _, _ in preds.values())))
+        if not common:
+            raise DomaintokError(f"task {task.name!r}: no test user is scored by every method")
+        y = np.array([truth[u] for u in common])
+        for name, (u, pred, info) in preds.items():
+            index = {user: i for i, user in enumerate(u)}
+            per_fold[task.name][name].append((y, pred[[index[c] for c in common]]))
+            infos[task.name][name].append(info)
+    return fold
+
+
+def _report(s, p, spec: TasksFile, schema, data: _Inputs, methods, folds_meta, pretrain_meta, results, clock) -> dict:
+    """results.json: the settings, the population, each method's definition and results, and the timings."""
+    return {
         "schema": schema.name,
         "timezone": schema.timezone,
         "events": [str(e) for e in s.events],
         "tasks_file": str(s.tasks),
         "cutoff": spec.cutoff.isoformat(sep=" "),
         "split": msgspec_builtins(spec.split),
-        "population": {"users": len(users), "events": n_events, "min_events": spec.min_events},
+        "population": {"users": len(data.users), "events": data.n_events, "min_events": spec.min_events},
         "folds": s.folds,
         "fold_sizes": folds_meta,
         "tasks": [{"name": t.name, "kind": t.kind, "definition": describe_task(spec, t)} for t in spec.tasks],
         "preset": s.preset,
         "settings": p,
-        "feature_count": n_aggregates,
+        "feature_count": data.n_aggregates,
         "extra_features": str(s.features) if s.features else None,
         "methods": {m: {"title": METHODS[m].title, "trainer": METHODS[m].trainer, "inputs": list(METHODS[m].inputs),
                         "lm": METHODS[m].lm, "finetune": METHODS[m].finetune,
@@ -636,11 +673,6 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
         "machine": {"python": platform.python_version(), "processor": platform.machine(),
                     "torch_threads": _torch_threads()},
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(render_markdown(report))
-    plot_relative(report, out / "results.png")
-    s.log(f"wrote {out / 'results.md'}, results.json and results.png in {report['total_seconds']:.0f}s")
-    return report
 
 
 def msgspec_builtins(struct) -> dict:
