@@ -31,6 +31,7 @@ from domaintok.event_sql import (
     ts_micros,
 )
 from domaintok.schema import SQL_TYPE_BY_FIELD, DomainSchema
+from domaintok.settings import Settings
 from domaintok.vocab import BOS_ID
 from domaintok.window import keep_newest_events
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 # DuckDB's budget in tokenize (the scans and the per-user counts of a large input): beyond it DuckDB spills to disk
 TOKENIZE_MEMORY_LIMIT = "256MB"
 # tokenize holds at most this many events in memory: larger inputs are tokenized in user ranges of this size
-CHUNK_EVENTS = int(os.environ.get("DOMAINTOK_TOKENIZE_CHUNK_EVENTS", "1000000"))
+CHUNK_EVENTS = Settings.tokenize_chunk_events  # the default; DOMAINTOK_TOKENIZE_CHUNK_EVENTS overrides it
 
 # The sequences table (tokenize() output and sequences.parquet), declared once.
 SEQUENCES_SCHEMA = pa.schema(
@@ -78,7 +79,7 @@ def iter_tokenize(
     cutoff, a user subset) drops events before tokenizing.
     """
     max_length = tok.check_max_length(max_length)
-    chunk_events = int(chunk_events or CHUNK_EVENTS)
+    chunk_events = int(chunk_events or Settings.from_env().tokenize_chunk_events)
     stats = stats if stats is not None else {}
     con = tokenize_connection(tok.schema, memory_limit)
     try:
@@ -206,6 +207,7 @@ def _chunk_sequences(encoding: EventEncoding, users, ts, pos, matrix, max_length
     ends = np.append(starts[1:], n)
     if encoding.context.active:
         encoding.context.apply_sorted(matrix, ts, starts)
+    matrix = encoding.merge(matrix)
     lengths = (matrix != 0).sum(axis=1) + 1  # + [SEP]
     stats["events"] = stats.get("events", 0) + n
     stats["event_tokens"] = stats.get("event_tokens", 0) + int(lengths.sum())

@@ -28,10 +28,11 @@ from pathlib import Path
 import click
 
 from domaintok.errors import DomaintokError
+from domaintok.settings import Settings
 from streams.settings import KafkaSettings
 from streams.topics import ensure_topics
 
-KAFKA_VERSION = os.environ.get("DOMAINTOK_KAFKA_VERSION", "4.3.1")
+KAFKA_VERSION = Settings.kafka_version  # the default; DOMAINTOK_KAFKA_VERSION overrides it (Settings)
 # Kafka 4.x logs through slf4j 1.7 -> log4j2; without a binding it logs nothing, which hides startup failures.
 LOG4J_VERSION = "2.25.4"
 KINDS = ("embedded", "apache")
@@ -102,7 +103,7 @@ log.flush.interval.messages=9223372036854775807
 
 def cache_dir() -> Path:
     """Where downloaded or generated state lives: $DOMAINTOK_CACHE_DIR, else $XDG_CACHE_HOME/domaintok."""
-    base = os.environ.get("DOMAINTOK_CACHE_DIR") or os.path.join(
+    base = Settings.from_env().cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "domaintok"
     )
     return Path(base)
@@ -131,11 +132,13 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def fetch_kafka(version: str = KAFKA_VERSION, *, quiet: bool = True) -> list[Path]:
-    """The jar classpath of Apache Kafka `version`, resolved by Maven on first use and cached afterwards.
+def fetch_kafka(version: str | None = None, *, quiet: bool = True) -> list[Path]:
+    """The jar classpath of Apache Kafka `version` (default: Settings.kafka_version), resolved by Maven on first use
+    and cached afterwards.
 
     Idempotent: a cached classpath whose jars all exist is returned without running Maven.
     """
+    version = version or Settings.from_env().kafka_version
     home = cache_dir() / "kafka" / version
     classpath_file = home / "classpath.txt"
     if classpath_file.exists():
@@ -348,14 +351,14 @@ class ApacheKafkaBroker(Broker):
         *,
         state_dir: str | os.PathLike | None = None,
         controller_port: int | None = None,
-        version: str = KAFKA_VERSION,
+        version: str | None = None,
         heap: str = "512m",
         sasl_users: Mapping[str, str] | None = None,
         tls: BrokerTls | None = None,
     ) -> None:
         super().__init__(port)
         self.controller_port = controller_port or free_port()
-        self.version = version
+        self.version = version or Settings.from_env().kafka_version
         self.heap = heap
         for name, password in (sasl_users or {}).items():
             if not (_SAFE_CREDENTIAL.match(name) and _SAFE_CREDENTIAL.match(password)):
@@ -615,7 +618,8 @@ def command(ctx: click.Context, kind: str, port: int | None, data_dir: str | Non
 
 
 @command.command("fetch")
-@click.option("--version", "version", default=KAFKA_VERSION, show_default=True, help="Apache Kafka version.")
+@click.option("--version", "version", default=None, show_default=f"{KAFKA_VERSION}, or DOMAINTOK_KAFKA_VERSION",
+              help="Apache Kafka version.")
 def fetch_command(version: str) -> None:
     """Fetch the Apache Kafka broker jars with Maven into the local cache (fast when already cached)."""
     started = time.monotonic()

@@ -1,7 +1,7 @@
 """The Faust tokenizer app: events -> per-user windows (changelog-backed Table) -> sequences, bad events -> dead-letter.
 
 Run with `faust -A streams.app worker -l info --without-web` or `domaintok worker tokenize`; every setting comes from the
-environment (see `AppConfig.from_env`), never from code. Importing this module builds nothing: `create_app` is the
+environment (`domaintok.settings.Settings.from_env`), never from code. Importing this module builds nothing: `create_app` is the
 factory, and the module attribute `app` (what `faust -A` reads) is built from the environment on first access.
 
 At-least-once, in this order per micro-batch: (1) Table writes and sends are queued, (2) the producer is flushed and
@@ -14,7 +14,6 @@ re-sent sequences are duplicates a consumer drops by its max-n_events rule.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ import faust
 from faust.types import TP
 
 from domaintok.errors import DomaintokError
+from domaintok.settings import Settings
 from streams import logs, metrics
 from streams.positions import PositionGuard
 from streams.records import encode_record
@@ -33,62 +33,7 @@ from streams.tokenizer_agent import EventDecoders, Message, load_tokenizer, proc
 log = logging.getLogger("domaintok.worker.tokenize")
 
 
-@dataclasses.dataclass(frozen=True)
-class AppConfig:
-    """The tokenizer worker's settings (env names in brackets)."""
-
-    tokenizer_dir: str  # DOMAINTOK_TOKENIZER_DIR (required)
-    app_id: str = "domaintok-tokenizer"  # DOMAINTOK_APP_ID: consumer group and Table changelog prefix
-    max_length: int | None = None  # DOMAINTOK_MAX_LENGTH (default: the tokenizer's)
-    batch_size: int = 4000  # DOMAINTOK_BATCH_SIZE: events per micro-batch at most
-    batch_within: float = 0.2  # DOMAINTOK_BATCH_WITHIN: seconds to wait for a batch to fill
-    web_port: int = 6066  # DOMAINTOK_WEB_PORT: Faust web (worker passes --without-web unless asked)
-    metrics_port: int = 0  # DOMAINTOK_METRICS_PORT: Prometheus /metrics on 127.0.0.1 (0 = off)
-    store: str = "memory://"  # DOMAINTOK_STORE: Table store; state is rebuilt from the changelog on start
-    commit_interval: float = 2.8  # DOMAINTOK_COMMIT_INTERVAL: seconds between offset commits (a crash replays
-    # at most about this much input; replays are skipped by the stored positions, so it costs time, not counts)
-    consumer: str = "batch"  # DOMAINTOK_CONSUMER: "batch" = streams/fast_consumer.py batch delivery, "faust" = stock
-    producer_linger: float = 0.002  # DOMAINTOK_PRODUCER_LINGER: seconds a send may wait for more records to batch;
-    # each micro-batch ends with a flush that waits this long for its last partial batch (sends are bursty anyway)
-    fetch_max_wait: float = 0.1  # DOMAINTOK_FETCH_MAX_WAIT: seconds a fetch may wait at the broker (batch consumer;
-    # Faust's own 1.5 s delays partitions left out of the in-flight fetch by up to that much)
-
-    @classmethod
-    def from_env(cls, environ=None) -> AppConfig:
-        env = os.environ if environ is None else environ
-        tokenizer_dir = env.get("DOMAINTOK_TOKENIZER_DIR", "").strip()
-        if not tokenizer_dir:
-            raise DomaintokError("DOMAINTOK_TOKENIZER_DIR is not set (the fitted tokenizer directory)")
-        try:
-            return cls(
-                tokenizer_dir=tokenizer_dir,
-                app_id=env.get("DOMAINTOK_APP_ID", cls.app_id),
-                max_length=int(env["DOMAINTOK_MAX_LENGTH"]) if env.get("DOMAINTOK_MAX_LENGTH") else None,
-                batch_size=int(env.get("DOMAINTOK_BATCH_SIZE", cls.batch_size)),
-                batch_within=float(env.get("DOMAINTOK_BATCH_WITHIN", cls.batch_within)),
-                web_port=int(env.get("DOMAINTOK_WEB_PORT", cls.web_port)),
-                metrics_port=int(env.get("DOMAINTOK_METRICS_PORT", cls.metrics_port)),
-                store=env.get("DOMAINTOK_STORE", cls.store),
-                commit_interval=float(env.get("DOMAINTOK_COMMIT_INTERVAL", cls.commit_interval)),
-                consumer=_consumer_kind(env.get("DOMAINTOK_CONSUMER", cls.consumer)),
-                fetch_max_wait=float(env.get("DOMAINTOK_FETCH_MAX_WAIT", cls.fetch_max_wait)),
-                producer_linger=float(env.get("DOMAINTOK_PRODUCER_LINGER", cls.producer_linger)),
-            )
-        except ValueError as exc:
-            raise DomaintokError(f"bad DOMAINTOK_* setting: {exc}") from None
-
-
-CONSUMERS = ("batch", "faust")
-
-
-def _consumer_kind(value: str) -> str:
-    kind = value.strip().lower()
-    if kind not in CONSUMERS:
-        raise DomaintokError(f"DOMAINTOK_CONSUMER={value!r} is not one of {', '.join(CONSUMERS)}")
-    return kind
-
-
-def _consumer_settings(config: AppConfig) -> dict:
+def _consumer_settings(config: Settings) -> dict:
     """Faust settings of the consumer path: the batch path needs its Stream class (the transport is set after)."""
     if config.consumer == "batch":
         from streams.fast_consumer import BatchStream
@@ -97,7 +42,7 @@ def _consumer_settings(config: AppConfig) -> dict:
     return {}
 
 
-def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
+def create_app(config: Settings, settings: KafkaSettings) -> faust.App:
     """The tokenizer worker's Faust app: the tokenize agent over the events topic, the per-user windows Table, the lag
     timer and the metrics endpoint. Loads the tokenizer first (refusing pickles, other versions, edited content)."""
     tok = load_tokenizer(config.tokenizer_dir)
@@ -118,11 +63,11 @@ def create_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
 
     app.timer(interval=5.0)(worker.report_lag)
     app.conf.domaintok_config = config  # for tests and the worker command
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, config.metrics_host)
     return app
 
 
-def _faust_app(config: AppConfig, settings: KafkaSettings) -> faust.App:
+def _faust_app(config: Settings, settings: KafkaSettings) -> faust.App:
     """The Faust App with the worker's settings and its consumer path (batch delivery or stock + gap-safe commits)."""
     app = faust.App(
         config.app_id,
@@ -152,7 +97,7 @@ class TokenizeWorker:
     """What the tokenize agent does with each micro-batch: the position guard, process_batch, the sends and their
     delivery, all before take_events acks the batch."""
 
-    def __init__(self, app: faust.App, config: AppConfig, settings: KafkaSettings, tok) -> None:
+    def __init__(self, app: faust.App, config: Settings, settings: KafkaSettings, tok) -> None:
         self.app, self.settings, self.tok = app, settings, tok
         self.max_length = config.max_length or tok.max_length
         self.decoders = EventDecoders(tok.event_struct)
@@ -290,12 +235,15 @@ def _app_from_env() -> faust.App:
     settings = KafkaSettings.from_env()
     if not settings.bootstrap_servers:
         raise DomaintokError("KAFKA_BOOTSTRAP_SERVERS is not set (start one with `domaintok broker`)")
-    return create_app(AppConfig.from_env(), settings)
+    config = Settings.from_env()
+    if not config.tokenizer_dir:
+        raise DomaintokError("DOMAINTOK_TOKENIZER_DIR is not set (the fitted tokenizer directory)")
+    return create_app(config, settings)
 
 
 def __getattr__(name: str):
     """`faust -A streams.app worker` reads `app`: it is built from the environment then, never by an import of this
-    module (which tests and tools do for AppConfig and create_app)."""
+    module (which tests and tools do for Settings and create_app)."""
     if name == "app":
         built = globals()["app"] = _app_from_env()
         return built

@@ -44,6 +44,7 @@ class EncoderConfig:
     device: str | None = None  # default: CUDA when present, else CPU
     tokenizer_dir: str | None = None  # when given, the model must match its fingerprint at start
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # Seconds to sleep after each batch: a test/ops knob that makes the encoder slower than its input on purpose
     # (backpressure drills: lag must grow, memory stay flat, the backlog drain once the input slows). 0 = off.
     throttle: float = 0.0
@@ -223,7 +224,7 @@ def run_encoder(config: EncoderConfig, settings: KafkaSettings, max_idle: float 
     worker = EncoderWorker(config, settings)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, config.metrics_host)
     worker.run(max_idle=max_idle)
     return worker
 

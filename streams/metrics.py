@@ -6,7 +6,6 @@ One registry per process; each worker calls `serve(port)` once. Port 0 or None m
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -40,11 +39,11 @@ CONSUMER_LAG = Gauge("domaintok_consumer_lag", "High watermark minus position, s
 _served: set[int] = set()
 
 
-def serve(port: int | None, host: str | None = None) -> None:
-    """Start the /metrics endpoint on host:port (host from DOMAINTOK_METRICS_HOST, default 127.0.0.1)."""
+def serve(port: int | None, host: str = "127.0.0.1") -> None:
+    """Start the /metrics endpoint on host:port (the workers pass Settings.metrics_host: DOMAINTOK_METRICS_HOST)."""
     if not port or port in _served:
         return
-    start_http_server(int(port), addr=host or os.environ.get("DOMAINTOK_METRICS_HOST", "127.0.0.1"), registry=REGISTRY)
+    start_http_server(int(port), addr=host, registry=REGISTRY)
     _served.add(port)
 
 

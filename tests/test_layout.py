@@ -93,3 +93,18 @@ print("ok", len({modules!r}))
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
+
+
+def test_settings_are_read_from_the_environment_in_one_place():
+    """DOMAINTOK_* variables are read by domaintok/settings.py (and the Kafka ones by streams/settings.py) only."""
+    import re
+
+    allowed = {"domaintok/settings.py", "streams/settings.py"}
+    reads = re.compile(r"""(environ\.get\(|environ\[|getenv\()\s*["']DOMAINTOK_""")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in FORBIDDEN
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if str(path.relative_to(ROOT)) not in allowed and reads.search(path.read_text())
+    ]
+    assert not offenders, offenders

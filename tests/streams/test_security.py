@@ -358,12 +358,13 @@ def test_metrics_endpoint_binds_loopback_by_default(monkeypatch):
 
 
 def test_faust_web_binds_loopback(monkeypatch, retail_tokenizer):
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # the app module builds its app at import
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
     monkeypatch.setenv("DOMAINTOK_TOKENIZER_DIR", str(retail_tokenizer))
     monkeypatch.setenv("DOMAINTOK_METRICS_PORT", "0")
-    from streams.app import AppConfig, create_app
+    from domaintok.settings import Settings
+    from streams.app import create_app
 
-    app = create_app(AppConfig(tokenizer_dir=str(retail_tokenizer)), KafkaSettings(bootstrap_servers="127.0.0.1:9"))
+    app = create_app(Settings(tokenizer_dir=str(retail_tokenizer)), KafkaSettings(bootstrap_servers="127.0.0.1:9"))
     assert app.conf.web_bind == "127.0.0.1" and app.conf.web_host == "127.0.0.1"
 
 
