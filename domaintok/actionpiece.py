@@ -66,7 +66,8 @@ def _id_matrix(events: Any, what: str, top: int = MAX_ID - 1) -> np.ndarray:
         if hi >= MAX_ID:
             raise DomaintokError(f"{what}: id {hi} is not below 2**31")
     keep = arr.dtype.kind in "iu" and np.iinfo(arr.dtype).max >= top
-    return arr.astype(arr.dtype if keep else np.int64, copy=True)
+    # C order: segmentation writes through a flat view (a column slice of a matrix is often Fortran-ordered)
+    return np.array(arr, dtype=arr.dtype if keep else np.int64, order="C", copy=True)
 
 
 def _check_distinct(sorted_rows: np.ndarray, what: str) -> None:
@@ -693,7 +694,7 @@ class ActionPiece:
         """The multiset of original ids that `ids` stand for, as a sorted tuple (0 = padding is skipped)."""
         return tuple(sorted(t for i in ids if i for t in self.covered(int(i))))
 
-    def truncated(self, n_merges: int) -> ActionPiece:
+    def prefix(self, n_merges: int) -> ActionPiece:
         """The model with only its first `n_merges` merges (what training to that size gives)."""
         return ActionPiece(self.merges[: max(0, n_merges)], base=self.base, cross_event=self.cross_event)
 

@@ -3,29 +3,35 @@ padded token matrix, the previous-event step once rows are in time order, then t
 
     matrix = encoding.encode_matrix(columns, n)      # per event, no context: any row order
     encoding.context.apply(...) / apply_sorted(...)  # needs the user's previous event (domaintok/context.py)
+    matrix = encoding.merge(matrix)                   # ActionPiece merges of the fields' tokens, when fitted
     lengths, flat = compact(matrix)                   # nonzero cells in order, then [SEP]
-
-A step that rewrites an event's tokens (a merge vocabulary) belongs between the context step and `compact`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from domaintok.context import EventContext
-from domaintok.fields import FieldEncoder
+from domaintok.fields import FieldEncoder, TextEncoder
 from domaintok.vocab import SEP_ID
 
 
 class EventEncoding:
     """The placed field encoders of a tokenizer and the previous-event step over their matrix columns."""
 
-    def __init__(self, encoders: Sequence[FieldEncoder], vocab_size: int):
+    def __init__(self, encoders: Sequence[FieldEncoder], vocab_size: int, merges: Any | None = None):
         self.encoders = list(encoders)
         self.widths = [enc.width for enc in self.encoders]
         self.context = EventContext(self.encoders)
+        self.merges = merges  # domaintok.actionpiece.ActionPiece or None
+        # the cells ActionPiece treats as an event's set of tokens: every field's but the text pieces (a sequence)
+        starts = np.cumsum([0, *self.widths])
+        self.merge_columns = np.concatenate([
+            np.arange(starts[k], starts[k + 1]) for k, enc in enumerate(self.encoders) if not isinstance(enc, TextEncoder)
+        ] or [np.zeros(0, np.int64)])
         # cell type of the token matrix: 2 bytes while every id fits (the matrix is what a chunk holds in memory)
         self.token_dtype = np.uint16 if vocab_size <= 65536 else np.int32
         self.max_event_length = 1 + sum(enc.max_tokens_per_event for enc in self.encoders)  # + [SEP]
@@ -37,6 +43,17 @@ class EventEncoding:
         for enc, column, w in zip(self.encoders, columns, self.widths):
             out[:, col : col + w] = enc.encode_padded(column)
             col += w
+        return out
+
+    def merge(self, matrix: np.ndarray) -> np.ndarray:
+        """The events with their field tokens segmented by the ActionPiece merges (deterministic; merged tokens first,
+        then the rest, in decreasing id order), text pieces untouched in their cells. Without merges: `matrix`."""
+        if self.merges is None or not len(matrix):
+            return matrix
+        cols = self.merge_columns
+        segmented, _ = self.merges.segment(matrix[:, cols])
+        out = matrix.copy()
+        out[:, cols] = segmented
         return out
 
 

@@ -52,6 +52,9 @@ def fit_tokenizer(
             size = bpe_vocab_size or max(enc.params.bpe_vocab_size for _, enc in texts)
             bpe = _train_bpe(con, texts, size)
         tok = cls(schema, encoders, bpe, max_length)
+        if schema.actionpiece is not None:
+            report(f"learn {schema.actionpiece.merges} ActionPiece merges")
+            tok = cls(schema, encoders, bpe, max_length, _fit_merges(tok, con, schema.actionpiece))
         report("measure")
         tok.fit_stats = _measure(tok, con)
     finally:
@@ -59,22 +62,40 @@ def fit_tokenizer(
     return tok
 
 
+def _user_histories(tok: DomainTokenizer, con, max_users: int, max_events: int | None = None):
+    """The events of up to `max_users` users' whole histories (users by id, events in time order), encoded and with
+    the previous-event step applied: (token matrix, per-user row counts)."""
+    n_fields = len(tok.encoders)
+    cols = ", ".join(f"__f{i}" for i in range(n_fields))
+    limit = f" LIMIT {int(max_events)}" if max_events else ""
+    sample = con.sql(
+        f"SELECT __user, __ts, {cols} FROM __fit WHERE __user IN "
+        f"(SELECT DISTINCT __user FROM __fit ORDER BY __user LIMIT {int(max_users)}) "
+        f"ORDER BY __user, __ts, __input, __row{limit}"
+    ).to_arrow_table()
+    matrix = tok.encoding.encode_matrix([sample.column(2 + i) for i in range(n_fields)], sample.num_rows)
+    users = sample.column(0).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]])) if len(users) else np.zeros(0, np.int64)
+    if tok.context.active and sample.num_rows:
+        tok.context.apply_sorted(matrix, ts_micros(sample.column(1)), starts)
+    return matrix, np.diff(np.append(starts, len(users)))
+
+
+def _fit_merges(tok: DomainTokenizer, con, params):
+    """ActionPiece merges of the fields' tokens (text pieces excepted), learned within events on whole histories."""
+    from domaintok.actionpiece import fit_actionpiece
+
+    matrix, _ = _user_histories(tok, con, params.max_users)
+    events = matrix[:, tok.encoding.merge_columns]
+    return fit_actionpiece(events[(events != 0).any(axis=1)], base=tok.vocab_size, n_merges=params.merges)
+
+
 def _measure(tok: DomainTokenizer, con) -> dict[str, Any]:
     """What the data looked like (not part of the saved state or fingerprint): counts, and tokens per event over
     the whole histories of up to 2,000 users (at most 50,000 events), previous-event step included."""
     n_events, n_users = con.execute("SELECT count(*), count(DISTINCT __user) FROM __fit").fetchall()[0]
-    n_fields = len(tok.encoders)
-    cols = ", ".join(f"__f{i}" for i in range(n_fields))
-    sample = con.sql(
-        f"SELECT __user, __ts, {cols} FROM __fit WHERE __user IN (SELECT DISTINCT __user FROM __fit LIMIT 2000) "
-        "ORDER BY __user, __ts, __input, __row LIMIT 50000"
-    ).to_arrow_table()
-    matrix = tok.encoding.encode_matrix([sample.column(2 + i) for i in range(n_fields)], sample.num_rows)
-    if tok.context.active and sample.num_rows:
-        users = sample.column(0).to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))
-        tok.context.apply_sorted(matrix, ts_micros(sample.column(1)), starts)
-    lengths, _ = compact(matrix)
+    matrix, _ = _user_histories(tok, con, max_users=2000, max_events=50_000)
+    lengths, _ = compact(tok.encoding.merge(matrix))
     return {
         "events": int(n_events),
         "users": int(n_users),

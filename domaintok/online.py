@@ -120,7 +120,7 @@ class OnlineEncoder:
         if self.context.active and len(good_idx):
             users_good = sub.column("__user").combine_chunks()
             state[good_idx] = self._apply_online_context(matrix, users_good, ts_good, previous or {})
-        lengths_good, flat = compact(matrix)
+        lengths_good, flat = compact(self.encoding.merge(matrix))
         lengths = np.zeros(n, np.int64)
         lengths[good_idx] = lengths_good
         offsets = np.zeros(n + 1, np.int64)

@@ -140,8 +140,17 @@ class FieldSpec(_Strict, forbid_unknown_fields=True, kw_only=True):
         return msgspec.convert(self.params, PARAMS_BY_TYPE[self.type])
 
 
+class ActionPieceParams(_Strict, forbid_unknown_fields=True, kw_only=True):
+    """actionpiece: merge the per-field tokens of an event (text pieces excepted) into `merges` learned tokens
+    (domaintok/actionpiece.py), trained on the events of at most `max_users` users' whole histories."""
+
+    merges: int
+    max_users: int = 2000
+
+
 class DomainSchema(_Strict, forbid_unknown_fields=True, kw_only=True):
-    """A domain: raw columns, how to get the user id and event time from them, an optional filter, ordered fields."""
+    """A domain: raw columns, how to get the user id and event time from them, an optional filter, ordered fields,
+    and optionally an ActionPiece merge vocabulary over the fields' tokens."""
 
     name: str
     version: int = 1
@@ -151,6 +160,7 @@ class DomainSchema(_Strict, forbid_unknown_fields=True, kw_only=True):
     event_time: str
     filter: str | None = None
     fields: list[FieldSpec]
+    actionpiece: ActionPieceParams | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -158,7 +168,15 @@ class DomainSchema(_Strict, forbid_unknown_fields=True, kw_only=True):
         return hashlib.sha256(self.canonical_json()).hexdigest()[:16]
 
     def canonical_json(self) -> bytes:
-        return msgspec.json.encode(msgspec.to_builtins(self), order="sorted")
+        return msgspec.json.encode(self.to_builtins(), order="sorted")
+
+    def to_builtins(self) -> dict[str, Any]:
+        """The schema as JSON builtins; options left unset are left out, so adding an option to domaintok changes no
+        existing schema's (or tokenizer's) fingerprint."""
+        out = msgspec.to_builtins(self)
+        if out.get("actionpiece") is None:
+            out.pop("actionpiece", None)
+        return out
 
     def column(self, name: str) -> ColumnSpec:
         for col in self.columns:
@@ -232,6 +250,9 @@ def validate_schema(schema: DomainSchema, origin: str = "<schema>") -> None:
         except msgspec.ValidationError as exc:
             raise SchemaError(f"{where}: field {spec.name!r}: bad params: {exc}") from None
         _check_params(spec.name, spec.type, params, where)
+    ap = schema.actionpiece
+    if ap is not None and (ap.merges < 1 or ap.max_users < 1):
+        raise SchemaError(f"{where}: actionpiece: merges and max_users must be >= 1, got {ap.merges} and {ap.max_users}")
     _check_expressions(schema, where)
 
 

@@ -47,15 +47,17 @@ FORMAT_VERSION = 1
 class DomainTokenizer:
     """A fitted schema: field encoders placed at their ids, the shared text BPE, and the window length."""
 
-    def __init__(self, schema: DomainSchema, encoders: list[FieldEncoder], bpe: Any | None, max_length: int):
+    def __init__(self, schema: DomainSchema, encoders: list[FieldEncoder], bpe: Any | None, max_length: int,
+                 merges: Any | None = None):
         self.schema = schema
         self.max_length = int(max_length)
-        self.layout = VocabLayout(encoders, bpe, schema.name)
+        self.merges = merges  # domaintok.actionpiece.ActionPiece when the schema has `actionpiece`
+        self.layout = VocabLayout(encoders, bpe, schema.name, merges)
         self.encoders = self.layout.encoders
         self.bpe = bpe
         self.bpe_base = self.layout.bpe_base
         self.vocab_size = self.layout.vocab_size
-        self.encoding = EventEncoding(self.encoders, self.vocab_size)
+        self.encoding = EventEncoding(self.encoders, self.vocab_size, merges)
         self.context = self.encoding.context
         self.max_event_length = self.encoding.max_event_length
         self.online = OnlineEncoder(schema, self.encoding)
@@ -106,14 +108,17 @@ class DomainTokenizer:
 
     # ---------------------------------------------------------------- save / load
     def _state(self) -> dict[str, Any]:
-        return {
+        state = {
             "format": "domaintok-tokenizer",
             "format_version": FORMAT_VERSION,
-            "schema": msgspec.to_builtins(self.schema),
+            "schema": self.schema.to_builtins(),
             "fields": {enc.spec.name: enc.state for enc in self.encoders},
             "max_length": self.max_length,
             "special_tokens": SPECIAL_TOKENS,
         }
+        if self.merges is not None:
+            state["actionpiece"] = self.merges.to_dict()
+        return state
 
     def _compute_fingerprint(self) -> str:
         state = self._state()
@@ -159,7 +164,12 @@ class DomainTokenizer:
             if not (path / BPE_FILE).is_file():
                 raise ArtifactError(f"tokenizer dir {str(path)!r}: schema has text fields but {BPE_FILE} is missing")
             bpe = Tokenizer.from_file(str(path / BPE_FILE))
-        tok = cls(schema, encoders, bpe, state["max_length"])
+        merges = None
+        if state.get("actionpiece") is not None:
+            from domaintok.actionpiece import ActionPiece
+
+            merges = ActionPiece.from_dict(state["actionpiece"])
+        tok = cls(schema, encoders, bpe, state["max_length"], merges)
         if state.get("fingerprint") != tok.fingerprint:
             raise ArtifactError(
                 f"tokenizer dir {str(path)!r}: fingerprint {state.get('fingerprint')} does not match its content ({tok.fingerprint})"

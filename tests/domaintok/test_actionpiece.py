@@ -243,7 +243,7 @@ def test_training_to_fewer_merges_is_a_prefix(corpus, q, more, cross):
     long = fit_actionpiece(_matrix(events), base=BASE, n_merges=q + more, cross_event=cross,
                            sequence_lengths=lengths)
     assert long.merges[: short.n_merges] == short.merges
-    assert long.truncated(short.n_merges).to_json() == short.to_json()
+    assert long.prefix(short.n_merges).to_json() == short.to_json()
 
 
 @FAST
@@ -484,3 +484,19 @@ def test_bad_state_raises(state, match):
 def test_pair_key_orders_like_pairs():
     assert pair_key(5, 3) == pair_key(3, 5) == (3 << 31) | 5
     assert pair_key(1, 2**31 - 1) < pair_key(2, 3)
+
+
+def test_segmentation_of_a_column_slice_of_a_wider_matrix():
+    """A tokenizer hands segment() some columns of its token matrix: a Fortran-ordered array, which the in-place
+    sweep must not silently copy (it did: no merge was applied to large batches)."""
+    rng = np.random.default_rng(3)
+    base_rows = np.array([[1, 2, 3, 0], [1, 2, 4, 5], [2, 3, 5, 0], [1, 3, 4, 0]] * 50)
+    ap = fit_actionpiece(base_rows, base=10, n_merges=4)
+    wide = np.zeros((len(base_rows) * 10, 7), np.uint16)
+    wide[:, [0, 2, 4, 6]] = np.tile(base_rows, (10, 1))
+    cols = wide[:, [0, 2, 4, 6]]
+    assert not cols.flags["C_CONTIGUOUS"]
+    sweep, _ = ap.segment(cols)  # many rows: the sweep
+    rounds = np.vstack([ap.segment(cols[i : i + 1])[0] for i in range(0, len(cols), 97)])
+    assert (sweep >= 10).any() and np.array_equal(sweep[::97], rounds)
+    del rng

@@ -55,11 +55,22 @@ def compact_tokenizer(retail_events_slice):
     return DomainTokenizer.fit("online_retail_compact", retail_events_slice)
 
 
-@pytest.mark.parametrize("schema", ["online_retail", "only_changes", "online_retail_compact"])
+@pytest.fixture(scope="module")
+def actionpiece_tokenizer(retail_events_slice):
+    """online_retail_compact.yaml plus 300 ActionPiece merges of the fields' tokens."""
+    from domaintok.schema import load_schema, schema_from_dict
+    from domaintok.tokenizer import DomainTokenizer
+
+    raw = msgspec.to_builtins(load_schema("online_retail_compact"))
+    raw["actionpiece"] = {"merges": 300}
+    return DomainTokenizer.fit(schema_from_dict(raw), retail_events_slice)
+
+
+@pytest.mark.parametrize("schema", ["online_retail", "only_changes", "online_retail_compact", "actionpiece"])
 def test_batches_match_offline_tokenize(schema, retail_domain_tokenizer, change_only_tokenizer, compact_tokenizer,
-                                        retail_rows):
+                                        actionpiece_tokenizer, retail_rows):
     tok = {"online_retail": retail_domain_tokenizer, "only_changes": change_only_tokenizer,
-           "online_retail_compact": compact_tokenizer}[schema]
+           "online_retail_compact": compact_tokenizer, "actionpiece": actionpiece_tokenizer}[schema]
     table, rows = retail_rows
     decoders = EventDecoders(tok.event_struct)
     state: dict[bytes, bytes] = {}
