@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from domaintok.artifacts import atomic_dir
 from domaintok.errors import DomaintokError
 
 TASKS = ("binary", "multiclass", "regression")
@@ -121,6 +121,27 @@ def join_inputs(
     """
     con = con or duckdb.connect()
     label_schema = _columns(labels, "labels")
+    split = _split_mode(labels, sequences, label_schema, label_column, split)
+    numeric, categorical = _feature_columns(features)
+    labelled = _load_labels(con, labels, label_column, split)
+    table = _joined(con, labels, sequences, features, numeric, categorical, split)
+    without_features = 0
+    if features is not None:
+        without_features = table.num_rows - int(np.sum(table.column("__has_features").to_numpy(zero_copy_only=False)))
+        table = table.drop(["__has_features"])
+    table = _assign_split(table, split, valid_fraction, test_fraction)
+    return JoinedData(
+        table=table,
+        numeric_features=numeric,
+        categorical_features=categorical,
+        labelled_users=labelled,
+        users_without_sequence=labelled - table.num_rows,
+        users_without_features=without_features,
+    )
+
+
+def _split_mode(labels: Path, sequences: Path, label_schema, label_column: str, split: str) -> str:
+    """The split mode ("auto" resolved), after checking the columns it and the label need."""
     _columns(sequences, "sequences")
     if label_column not in label_schema.names:
         raise DomaintokError(
@@ -134,17 +155,25 @@ def join_inputs(
         raise DomaintokError(f"labels {labels}: --split column needs a 'split' column (train/valid/test)")
     if split == "time" and "label_ts" not in label_schema.names:
         raise DomaintokError(f"labels {labels}: --split time needs a 'label_ts' column")
+    return split
 
-    numeric, categorical = [], []
-    if features is not None:
-        numeric, categorical = infer_feature_types(_columns(features, "features"))
-        if not numeric and not categorical:
-            raise DomaintokError(f"features {features}: no feature columns besides user_id")
-        clash = sorted({"input_ids", "label", "split", "label_ts"} & {*numeric, *categorical})
-        if clash:
-            raise DomaintokError(f"features {features}: column {clash[0]!r} clashes with a column of the join; rename it")
 
-    params: dict[str, Any] = {"sequences": str(sequences)}
+def _feature_columns(features: Path | None) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) feature columns of the feature file; ([], []) without one."""
+    if features is None:
+        return [], []
+    numeric, categorical = infer_feature_types(_columns(features, "features"))
+    if not numeric and not categorical:
+        raise DomaintokError(f"features {features}: no feature columns besides user_id")
+    clash = sorted({"input_ids", "label", "split", "label_ts"} & {*numeric, *categorical})
+    if clash:
+        raise DomaintokError(f"features {features}: column {clash[0]!r} clashes with a column of the join; rename it")
+    return numeric, categorical
+
+
+def _load_labels(con, labels: Path, label_column: str, split: str) -> int:
+    """The labels as TEMP TABLE ft_labels (user_id, label[, split][, label_ts]), refusing null ids or labels, two
+    labels for one user and unknown split names; returns the number of labelled users."""
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE ft_labels AS SELECT CAST(user_id AS VARCHAR) AS user_id, "
         f"{quote_identifier(label_column)} AS label"
@@ -172,15 +201,21 @@ def join_inputs(
         ).fetchall()
         if bad:
             raise DomaintokError(f"labels {labels}: split column holds {bad[0][0]!r}; expected train, valid or test")
+    return int(problems[3])
 
-    feature_select = ""
-    feature_join = ""
+
+def _joined(con, labels: Path, sequences: Path, features: Path | None, numeric: list[str], categorical: list[str],
+            split: str) -> pa.Table:
+    """Labels joined with sequences (inner) and features (left, with a __has_features flag), by user id."""
+    params: dict[str, Any] = {"sequences": str(sequences)}
+    feature_select = feature_join = has_features = ""
     if features is not None:
         feature_select = "".join(f", f.{quote_identifier(c)}" for c in [*numeric, *categorical])
         feature_join = (
             "LEFT JOIN (SELECT * EXCLUDE (user_id), CAST(user_id AS VARCHAR) AS user_id FROM read_parquet($features))"
             " f ON f.user_id = l.user_id"
         )
+        has_features = ", f.user_id IS NOT NULL AS __has_features"
         params["features"] = str(features)
         dup = con.execute(
             "SELECT CAST(user_id AS VARCHAR) FROM read_parquet($features) GROUP BY 1 HAVING count(*) > 1 LIMIT 1",
@@ -189,7 +224,6 @@ def join_inputs(
         if dup:
             raise DomaintokError(f"features {features}: user_id {dup[0][0]!r} has more than one row")
     extra = (", l.split" if split == "column" else "") + (", l.label_ts" if split == "time" else "")
-    has_features = ", f.user_id IS NOT NULL AS __has_features" if features is not None else ""
     table = con.sql(
         f"""
         SELECT l.user_id, s.input_ids, l.label{extra}{feature_select}{has_features}
@@ -201,35 +235,26 @@ def join_inputs(
         """,
         params=params,
     ).to_arrow_table()
-    labelled = int(problems[3])
     if table.num_rows == 0:
         raise DomaintokError(f"no overlapping users: no user_id of labels {labels} has a sequence in {sequences}")
-    without_features = 0
-    if features is not None:
-        without_features = table.num_rows - int(np.sum(table.column("__has_features").to_numpy(zero_copy_only=False)))
-        table = table.drop(["__has_features"])
+    return table
 
+
+def _assign_split(table: pa.Table, split: str, valid_fraction: float, test_fraction: float) -> pa.Table:
+    """The table with its `split` column: from the labels, by user hash, or by label time (ties to the earlier
+    split, so a timestamp is never on both sides of a cut)."""
     users = table.column("user_id").to_pylist()
     if split == "user":
         assigned = [user_split(u, valid_fraction, test_fraction) for u in users]
     elif split == "time":
         ts = table.column("label_ts").cast(pa.timestamp("us")).to_numpy().astype("datetime64[us]").astype(np.int64)
         train_end, valid_end = np.quantile(ts, [1 - valid_fraction - test_fraction, 1 - test_fraction])
-        # Ties go to the earlier split, so a timestamp is never on both sides of a cut.
         assigned = np.where(ts <= train_end, "train", np.where(ts <= valid_end, "valid", "test")).tolist()
         table = table.drop(["label_ts"])
     else:
         assigned = table.column("split").to_pylist()
         table = table.drop(["split"])
-    table = table.append_column("split", pa.array(assigned, pa.string()))
-    return JoinedData(
-        table=table,
-        numeric_features=numeric,
-        categorical_features=categorical,
-        labelled_users=labelled,
-        users_without_sequence=labelled - table.num_rows,
-        users_without_features=without_features,
-    )
+    return table.append_column("split", pa.array(assigned, pa.string()))
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -748,15 +773,9 @@ def finetune(settings: FinetuneSettings) -> dict:
 
     from domaintok.models.embedding import load_encoder
     from domaintok.models.fusion import encode_tabular, fit_tabular_stats
-    from domaintok.window import truncate_window
 
     s = settings
-    if s.task not in TASKS:
-        raise DomaintokError(f"task must be one of {', '.join(TASKS)}, got {s.task!r}")
-    if s.stage2 not in STAGE2_MODES:
-        raise DomaintokError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {s.stage2!r}")
-    if s.stage2_from not in STAGE2_STARTS:
-        raise DomaintokError(f"stage2_from must be one of {', '.join(STAGE2_STARTS)}, got {s.stage2_from!r}")
+    _check_settings(s)
     metric = resolve_metric(s.task, s.metric)
     started = time.perf_counter()
     data = join_inputs(s.labels, s.sequences, s.features, s.label_column, s.split, s.valid_fraction,
@@ -776,18 +795,8 @@ def finetune(settings: FinetuneSettings) -> dict:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per process
     torch.manual_seed(s.seed)
     encoder = load_encoder(s.model, device="cpu")
-    encoder_config = encoder.config
-    max_length = s.max_length or encoder_config.max_position_embeddings
-    lists = table.column("input_ids").combine_chunks()
-    offsets = lists.offsets.to_numpy()
-    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    if np.any(np.diff(offsets) == 0):
-        raise DomaintokError(f"sequences {s.sequences}: a user has an empty input_ids list")
-    sequences = [
-        truncate_window(values[offsets[i] : offsets[i + 1]], max_length, encoder_config.sep_token_id)
-        for i in range(table.num_rows)
-    ]
-
+    max_length = s.max_length or encoder.config.max_position_embeddings
+    sequences = _windows(table, max_length, encoder.config.sep_token_id, s.sequences)
     rows = {name: np.flatnonzero(split == name) for name in SPLITS}
     stats = fit_tabular_stats(table.take(pa.array(rows["train"])), data.numeric_features, data.categorical_features)
     extra: dict[str, Any] = {"class_names": class_names}
@@ -798,9 +807,51 @@ def finetune(settings: FinetuneSettings) -> dict:
     if ranks.world > 1:
         torch.manual_seed(s.seed + ranks.rank)  # same initial weights everywhere, each rank its own dropout
     numeric, categorical = encode_tabular(model.config, table)
-    pad = encoder_config.pad_token_id if encoder_config.pad_token_id is not None else 0
+    pad = encoder.config.pad_token_id if encoder.config.pad_token_id is not None else 0
     trainer = _Trainer(model, s, sequences, numeric, categorical, y, rows, device, pad, ranks)
+    _train(model, trainer, s)
+    train_seconds = time.perf_counter() - started
 
+    valid_metrics, _ = trainer.evaluate(rows["valid"])
+    held_out = rows["test"] if len(rows["test"]) else rows["valid"]
+    test_metrics, test_pred = trainer.evaluate(held_out)
+    metrics = _metrics(s, metric, model, trainer, data, counts, class_names, max_length, device, ranks,
+                       test_metrics, valid_metrics, train_seconds, held_out_split="test" if len(rows["test"]) else "valid")
+    if ranks.main:
+        with atomic_dir(s.output) as tmp:  # rerun-safe: built aside, then swapped in
+            model.save_pretrained(tmp)
+            predictions = _predictions_table(s.task, table, held_out, split, y, test_pred, class_names)
+            pq.write_table(predictions, tmp / "predictions.parquet")
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    ranks.barrier()  # no process returns before the output is in place
+    return metrics
+
+
+def _check_settings(s: FinetuneSettings) -> None:
+    if s.task not in TASKS:
+        raise DomaintokError(f"task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    if s.stage2 not in STAGE2_MODES:
+        raise DomaintokError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {s.stage2!r}")
+    if s.stage2_from not in STAGE2_STARTS:
+        raise DomaintokError(f"stage2_from must be one of {', '.join(STAGE2_STARTS)}, got {s.stage2_from!r}")
+
+
+def _windows(table: pa.Table, max_length: int, sep_token_id: int | None, path: Path) -> list[np.ndarray]:
+    """Each row's input_ids cut to the model's window (the window rule of domaintok/window.py)."""
+    from domaintok.window import truncate_window
+
+    lists = table.column("input_ids").combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    if np.any(np.diff(offsets) == 0):
+        raise DomaintokError(f"sequences {path}: a user has an empty input_ids list")
+    return [truncate_window(values[offsets[i] : offsets[i + 1]], max_length, sep_token_id)
+            for i in range(table.num_rows)]
+
+
+def _train(model, trainer: _Trainer, s: FinetuneSettings) -> None:
+    """The stages: one run (tabular only, or fusion), or fusion and a tabular stage in the order --stage2-from
+    says; the best evaluated weights are restored at the end."""
     staged = s.staged and s.use_sequence and model.config.has_tabular
     first = "tabular" if not s.use_sequence else "fusion"
     if not staged:
@@ -810,16 +861,16 @@ def finetune(settings: FinetuneSettings) -> dict:
     else:
         _train_tabular_then_fusion(model, trainer, s)
     trainer.restore_best()
-    train_seconds = time.perf_counter() - started
 
-    valid_metrics, _ = trainer.evaluate(rows["valid"])
-    held_out = rows["test"] if len(rows["test"]) else rows["valid"]
-    test_metrics, test_pred = trainer.evaluate(held_out)
+
+def _metrics(s, metric, model, trainer: _Trainer, data: JoinedData, counts, class_names, max_length, device, ranks,
+             test_metrics, valid_metrics, train_seconds, held_out_split: str) -> dict:
+    """metrics.json of a fine-tuning run."""
     last = trainer.history[-1]
-    metrics = {
+    return {
         "task": s.task,
         "metric": metric,
-        "held_out_split": "test" if len(rows["test"]) else "valid",
+        "held_out_split": held_out_split,
         "test": test_metrics,
         "valid": valid_metrics,
         "best_step": trainer.best.step,
@@ -847,22 +898,6 @@ def finetune(settings: FinetuneSettings) -> dict:
         "history": trainer.history,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
     }
-
-    if ranks.main:
-        # Rerun-safe: build the directory aside, then swap it in.
-        out = Path(s.output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        predictions = _predictions_table(s.task, table, held_out, split, y, test_pred, class_names)
-        pq.write_table(predictions, tmp / "predictions.parquet")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    ranks.barrier()  # no process returns before the output is in place
-    return metrics
 
 
 @click.command("finetune")

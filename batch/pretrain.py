@@ -18,9 +18,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
+from domaintok.artifacts import atomic_dir
 from domaintok.errors import ArtifactError, DomaintokError
 
 # Peak learning rates by size: smaller models tolerate (and need) larger steps.
@@ -134,156 +136,39 @@ class PretrainSettings:
 def pretrain(settings: PretrainSettings) -> dict:
     """Run a pretraining job end to end; returns the metrics also written to <output>/metrics.json."""
     import torch
-    from accelerate import PartialState
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer
 
-    from batch.contrastive import ColesCollator, ColesSettings, PretrainTrainer, check_objective
-    from batch.sequence_data import (
-        CausalLMCollator,
-        SequenceDataset,
-        context_warning,
-        count_sequences,
-        length_summary,
-        rank_batches,
-    )
+    from batch.contrastive import PretrainTrainer
     from domaintok.models import DomainTransformerForCausalLM
 
     s = settings
-    cuda = torch.cuda.is_available()
-    # Joins the process group when started by torchrun / accelerate launch (gloo on CPU, NCCL on GPU);
-    # TrainingArguments below rebuilds this state over the same group.
-    if not cuda:
-        # accelerate names the device of a multi-CPU run "cpu:0", which torch.load cannot map tensors to: the
-        # Trainer would fail to reload the optimizer on --resume. Its state (rebuilt by TrainingArguments) takes
-        # the device from this variable instead.
-        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
-    state = PartialState(cpu=not cuda)
-    world, rank = state.num_processes, state.process_index
-    echo = click.echo if state.is_main_process else (lambda *args, **kwargs: None)
+    state, echo = _process_group()
+    world, rank, cuda = state.num_processes, state.process_index, torch.cuda.is_available()
     if s.batch_size < world:
         raise DomaintokError(f"--batch-size is the global batch: {s.batch_size} cannot be split over {world} processes")
-    use_clm, use_coles = check_objective(s.objective)
-    coles = ColesSettings(
-        weight=s.coles_weight, views=s.coles_views, min_fraction=s.coles_min_fraction,
-        max_fraction=s.coles_max_fraction, temperature=s.coles_temperature,
-    ) if use_coles else None
-    if s.windows not in ("newest", "all"):
-        raise DomaintokError(f"windows must be newest or all, got {s.windows!r}")
-    if use_coles and s.windows == "all":
-        raise DomaintokError("--windows all trains on several windows of one user, which CoLES would take for "
-                             "different users (false negatives): use --windows newest with coles objectives")
+    use_clm, coles = _objective(s)
     tok = read_tokenizer(s.tokenizer)
-    if use_coles and tok.sep_token_id is None:
+    if coles is not None and tok.sep_token_id is None:
         raise DomaintokError(f"{s.tokenizer}: objective {s.objective!r} needs a [SEP] token to cut events")
-    context_length = s.context_length or tok.max_length or 1024
-    source = "--context-length" if s.context_length else "the tokenizer's max_length" if tok.max_length else "default"
-    echo(f"pretrain: context {context_length:,} tokens ({source})", err=True)
-    lengths = length_summary(s.sequences, context_length)
-    warning = context_warning("pretrain", context_length, lengths) if s.windows == "newest" else None
-    if warning:
-        echo(warning, err=True)
+    context_length, source, lengths = _context(s, tok, echo)
     if s.threads:
         torch.set_num_threads(s.threads)
-    checkpoint_dir = s.resolved_checkpoint_dir()
-    has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.glob("checkpoint-*"))
-    if s.resume and not has_checkpoints:
-        raise ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from")
-    if not s.resume and has_checkpoints:
-        raise ArtifactError(f"{checkpoint_dir}: checkpoints exist; pass --resume to continue or delete them")
-
+    checkpoint_dir = _checked_checkpoints(s)
     config = _build_config(
-        s,
-        vocab_size=tok.vocab_size,
-        max_position_embeddings=context_length,
-        tokenizer_fingerprint=tok.fingerprint,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        sep_token_id=tok.sep_token_id,
-        **({"pooling": s.pooling} if s.pooling else {}),
-        **s.overrides,
+        s, vocab_size=tok.vocab_size, max_position_embeddings=context_length, tokenizer_fingerprint=tok.fingerprint,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        sep_token_id=tok.sep_token_id, **({"pooling": s.pooling} if s.pooling else {}), **s.overrides,
     )
     torch.manual_seed(s.seed)
     model = DomainTransformerForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
-    n_embedding = model.model.embed_tokens.weight.numel()
-
-    # --batch-size is global: each of the `world` processes takes its share of every step's batch.
-    per_device = math.ceil(s.batch_size / world)
-    common = dict(
-        path=s.sequences, context_length=context_length, sep_token_id=tok.sep_token_id,
-        eval_fraction=s.eval_fraction, seed=s.seed, windows=s.windows,
-    )
-    train_set = SequenceDataset(split="train", shuffle=True, batch_size=per_device, num_shards=world,
-                                shard_index=rank, **common)
-    # Every rank evaluates the whole (capped) eval split in global batches: the single-process eval_loss.
-    eval_set = SequenceDataset(split="eval", shuffle=False, max_sequences=s.eval_max_sequences,
-                               batch_size=s.batch_size, **common)
-    counting = dict(windows=s.windows, context_length=context_length, sep_token_id=tok.sep_token_id)
-    n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction, **counting), s.eval_max_sequences)
-    # Each rank counts the items of its own shard (one read of it) and learns the others' counts: every rank then
-    # runs the same number of batches per epoch, which sets the schedule below.
-    try:
-        train_batches = rank_batches(train_set, s.batch_size, _all_gather if world > 1 else None)
-    except ValueError as exc:  # a shard with fewer items than the epoch has steps
-        raise DomaintokError(f"{s.sequences}: {exc}") from None
-    n_train = train_batches.total_items
-    if s.windows == "all":
-        echo(f"pretrain: every window of each user's history: {n_train:,} training windows", err=True)
-    if n_train == 0:
-        raise DomaintokError(f"{s.sequences}: no training sequences (empty file, or every user in the eval split)")
-    steps_per_epoch = math.ceil(len(train_batches) / s.grad_accum)
-    max_steps = s.max_steps or max(1, math.ceil(steps_per_epoch * s.epochs))
-    save_steps = s.save_steps or max(1, max_steps // 5)
-
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr or DEFAULT_LR.get(s.preset, 3e-4),
-        lr_scheduler_type="cosine",
-        warmup_steps=s.warmup,
-        weight_decay=s.weight_decay,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        tf32=cuda or None,
-        use_cpu=not cuda,
-        torch_compile=s.compile,
-        gradient_checkpointing=s.gradient_checkpointing,
-        ddp_find_unused_parameters=False,  # every objective uses every parameter (checked for clm, coles, both)
-        logging_strategy="steps",
-        logging_steps=s.logging_steps or max(1, max_steps // 50),
-        logging_first_step=True,
-        eval_strategy="steps" if n_eval else "no",
-        eval_steps=s.eval_steps or max(1, max_steps // 5),
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=2,
-        seed=s.seed,
-        dataloader_num_workers=0,  # stats below are counted in-process; parquet decoding is not the bottleneck
-        dataloader_pin_memory=cuda,
-        remove_unused_columns=False,
-        report_to="none",
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False,
-    )
-    pad_multiple = 8 if cuda else None
-    if use_coles:
-        collator = ColesCollator(
-            pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, settings=coles, clm=use_clm, seed=s.seed,
-            pad_to_multiple_of=pad_multiple, rank=rank,
-        )
-    else:
-        collator = CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=pad_multiple)
+    data = _data(s, tok, context_length, world, rank, echo)
+    args = _training_args(s, checkpoint_dir, data, cuda)
     trainer = PretrainTrainer(
         model=model,
         args=args,
-        train_dataset=train_batches,
-        eval_dataset=eval_set if n_eval else None,
-        data_collator=collator,
+        train_dataset=data.train_batches,
+        eval_dataset=data.eval_set if data.n_eval else None,
+        data_collator=_collator(tok, use_clm, coles, s.seed, rank, cuda),
         # With the tokenizer's pad id the Trainer counts real tokens (`non_padding`) and saves it in checkpoints.
         processing_class=AutoTokenizer.from_pretrained(s.tokenizer),
         objective=s.objective,
@@ -297,15 +182,185 @@ def pretrain(settings: PretrainSettings) -> dict:
     if evals and evals[-1]["step"] == trainer.state.global_step:
         final_eval = evals[-1]
     else:
-        final_eval = trainer.evaluate() if n_eval else {}
+        final_eval = trainer.evaluate() if data.n_eval else {}
+    stats = _all_reduce_stats(data.train_set.stats, state) if world > 1 else data.train_set.stats
+    metrics = _metrics(s, tok, config, model, trainer, args, data, final_eval, stats, train_seconds,
+                       context_length, source, lengths, world)
+    # FSDP shards the weights over ranks: gathering the full state dict is collective, so every rank takes part.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if state.is_main_process:
+        _write_model_dir(s, trainer, metrics, full_state)
+    state.wait_for_everyone()  # no rank returns before the model dir is in place
+    return metrics
 
-    stats = _all_reduce_stats(train_set.stats, state) if world > 1 else train_set.stats
+
+def _process_group():
+    """This process's accelerate state (joining the process group when started by torchrun / accelerate launch:
+    gloo on CPU, NCCL on GPU; TrainingArguments rebuilds it over the same group) and an echo for rank 0 only."""
+    import torch
+    from accelerate import PartialState
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # accelerate names the device of a multi-CPU run "cpu:0", which torch.load cannot map tensors to: the
+        # Trainer would fail to reload the optimizer on --resume. Its state (rebuilt by TrainingArguments) takes
+        # the device from this variable instead.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+    state = PartialState(cpu=not cuda)
+    return state, (click.echo if state.is_main_process else (lambda *args, **kwargs: None))
+
+
+def _objective(s: PretrainSettings):
+    """(use causal LM, ColesSettings or None), after refusing combinations that cannot work."""
+    from batch.contrastive import ColesSettings, check_objective
+
+    use_clm, use_coles = check_objective(s.objective)
+    if s.windows not in ("newest", "all"):
+        raise DomaintokError(f"windows must be newest or all, got {s.windows!r}")
+    if use_coles and s.windows == "all":
+        raise DomaintokError("--windows all trains on several windows of one user, which CoLES would take for "
+                             "different users (false negatives): use --windows newest with coles objectives")
+    coles = ColesSettings(
+        weight=s.coles_weight, views=s.coles_views, min_fraction=s.coles_min_fraction,
+        max_fraction=s.coles_max_fraction, temperature=s.coles_temperature,
+    ) if use_coles else None
+    return use_clm, coles
+
+
+def _context(s: PretrainSettings, tok: TokenizerInfo, echo) -> tuple[int, str, dict]:
+    """The context length, where it came from, and the sequences' lengths against it (warned when users lose most of
+    their history to it)."""
+    from batch.sequence_data import context_warning, length_summary
+
+    context_length = s.context_length or tok.max_length or 1024
+    source = "--context-length" if s.context_length else "the tokenizer's max_length" if tok.max_length else "default"
+    echo(f"pretrain: context {context_length:,} tokens ({source})", err=True)
+    lengths = length_summary(s.sequences, context_length)
+    warning = context_warning("pretrain", context_length, lengths) if s.windows == "newest" else None
+    if warning:
+        echo(warning, err=True)
+    return context_length, source, lengths
+
+
+def _checked_checkpoints(s: PretrainSettings) -> Path:
+    """The Trainer checkpoint directory, refusing --resume without checkpoints and a fresh run over old ones."""
+    checkpoint_dir = s.resolved_checkpoint_dir()
+    has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.glob("checkpoint-*"))
+    if s.resume and not has_checkpoints:
+        raise ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from")
+    if not s.resume and has_checkpoints:
+        raise ArtifactError(f"{checkpoint_dir}: checkpoints exist; pass --resume to continue or delete them")
+    return checkpoint_dir
+
+
+@dataclass
+class _Data:
+    train_set: Any
+    eval_set: Any
+    train_batches: Any
+    n_train: int
+    n_eval: int
+    per_device: int
+    max_steps: int
+
+
+def _data(s: PretrainSettings, tok: TokenizerInfo, context_length: int, world: int, rank: int, echo) -> _Data:
+    """This rank's shard of the training sequences in batches (every rank runs the same number per epoch), the eval
+    split (evaluated whole by every rank in global batches: the single-process eval_loss) and the step count."""
+    from batch.sequence_data import SequenceDataset, count_sequences, rank_batches
+
+    # --batch-size is global: each of the `world` processes takes its share of every step's batch.
+    per_device = math.ceil(s.batch_size / world)
+    common = dict(
+        path=s.sequences, context_length=context_length, sep_token_id=tok.sep_token_id,
+        eval_fraction=s.eval_fraction, seed=s.seed, windows=s.windows,
+    )
+    train_set = SequenceDataset(split="train", shuffle=True, batch_size=per_device, num_shards=world,
+                                shard_index=rank, **common)
+    eval_set = SequenceDataset(split="eval", shuffle=False, max_sequences=s.eval_max_sequences,
+                               batch_size=s.batch_size, **common)
+    counting = dict(windows=s.windows, context_length=context_length, sep_token_id=tok.sep_token_id)
+    n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction, **counting), s.eval_max_sequences)
+    # Each rank counts the items of its own shard (one read of it) and learns the others' counts.
+    try:
+        train_batches = rank_batches(train_set, s.batch_size, _all_gather if world > 1 else None)
+    except ValueError as exc:  # a shard with fewer items than the epoch has steps
+        raise DomaintokError(f"{s.sequences}: {exc}") from None
+    n_train = train_batches.total_items
+    if s.windows == "all":
+        echo(f"pretrain: every window of each user's history: {n_train:,} training windows", err=True)
+    if n_train == 0:
+        raise DomaintokError(f"{s.sequences}: no training sequences (empty file, or every user in the eval split)")
+    steps_per_epoch = math.ceil(len(train_batches) / s.grad_accum)
+    max_steps = s.max_steps or max(1, math.ceil(steps_per_epoch * s.epochs))
+    return _Data(train_set, eval_set, train_batches, n_train, n_eval, per_device, max_steps)
+
+
+def _training_args(s: PretrainSettings, checkpoint_dir: Path, data: _Data, cuda: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    max_steps = data.max_steps
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=data.per_device,
+        per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr or DEFAULT_LR.get(s.preset, 3e-4),
+        lr_scheduler_type="cosine",
+        warmup_steps=s.warmup,
+        weight_decay=s.weight_decay,  # the Trainer leaves biases and LayerNorm weights out of it
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        tf32=cuda or None,
+        use_cpu=not cuda,
+        torch_compile=s.compile,
+        gradient_checkpointing=s.gradient_checkpointing,
+        ddp_find_unused_parameters=False,  # every objective uses every parameter (checked for clm, coles, both)
+        logging_strategy="steps",
+        logging_steps=s.logging_steps or max(1, max_steps // 50),
+        logging_first_step=True,
+        eval_strategy="steps" if data.n_eval else "no",
+        eval_steps=s.eval_steps or max(1, max_steps // 5),
+        save_strategy="steps",
+        save_steps=s.save_steps or max(1, max_steps // 5),
+        save_total_limit=2,
+        seed=s.seed,
+        dataloader_num_workers=0,  # stats below are counted in-process; parquet decoding is not the bottleneck
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def _collator(tok: TokenizerInfo, use_clm: bool, coles, seed: int, rank: int, cuda: bool):
+    from batch.contrastive import ColesCollator
+    from batch.sequence_data import CausalLMCollator
+
+    pad_multiple = 8 if cuda else None
+    if coles is not None:
+        return ColesCollator(pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, settings=coles, clm=use_clm,
+                             seed=seed, pad_to_multiple_of=pad_multiple, rank=rank)
+    return CausalLMCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=pad_multiple)
+
+
+def _metrics(s, tok, config, model, trainer, args, data: _Data, final_eval: dict, stats, train_seconds: float,
+             context_length: int, source: str, lengths: dict, world: int) -> dict:
+    """metrics.json: what was trained, how long, how well, on what."""
+    import torch
+
+    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counted once
+    n_embedding = model.model.embed_tokens.weight.numel()
     # Real (non-pad) tokens trained in this session: batches skipped while resuming are not counted.
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     # The Trainer's own average divides by every step, resumed ones included; report the final tenth instead.
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     final_window = train_losses[-max(1, len(train_losses) // 10) :]
-    metrics = {
+    return {
         "preset": s.preset,
         "architecture": config.architecture(),
         "overrides": dict(s.overrides),
@@ -317,17 +372,17 @@ def pretrain(settings: PretrainSettings) -> dict:
         "context_length": context_length,
         "context_length_source": source,
         "windows": s.windows,
-        "train_items": n_train,
+        "train_items": data.n_train,
         "median_sequence_tokens": lengths["median_tokens"],
         "users_truncated_fraction": lengths["users_truncated_fraction"],
         "tokens_cut_fraction": lengths["tokens_cut_fraction"],
-        "train_sequences": n_train,
-        "eval_sequences": n_eval,
+        "train_sequences": data.n_train,
+        "eval_sequences": data.n_eval,
         "steps": int(trainer.state.global_step),
-        "max_steps": max_steps,
+        "max_steps": data.max_steps,
         "batch_size": s.batch_size,
         "processes": world,
-        "per_device_batch_size": per_device,
+        "per_device_batch_size": data.per_device,
         "grad_accum": s.grad_accum,
         "train_loss": sum(final_window) / len(final_window) if final_window else None,
         "eval_loss": final_eval.get("eval_loss"),
@@ -337,7 +392,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         "tokens_per_second": tokens / train_seconds if train_seconds else None,
         "padding_fraction": stats.padding_fraction,
         "truncated_sequences": stats.truncated,
-        "device": "cuda" if cuda else "cpu",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cpu_threads": torch.get_num_threads(),
         "bf16": bool(args.bf16),
         "resumed": s.resume,
@@ -346,34 +401,21 @@ def pretrain(settings: PretrainSettings) -> dict:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
     }
 
-    # FSDP shards the weights over ranks: gathering the full state dict is collective, so every rank takes part.
-    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-    if state.is_main_process:
-        _write_model_dir(s, trainer, metrics, full_state)
-    state.wait_for_everyone()  # no rank returns before the model dir is in place
-    return metrics
-
 
 def _write_model_dir(s: PretrainSettings, trainer, metrics: dict, state_dict: dict | None = None) -> None:
-    # Rerun-safe: build the whole directory aside, then swap it in.
-    tmp = s.output.with_name(f".{s.output.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    unwrapped.save_pretrained(tmp, state_dict=state_dict)  # safetensors + config.json only
-    # transformers writes the weights through a private temp file (mode 0600); containers running the workers
-    # as another user must be able to read them, so apply the usual umask-derived mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in tmp.iterdir():
-        file.chmod(0o666 & ~umask)
-    copy_tokenizer_files(s.tokenizer, tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png", title=f"domaintok pretrain ({s.preset})")
-    if s.output.exists():
-        shutil.rmtree(s.output)
-    tmp.rename(s.output)
+    """The model directory, built aside and swapped in (rerun-safe): weights, config, tokenizer, metrics, plot."""
+    with atomic_dir(s.output) as tmp:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)  # safetensors + config.json only
+        # transformers writes the weights through a private temp file (mode 0600); containers running the workers
+        # as another user must be able to read them, so apply the usual umask-derived mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
+        copy_tokenizer_files(s.tokenizer, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png", title=f"domaintok pretrain ({s.preset})")
 
 
 def _all_gather(value) -> list:

@@ -53,6 +53,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs get the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, out)
@@ -68,6 +69,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model dir is read by workers running as other users
     try:
         yield tmp
         if out.exists():
@@ -76,3 +78,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

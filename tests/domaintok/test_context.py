@@ -12,7 +12,8 @@ import pytest
 from domaintok.context import NO_PREVIOUS, UNKNOWN_CELL, EventContext, PreviousEvent
 from domaintok.fields import make_encoder
 from domaintok.schema import FieldSpec, schema_from_dict
-from domaintok.tokenizer import BOS_ID, DomainTokenizer
+from domaintok.tokenizer import DomainTokenizer
+from tests.domaintok.online_replay import assert_online_equals_offline
 from tests.domaintok.test_tokenizer import SCHEMA, _toy_table
 
 H = 3_600_000_000  # one hour in us
@@ -100,23 +101,7 @@ def baskets():
 
 
 def test_change_only_offline_equals_online_micro_batches(baskets):
-    tok = _change_only_tokenizer(baskets)
-    seq = tok.tokenize(baskets)
-    rows = [r for r in baskets.to_pylist() if r["user"] is not None and r["cat"] != "drop"]
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["ts"], i))  # event-time order, ties by input order
-    rng = np.random.default_rng(0)
-    cuts = np.sort(rng.choice(np.arange(1, len(order)), size=9, replace=False))
-    previous: dict[str, PreviousEvent] = {}
-    per_user: dict[str, list[int]] = {}
-    for part in np.split(np.array(order), cuts):  # users interleaved in every micro-batch
-        batch = [rows[i] for i in part]
-        et = tok.encode_event_tokens(batch, previous)
-        assert et.errors == [None] * len(batch)
-        for k, r in enumerate(batch):
-            per_user.setdefault(r["user"], []).extend(et.event(k).tolist())
-            previous[r["user"]] = PreviousEvent(int(et.event_ts[k]), et.context[k].tolist())
-    for user, ids in zip(seq.column("user_id").to_pylist(), seq.column("input_ids").to_pylist()):
-        assert [BOS_ID, *per_user[user]] == ids
+    assert_online_equals_offline(_change_only_tokenizer(baskets), baskets, batches=10)
 
 
 def test_change_only_saves_tokens_and_round_trips(baskets, tmp_path):

@@ -4,14 +4,13 @@ text, and schema errors for options that do not fit together."""
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
-from domaintok.context import PreviousEvent
 from domaintok.errors import SchemaError
 from domaintok.schema import schema_from_dict
-from domaintok.tokenizer import BOS_ID, DomainTokenizer
+from domaintok.tokenizer import DomainTokenizer
+from tests.domaintok.online_replay import assert_online_equals_offline
 from tests.domaintok.test_tokenizer import SCHEMA, _toy_table
 
 SEMANTIC = {"ids": "semantic", "content": "text", "semantic": {"levels": 2, "codes": 8, "disambiguation": 64}}
@@ -51,19 +50,7 @@ def test_offline_equals_online_and_round_trip(fitted, tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = DomainTokenizer.from_pretrained(tmp_path)
     assert loaded.fingerprint == tok.fingerprint
-    seq = loaded.tokenize(table)
-    rows = [r for r in table.to_pylist() if r["user"] is not None and r["cat"] != "drop"]
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["ts"], i))
-    per_user: dict[str, list[int]] = {}
-    previous: dict[str, PreviousEvent] = {}
-    for part in np.array_split(np.array(order), 5):
-        batch = [rows[i] for i in part]
-        et = loaded.encode_event_tokens(batch, previous)
-        for k, r in enumerate(batch):
-            per_user.setdefault(r["user"], []).extend(et.event(k).tolist())
-            previous[r["user"]] = PreviousEvent(int(et.event_ts[k]), et.context[k].tolist())
-    for user, ids in zip(seq.column("user_id").to_pylist(), seq.column("input_ids").to_pylist()):
-        assert [BOS_ID, *per_user[user]] == ids
+    assert_online_equals_offline(loaded, table, batches=5)
 
 
 def test_an_unseen_item_with_a_known_text_gets_that_items_codes(fitted):

@@ -4,14 +4,13 @@ exactly its field tokens), text pieces left alone, and every merged token in the
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from domaintok.context import PreviousEvent
 from domaintok.errors import SchemaError
 from domaintok.schema import schema_from_dict
-from domaintok.tokenizer import BOS_ID, SEP_ID, DomainTokenizer
+from domaintok.tokenizer import SEP_ID, DomainTokenizer
+from tests.domaintok.online_replay import assert_online_equals_offline
 from tests.domaintok.test_tokenizer import SCHEMA, _toy_table
 
 
@@ -64,19 +63,7 @@ def test_offline_equals_online_micro_batches_and_round_trip(fitted, tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = DomainTokenizer.from_pretrained(tmp_path)
     assert loaded.fingerprint == tok.fingerprint and loaded.merges.to_json() == tok.merges.to_json()
-    seq = loaded.tokenize(table)
-    rows = [r for r in table.to_pylist() if r["user"] is not None and r["cat"] != "drop"]
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["ts"], i))
-    per_user: dict[str, list[int]] = {}
-    previous: dict[str, PreviousEvent] = {}
-    for part in np.array_split(np.array(order), 7):  # small batches take the rounds path, the whole the sweep
-        batch = [rows[i] for i in part]
-        et = loaded.encode_event_tokens(batch, previous)
-        for k, r in enumerate(batch):
-            per_user.setdefault(r["user"], []).extend(et.event(k).tolist())
-            previous[r["user"]] = PreviousEvent(int(et.event_ts[k]), et.context[k].tolist())
-    for user, ids in zip(seq.column("user_id").to_pylist(), seq.column("input_ids").to_pylist()):
-        assert [BOS_ID, *per_user[user]] == ids
+    assert_online_equals_offline(loaded, table, batches=7)  # small batches take the rounds path, the whole the sweep
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     names = loaded.token_names()
     assert len(hf) == loaded.vocab_size and hf.convert_tokens_to_ids(names[-1]) == loaded.vocab_size - 1
