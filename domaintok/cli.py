@@ -22,6 +22,7 @@ EXTRA_OF_MODULE = {
                      "onnxruntime", "onnxscript"], "train"),
     **dict.fromkeys(["faust", "mode", "confluent_kafka", "aiokafka", "cramjam", "calfkit", "prometheus_client",
                      "uvloop"], "stream"),
+    "pyspark": "spark",
 }
 
 

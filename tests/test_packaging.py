@@ -178,7 +178,7 @@ def test_extras_split_the_dependencies():
     assert not core & {"torch", "lightgbm", "onnx", "faust-streaming", "confluent-kafka"}
     assert {"torch", "lightgbm", "scikit-learn", "onnx"} <= extras["train"]
     assert {"faust-streaming", "confluent-kafka", "prometheus-client"} <= extras["stream"]
-    assert PYPROJECT["project"]["optional-dependencies"]["all"] == ["domaintok[train,stream]"]
+    assert PYPROJECT["project"]["optional-dependencies"]["all"] == ["domaintok[train,stream,spark]"]
 
 
 @pytest.mark.slow
