@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from domaintok.artifacts import atomic_dir
 from domaintok.errors import DomaintokError
 
@@ -361,13 +362,7 @@ class Ranks:
 
     def gather(self, value) -> list:
         """`value` of every rank, in rank order."""
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
+        return [value] if self.world == 1 else all_gather(value)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -992,8 +987,8 @@ def command(model, sequences, labels, features, output, task, label_column, spli
     try:
         metrics = finetune(settings)
     finally:
-        _leave_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:
+        leave_process_group()
+    if not is_rank_zero():
         return
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items() if isinstance(v, float))
     click.echo(
@@ -1003,14 +998,6 @@ def command(model, sequences, labels, features, output, task, label_column, spli
     )
     if metrics["still_improving"]:
         click.echo("note: the validation metric was still improving at the last evaluation; more --epochs may help")
-
-
-def _leave_process_group() -> None:
-    """End this process's part in the torchrun / accelerate process group, if it joined one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from domaintok.artifacts import atomic_dir
 from domaintok.errors import ArtifactError, DomaintokError
 
@@ -283,7 +284,7 @@ def _data(s: PretrainSettings, tok: TokenizerInfo, context_length: int, world: i
     n_eval = min(count_sequences(s.sequences, "eval", s.eval_fraction, **counting), s.eval_max_sequences)
     # Each rank counts the items of its own shard (one read of it) and learns the others' counts.
     try:
-        train_batches = rank_batches(train_set, s.batch_size, _all_gather if world > 1 else None)
+        train_batches = rank_batches(train_set, s.batch_size, all_gather if world > 1 else None)
     except ValueError as exc:  # a shard with fewer items than the epoch has steps
         raise DomaintokError(f"{s.sequences}: {exc}") from None
     n_train = train_batches.total_items
@@ -418,15 +419,6 @@ def _write_model_dir(s: PretrainSettings, trainer, metrics: dict, state_dict: di
         plot_loss_curve(trainer.state.log_history, tmp / "loss_curve.png", title=f"domaintok pretrain ({s.preset})")
 
 
-def _all_gather(value) -> list:
-    """`value` from every rank, in rank order (any picklable object)."""
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def _all_reduce_stats(stats, state):
     """The data stream's counters summed over ranks."""
     import torch
@@ -552,8 +544,8 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
     try:
         metrics = pretrain(settings)
     finally:
-        _leave_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:
+        leave_process_group()
+    if not is_rank_zero():
         return
     eval_loss = metrics["eval_loss"]
     arch = metrics["architecture"]
@@ -564,14 +556,6 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
         f"{'n/a' if eval_loss is None else f'{eval_loss:.4f}'}, {metrics['tokens_per_second']:,.0f} tokens/s, "
         f"padding {metrics['padding_fraction']:.1%} -> {output}"
     )
-
-
-def _leave_process_group() -> None:
-    """End this process's part in the torchrun / accelerate process group, if it joined one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def architecture_overrides(hidden_size=None, layers=None, heads=None, intermediate_size=None) -> dict[str, int]:

@@ -47,14 +47,11 @@ class EventEncoding:
 
     def merge(self, matrix: np.ndarray) -> np.ndarray:
         """The events with their field tokens segmented by the ActionPiece merges (deterministic; merged tokens first,
-        then the rest, in decreasing id order), text pieces untouched in their cells. Without merges: `matrix`."""
-        if self.merges is None or not len(matrix):
-            return matrix
-        cols = self.merge_columns
-        segmented, _ = self.merges.segment(matrix[:, cols])
-        out = matrix.copy()
-        out[:, cols] = segmented
-        return out
+        then the rest, in decreasing id order), text pieces untouched in their cells; in place (both paths own the
+        matrix they pass). Without merges: `matrix` as it is."""
+        if self.merges is not None and len(matrix):
+            matrix[:, self.merge_columns], _ = self.merges.segment(matrix[:, self.merge_columns])
+        return matrix
 
 
 def compact(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
