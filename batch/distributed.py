@@ -3,6 +3,7 @@ each is a no-op, or the single-process answer, when no process group was joined.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 
@@ -16,11 +17,28 @@ def all_gather(value) -> list:
 
 
 def leave_process_group() -> None:
-    """End this process's part in the torchrun / accelerate process group, if it joined one."""
+    """End this process's part in the torchrun / accelerate process group, if it joined one, when the process exits.
+
+    Not at once: a second job run in the same process (pretrain then finetune from one launcher) reuses the joined
+    group. Destroying it and joining again would reuse the launcher store's keys, where a peer can still read the
+    first group's (closed) addresses and fail with "connection refused"."""
+    global _leave_registered
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _leave_registered or not (dist.is_available() and dist.is_initialized()):
+        return
+    _leave_registered = True
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_leave_registered = False
 
 
 def is_rank_zero() -> bool:
