@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from batch.spark import ENGINE_HELP, ENGINES, SPARK_MASTER_HELP, Location, is_uri, local_paths
+from batch.sequence_files import SequenceFiles
 from domaintok.artifacts import atomic_file
 from domaintok.errors import DomaintokError
 
@@ -40,14 +41,11 @@ def embed_parquet(
     context = model.config.max_position_embeddings  # embed_record_batch cuts longer sequences to it
     if progress:
         click.echo(f"embed: context {context:,} tokens (the model's), pooling {model.config.pooling}", err=True)
-    parquet = pq.ParquetFile(sequences)
-    missing = [c for c in INPUT_COLUMNS if c not in parquet.schema_arrow.names]
-    if missing:
-        raise DomaintokError(f"{sequences}: missing column(s) {', '.join(missing)} (expected a `domaintok tokenize` output)")
+    parquet = SequenceFiles(sequences, INPUT_COLUMNS)  # one file, or a directory of them (a Spark output)
 
     users = tokens = truncated = 0
     started = time.perf_counter()
-    bar = tqdm(total=parquet.metadata.num_rows, unit="user", desc="embed", disable=not progress)
+    bar = tqdm(total=parquet.num_rows, unit="user", desc="embed", disable=not progress)
     try:
         with atomic_file(output) as tmp, pq.ParquetWriter(tmp, EMBEDDINGS_SCHEMA, compression="zstd") as writer:
             for batch in parquet.iter_batches(batch_size=chunk_rows, columns=list(INPUT_COLUMNS)):
@@ -161,9 +159,8 @@ def command(model_dir, sequences, output, batch_size, device, metrics, engine, s
                                   partitions=partitions)
     else:
         local_paths(sequences, output)
-        for name, path in (("--sequences", sequences), ("--output", output)):
-            if path.is_dir():
-                raise click.BadParameter(f"File {str(path)!r} is a directory.", param_hint=f"'{name}'")
+        if output.is_dir():
+            raise click.BadParameter(f"File {str(output)!r} is a directory.", param_hint="'--output'")
         if device == "cuda":
             import torch
 

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
+from batch.sequence_files import parquet_files, parquet_sql_source
 from domaintok.artifacts import atomic_dir
 from domaintok.errors import DomaintokError
 
@@ -63,8 +64,9 @@ def quote_identifier(name: str) -> str:
 
 
 def _columns(path: Path, role: str) -> pa.Schema:
+    """The schema of a parquet input (a directory's first file for a `tokenize --engine spark` output)."""
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(parquet_files(path)[0])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DomaintokError(f"{role} {path}: cannot read as parquet ({' '.join(str(exc).split())})") from None
     if "user_id" not in schema.names:
@@ -148,7 +150,7 @@ def _split_mode(labels: Path, sequences: Path, label_schema, label_column: str, 
         raise DomaintokError(
             f"labels {labels}: no label column {label_column!r} (columns: {', '.join(label_schema.names)})"
         )
-    if "input_ids" not in pq.read_schema(sequences).names:
+    if "input_ids" not in _columns(sequences, "sequences").names:
         raise DomaintokError(f"sequences {sequences}: no input_ids column (expected a `domaintok tokenize` output)")
     if split == "auto":
         split = "column" if "split" in label_schema.names else "user"
@@ -208,7 +210,7 @@ def _load_labels(con, labels: Path, label_column: str, split: str) -> int:
 def _joined(con, labels: Path, sequences: Path, features: Path | None, numeric: list[str], categorical: list[str],
             split: str) -> pa.Table:
     """Labels joined with sequences (inner) and features (left, with a __has_features flag), by user id."""
-    params: dict[str, Any] = {"sequences": str(sequences)}
+    params: dict[str, Any] = {"sequences": parquet_sql_source(sequences)}
     feature_select = feature_join = has_features = ""
     if features is not None:
         feature_select = "".join(f", f.{quote_identifier(c)}" for c in [*numeric, *categorical])
@@ -898,8 +900,9 @@ def _metrics(s, metric, model, trainer: _Trainer, data: JoinedData, counts, clas
 @click.command("finetune")
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Pretrained model directory (`domaintok pretrain`).")
-@click.option("--sequences", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="sequences.parquet (user_id, input_ids) from `domaintok tokenize`.")
+@click.option("--sequences", type=click.Path(exists=True, path_type=Path), required=True,
+              help="sequences.parquet (user_id, input_ids) from `domaintok tokenize`, or the directory of parquet files "
+                   "`tokenize --engine spark` writes.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Labels parquet: user_id, label, and optionally split (train/valid/test) or label_ts.")
 @click.option("--features", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

@@ -478,8 +478,9 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
 
 
 @click.command("pretrain")
-@click.option("--sequences", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="sequences.parquet from `domaintok tokenize` (user_id, input_ids, ...).")
+@click.option("--sequences", type=click.Path(exists=True, path_type=Path), required=True,
+              help="sequences.parquet from `domaintok tokenize` (user_id, input_ids, ...), or the directory of parquet "
+                   "files `tokenize --engine spark` writes.")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Fitted tokenizer directory (`domaintok fit`).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,

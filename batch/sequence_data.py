@@ -29,17 +29,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from domaintok.errors import DomaintokError
+from batch.sequence_files import REQUIRED_COLUMNS, SequenceFiles
 from domaintok.models.padded import PaddedBatch
 from domaintok.window import truncate_window
 
 SPLITS = ("train", "eval", "all")
 WINDOWS = ("newest", "all")
-REQUIRED_COLUMNS = ("user_id", "input_ids")
 _HASH_BUCKETS = 10_000
 
 
@@ -116,7 +114,7 @@ def count_sequences(path: str | Path, split: str = "all", eval_fraction: float =
                                 split=split, eval_fraction=eval_fraction, shuffle=False, windows="all")
         return sum(1 for _ in items._read())
     if split == "all" or eval_fraction <= 0.0:
-        return parquet.metadata.num_rows if split != "eval" else 0
+        return parquet.num_rows if split != "eval" else 0
     want_eval = split == "eval"
     total = 0
     for batch in parquet.iter_batches(columns=["user_id"], batch_size=65_536):
@@ -124,14 +122,9 @@ def count_sequences(path: str | Path, split: str = "all", eval_fraction: float =
     return total
 
 
-def open_sequences(path: str | Path) -> pq.ParquetFile:
-    """The sequences parquet, after checking it has the columns training needs."""
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise DomaintokError(f"{path}: missing column(s) {', '.join(missing)} (expected a `domaintok tokenize` output)")
-    return parquet
+def open_sequences(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> SequenceFiles:
+    """The sequences (a parquet file or a directory of them), after checking they have the columns a job needs."""
+    return SequenceFiles(path, required)
 
 
 @dataclass
@@ -215,7 +208,7 @@ class SequenceDataset(IterableDataset):
         """Items this shard (or DataLoader worker `(id, count)` of it) yields per epoch; leaves `stats` alone."""
         return sum(1 for _ in replace(self, stats=StreamStats())._read(worker))
 
-    def _pieces(self, parquet: pq.ParquetFile, worker: tuple[int, int] | None) -> list[tuple[int, int, int]]:
+    def _pieces(self, parquet: SequenceFiles, worker: tuple[int, int] | None) -> list[tuple[int, int, int]]:
         """(row group, first row, end row) of this reader's rows: shard `shard_index * workers + worker` of
         `num_shards * workers` contiguous, equal row ranges of the file, row groups in epoch-shuffled order."""
         if worker is None:
@@ -223,7 +216,7 @@ class SequenceDataset(IterableDataset):
             worker = (info.id, info.num_workers) if info is not None else (0, 1)
         shards = self.num_shards * worker[1]
         shard = self.shard_index * worker[1] + worker[0]
-        sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        sizes = [parquet.row_group_rows(i) for i in range(parquet.num_row_groups)]
         total = sum(sizes)
         lo, hi = shard * total // shards, (shard + 1) * total // shards
         pieces, start = [], 0

@@ -246,7 +246,7 @@ def build_labels(con: duckdb.DuckDBPyConnection, spec: TasksFile, task: TaskSpec
     elif label.aggregate == "count":
         value = "CAST(count(e.__user) AS DOUBLE)"
     else:
-        value = f"CAST(coalesce(sum(e.__value), 0) AS DOUBLE)"
+        value = "CAST(coalesce(sum(e.__value), 0) AS DOUBLE)"
     if label.transform == "log1p":
         value = f"ln(1 + greatest({value}, 0))"
     source = f"(SELECT *, ({label.expression}) AS __value FROM {EVENTS_TABLE})" if label.expression else EVENTS_TABLE

@@ -167,6 +167,24 @@ def test_embed_on_spark_equals_the_single_node_embeddings(spark, spark_sequences
     assert local["truncated_users"] > 10 and stats["device"] == "cpu"
 
 
+def test_the_single_node_jobs_read_the_spark_output(spark_sequences, retail_sequences, retail_tokenizer, tiny_model,
+                                                   tmp_path):
+    """`tokenize --engine spark` writes a directory of parquet files; pretrain and the single-node embed take it as is."""
+    from batch.embed import embed_parquet
+
+    parts = spark_sequences[0]
+    assert len(list(parts.glob("*.parquet"))) > 1
+    embed_parquet(tiny_model, retail_sequences, tmp_path / "a.parquet", batch_size=16, device="cpu", progress=False)
+    embed_parquet(tiny_model, parts, tmp_path / "b.parquet", batch_size=16, device="cpu", progress=False)
+    want, got = pq.read_table(tmp_path / "a.parquet"), by_user(pq.read_table(tmp_path / "b.parquet"))
+    assert got.drop_columns(["embedding"]).equals(want.drop_columns(["embedding"]))
+    diff = np.abs(np.array(got["embedding"].to_pylist()) - np.array(want["embedding"].to_pylist())).max()
+    assert diff < 1e-5, diff
+    assert main(["pretrain", "--sequences", str(parts), "--tokenizer", str(retail_tokenizer), "--output",
+                 str(tmp_path / "model"), "--max-steps", "2", "--batch-size", "8", "--context-length", "64"]) == 0
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text())["train_sequences"] > 100
+
+
 def test_the_cli_runs_both_jobs_on_spark(spark, retail_events_slice, retail_tokenizer, tiny_model, tmp_path, capsys):
     seq = tmp_path / "seq"
     assert main(["tokenize", "--engine", "spark", "--tokenizer", str(retail_tokenizer), "--input",
