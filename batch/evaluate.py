@@ -98,6 +98,11 @@ METHODS: dict[str, Method] = {
     "domain_fusion_joint": Method("Domain tokens + fusion trained jointly from the start, no gate", "finetune",
                                   ("sequence", "aggregates"), lm="domain",
                                   finetune={"staged": False, "sequence_gate": "none"}),
+    # LoRA (rank 8 adapters on the attention and MLP projections, base weights frozen) against full fine-tuning
+    "domain_lora": Method("Transformer on domain tokens, LoRA fine-tuning", "finetune", ("sequence",), lm="domain",
+                          finetune={"lora": True}),
+    "domain_fusion_lora": Method("Domain tokens + joint fusion with the aggregates, LoRA on the encoder", "finetune",
+                                 ("sequence", "aggregates"), lm="domain", finetune={"lora": True}),
     "lightgbm_emb_coles": Method("LightGBM on the aggregates + frozen CoLES+CLM embeddings (mean pooling)",
                                  "lightgbm", ("aggregates", "embeddings"), lm="domain_coles"),
     "domain_coles": Method("Transformer pretrained with CoLES+CLM, fine-tuned", "finetune", ("sequence",),
