@@ -182,8 +182,8 @@ class EventMergeTrainer:
         canon = canon[:, : max(int((canon > 0).sum(axis=1).max(initial=0)), 1)]  # no all-padding columns
         self.merges: list[Pair] = []
         self.counts: list[int] = []  # the scaled count of each merge when it was made
-        self._tokens, self._inverse, mult = np.unique(canon, axis=0, return_inverse=True, return_counts=True)
-        self._inverse = self._inverse.reshape(-1)
+        first, self._inverse = distinct_rows(canon)
+        self._tokens, mult = canon[first], np.bincount(self._inverse, minlength=len(first))
         self._size = (self._tokens > 0).sum(axis=1)
         max_size = int(self._size.max()) if self._size.size else 1
         self.scale = _scale(max_size, cross_event=False)
@@ -624,6 +624,42 @@ def fit_actionpiece(events: Any, *, base: int, n_merges: int | None = None, voca
 # --- the learned merges and segmentation ------------------------------------------------------------------------
 
 
+def distinct_rows(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, inverse): the index of the first occurrence of each distinct row of a 2-D integer matrix (in order of
+    first occurrence), and for every row the position of its distinct row, so `mat[first][inverse]` equals `mat`.
+
+    Exact and vectorized: each column is densified to codes 0..k-1 (a bincount over its values), the codes are
+    packed into one int64 key per row (mixed radix; when the next column would overflow 62 bits, the key so far is
+    densified the same way first), and the keys are sorted once."""
+    n = len(mat)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    key, span = np.zeros(n, np.int64), 1
+    for j in range(mat.shape[1]):
+        codes, card = _dense_codes(mat[:, j])
+        if span * card >= 1 << 62:
+            key, span = _dense_codes(key)
+        key, span = key * card + codes, span * card
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # distinct rows in order of first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.reshape(-1)]
+
+
+def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes 0..k-1 of a column's distinct values, in value order, and k."""
+    values = values.astype(np.int64, copy=False)
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < 1 << 22:  # a small range: a table over it
+        shifted = values - lo
+        present = np.bincount(shifted, minlength=hi - lo + 1) > 0
+        table = np.cumsum(present) - 1
+        return table[shifted], int(present.sum())
+    distinct, codes = np.unique(values, return_inverse=True)
+    return codes.reshape(-1), len(distinct)
+
+
 def _compact(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ids moved to the front of each row (their order kept), zeros after; and the row lengths."""
     present = (mat != 0).reshape(-1)
@@ -736,19 +772,26 @@ class ActionPiece:
         token -> cells index and looks its other operand up in that row, so the work follows the merges that apply.
         """
         mat = self._input(events, "actionpiece segment")
-        if self.n_merges and mat.size:
-            if len(mat) * _ROUNDS_PER_MERGE < self.n_merges:
-                self._segment_rounds(mat)
-            else:
-                self._segment_sweep(mat)
-        out = np.ascontiguousarray(np.sort(mat, axis=1)[:, ::-1])  # ids decreasing (merged first), zeros last
+        if not (self.n_merges and mat.size):
+            out = np.ascontiguousarray(np.sort(mat, axis=1)[:, ::-1])
+            return out, (out != 0).sum(axis=1)
+        # a row's segmentation depends on its ids alone, and events repeat (one basket's lines share the date and
+        # country tokens, the same product recurs): segment each distinct row once
+        first, inverse = distinct_rows(mat)
+        rows = mat[first]
+        if len(rows) * _ROUNDS_PER_MERGE < self.n_merges:
+            self._segment_rounds(rows)
+        else:
+            self._segment_sweep(rows, origin=first)
+        rows = np.sort(rows, axis=1)[:, ::-1]  # ids decreasing (merged first), zeros last
+        out = np.ascontiguousarray(rows[inverse])
         return out, (out != 0).sum(axis=1)
 
-    def _segment_sweep(self, mat: np.ndarray) -> None:
+    def _segment_sweep(self, mat: np.ndarray, origin: np.ndarray | None = None) -> None:
         """Every merge once, in rank order, over all rows (in place): the cost follows the rows each merge touches,
-        plus a few microseconds per merge."""
+        plus a few microseconds per merge. `origin`: the event number of each row, for errors."""
         flat, width = mat.reshape(-1), mat.shape[1]
-        cells = self._operand_cells(flat, width)
+        cells = self._operand_cells(flat, width, origin)
         for r, (a, b) in enumerate(self.merges):
             if a != b:
                 _sweep_merge(flat, width, cells, (a, b, self.base + r), bool(self._reused[r]))
@@ -770,7 +813,7 @@ class ActionPiece:
             rows[picked, i[at]], rows[picked, j[at]] = self.base + best, 0
             mat[active] = rows
 
-    def _operand_cells(self, flat: np.ndarray, width: int) -> dict[int, np.ndarray]:
+    def _operand_cells(self, flat: np.ndarray, width: int, origin: np.ndarray | None = None) -> dict[int, np.ndarray]:
         """For each original id that some merge uses: its cells (flat indices, ascending) in the matrix."""
         index = self._operand_index(flat)
         n_ops = len(self._originals)
@@ -786,7 +829,8 @@ class ActionPiece:
         same[starts[(starts > 0) & (starts < len(cells))] - 1] = False  # the next cell is another operand's
         if same.any():
             at = int(np.argmax(same))
-            raise DomaintokError(f"actionpiece segment: event {int(rows[at])} has id {int(flat[cells[at]])} twice; "
+            event = int(rows[at]) if origin is None else int(origin[rows[at]])
+            raise DomaintokError(f"actionpiece segment: event {event} has id {int(flat[cells[at]])} twice; "
                                  "the ids of an event must be distinct")
         bounds = bounds.tolist()
         return {t: cells[lo:hi] for t, lo, hi in zip(self._originals.tolist(), bounds, bounds[1:], strict=False)

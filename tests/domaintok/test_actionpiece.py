@@ -17,6 +17,7 @@ from domaintok.actionpiece import (
     ActionPiece,
     EventMergeTrainer,
     SequenceMergeTrainer,
+    distinct_rows,
     fit_actionpiece,
     pair_key,
 )
@@ -459,6 +460,9 @@ def test_bad_segmentation_input_raises():
         model.segment(np.array([[1, 101]]))
     with pytest.raises(DomaintokError, match="id 1 twice"):
         model.segment(np.array([[1, 5, 1]]))
+    # distinct rows are segmented once each: the error still names the event's own number
+    with pytest.raises(DomaintokError, match="event 3 has id 2 twice"):
+        model.segment(np.array([[1, 2, 0]] * 3 + [[2, 5, 2]] + [[1, 2, 0]] * 2))
     with pytest.raises(DomaintokError, match="negative"):
         model.segment_spr(np.array([[1, -5]]), np.random.default_rng(0))
     with pytest.raises(DomaintokError, match="repeats an id"):
@@ -500,3 +504,17 @@ def test_segmentation_of_a_column_slice_of_a_wider_matrix():
     rounds = np.vstack([ap.segment(cols[i : i + 1])[0] for i in range(0, len(cols), 97)])
     assert (sweep >= 10).any() and np.array_equal(sweep[::97], rounds)
     del rng
+
+
+@pytest.mark.parametrize("shape, high", [((500, 6), 4), ((300, 12), 2**20), ((50, 3), 2**40), ((0, 4), 5)])
+def test_distinct_rows_by_hand_and_past_64_bits_of_key(shape, high):
+    # (300, 12) values up to 2**20: the packed key passes 62 bits and is densified on the way; 2**40: no table
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, high, size=(max(shape[0] // 5, 1), shape[1]), dtype=np.int64)
+    mat = base[rng.integers(0, len(base), size=shape[0])] if shape[0] else np.zeros(shape, np.int64)
+    first, inverse = distinct_rows(mat)
+    assert np.array_equal(mat[first][inverse], mat)
+    want = {}
+    for i, row in enumerate(map(tuple, mat.tolist())):
+        want.setdefault(row, i)
+    assert first.tolist() == sorted(want.values())  # first occurrences, in order
