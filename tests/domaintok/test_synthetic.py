@@ -66,9 +66,9 @@ def test_finance_amounts_and_habits():
         WITH d AS (SELECT * FROM t WHERE amount < 0 AND merchant_id <> 'atm'),
         everyone AS (SELECT merchant_id, count(*) / (SELECT count(*) FROM d) global_share FROM d GROUP BY 1),
         per AS (SELECT user_id, merchant_id, count(*) c FROM d GROUP BY ALL),
-        top AS (SELECT user_id, arg_max(merchant_id, c) m, max(c) / sum(c) share FROM per GROUP BY user_id
+        top AS (SELECT user_id, arg_max(merchant_id, c) m, max(c) / sum(c) AS top_share FROM per GROUP BY user_id
                 HAVING sum(c) >= 50)
-        SELECT avg(share), avg(global_share) FROM top JOIN everyone ON everyone.merchant_id = top.m""").fetchone()
+        SELECT avg(top_share), avg(global_share) FROM top JOIN everyone ON everyone.merchant_id = top.m""").fetchone()
     assert own_share > 3 * global_share
     # Time of day: users keep to their hours (per-user spread well below the population's).
     per_user_sd, overall_sd = con.execute("""
@@ -88,7 +88,7 @@ def test_ecommerce_funnel_and_taste():
     assert con.execute("SELECT max(quantity) FROM t WHERE event_type = 'view'").fetchone()[0] == 1
     # Taste: a user's favourite top-level category holds a large share of their events (12 categories exist).
     top_share = con.execute("""
-        SELECT avg(share) FROM (SELECT user_id, max(c) / sum(c) share FROM
+        SELECT avg(top_share) FROM (SELECT user_id, max(c) / sum(c) AS top_share FROM
         (SELECT user_id, category_l1, count(*) c FROM t GROUP BY ALL) GROUP BY user_id HAVING sum(c) >= 50)""").fetchone()[0]
     assert top_share > 0.3
     # Buyers and browsers differ: conversion rates spread across users.
