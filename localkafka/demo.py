@@ -111,6 +111,110 @@ def event_rows(events, tok) -> list:
     return [msgspec.convert(r, struct, strict=False) for r in events.to_pylist()]
 
 
+class PacedProducer(threading.Thread):
+    """Sends the rows at `rate` events per second (20 slices a second) until all are sent or `stop` is set."""
+
+    def __init__(self, settings: KafkaSettings, fingerprint: str, rows: list, rate: int):
+        super().__init__(daemon=True)
+        self.settings, self.fingerprint, self.rows, self.rate = settings, fingerprint, rows, rate
+        self.produced = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from streams.clients import EventProducer
+
+        with EventProducer(self.settings, fingerprint=self.fingerprint, **producer_overrides()) as producer:
+            t0 = time.monotonic()
+            step = max(self.rate // 20, 1)
+            for start in range(0, len(self.rows), step):
+                if self.stop.is_set():
+                    break
+                producer.send_many(self.rows[start : start + step])
+                self.produced = min(start + step, len(self.rows))
+                delay = t0 + (start + step) / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+
+
+class EmbeddingWatch:
+    """What the embeddings topic has delivered: each user's newest embedding and the end-to-end latencies."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, object] = {}
+        self.latencies: list[float] = []
+        self.started = time.monotonic()
+
+    def add(self, rec) -> None:
+        self.latencies.append(time.time() - rec.source_ts_ms / 1000)
+        cur = self.latest.get(rec.user_id)
+        if cur is None or rec.n_events >= cur.n_events:
+            self.latest[rec.user_id] = rec
+
+    def complete(self, expected: dict[str, int]) -> int:
+        """Users whose newest embedding counts every event sent for them."""
+        return sum(1 for u, n in expected.items() if getattr(self.latest.get(u), "n_events", 0) >= n)
+
+    def table(self, produced: int):
+        from rich.table import Table
+
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        lat = np.array(self.latencies[-5000:]) if self.latencies else np.zeros(1)
+        table = Table(title="domaintok demo")
+        for col in ("elapsed s", "events sent", "events/s", "embeddings", "users", "p50 ms", "p99 ms"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{elapsed:.0f}", str(produced), f"{produced / elapsed:.0f}", str(len(self.latencies)),
+                      str(len(self.latest)), f"{np.percentile(lat, 50) * 1000:.0f}",
+                      f"{np.percentile(lat, 99) * 1000:.0f}")
+        return table
+
+
+def expected_counts(events, tok) -> dict[str, int]:
+    """Events sent per user (what each user's final embedding must count); {"": -1} when the ids are not known."""
+    column = tok.schema.user_id
+    users_of = events.column(column).cast("string").to_pylist() if column in events.column_names else []
+    return {u: users_of.count(u) for u in set(users_of)} or {"": -1}
+
+
+def worker_failure(procs: list[subprocess.Popen], work: Path) -> str | None:
+    """The error lines of the workers' logs when one of them has exited, else None."""
+    if all(p.poll() is None for p in procs):
+        return None
+    tails = "".join(
+        "".join(line for line in (work / f).read_text().splitlines(True) if "Error" in line or "error" in line)[-3000:]
+        for f in ("tokenizer.log", "encoder.log"))
+    return f"a worker exited early:\n{tails}"
+
+
+def watch_until_complete(reader, producer: PacedProducer, procs, work: Path, events, tok, console,
+                         deadline: float) -> tuple[EmbeddingWatch, dict[str, int]]:
+    """Poll embeddings with a live table until every user's embedding counts all its events (or the deadline)."""
+    from rich.live import Live
+
+    watch, expected = EmbeddingWatch(), {}
+    with Live(watch.table(0), console=console, refresh_per_second=4) as live:
+        while time.monotonic() < deadline:
+            for rec in reader.poll_batch(2000, timeout=0.25):
+                watch.add(rec)
+            live.update(watch.table(producer.produced))
+            failure = worker_failure(procs, work)
+            if failure:
+                raise click.ClickException(failure)
+            if not producer.is_alive() and not expected:
+                expected = expected_counts(events, tok)
+            if expected and watch.complete(expected) == len(expected):
+                break
+    return watch, expected
+
+
+def print_embeddings(console, watch: EmbeddingWatch, expected: dict[str, int], show: int) -> None:
+    console.print(f"{len(watch.latest)} users embedded; {watch.complete(expected)}/{len(expected)} users complete "
+                  "(n_events = events sent)")
+    for rec in list(watch.latest.values())[:show]:
+        vec = np.asarray(rec.embedding)
+        console.print(f"user {rec.user_id}: n_events={rec.n_events} dim={len(vec)} "
+                      f"[{', '.join(f'{x:+.3f}' for x in vec[:6])}, ...] model={rec.model_version}")
+
+
 @click.command("demo")
 @click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds of event production.")
 @click.option("--rate", type=int, default=1000, show_default=True, help="Events per second.")
@@ -124,12 +228,10 @@ def event_rows(events, tok) -> list:
 def command(duration: float, rate: int, users: int, domain: str, show: int, max_length: int, within: float) -> None:
     """Run the online pipeline locally (embedded broker, synthetic events, tiny model) and show live numbers."""
     from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
 
     from localkafka.broker import EmbeddedBroker
+    from streams.clients import EmbeddingConsumer
     from streams.topics import ensure_topics
-    from streams.clients import EmbeddingConsumer, EventProducer
 
     console = Console()
     n_events = max(int(duration * rate), 1)
@@ -142,75 +244,20 @@ def command(duration: float, rate: int, users: int, domain: str, show: int, max_
             events, tok, tok_dir, model_dir = build_artifacts(work, domain, users, n_events)
             rows = event_rows(events, tok)
         console.print(f"broker {broker.bootstrap_servers}; tokenizer {tok.fingerprint}; vocab {tok.vocab_size}")
+        producer = PacedProducer(settings, tok.fingerprint, rows, rate)
         try:
             procs.append(start_tokenizer(settings, tok_dir, "demo-tokenizer", work / "tokenizer.log",
                                          DOMAINTOK_MAX_LENGTH=str(max_length), DOMAINTOK_BATCH_WITHIN=str(within)))
             procs.append(start_encoder(settings, model_dir, "demo-encoder", work / "encoder.log"))
             with console.status("starting the tokenizer and encoder workers"):
                 wait_ready(procs[0], work / "tokenizer.log")
-            stats = {"produced": 0}
-            stop = threading.Event()
-
-            def produce() -> None:
-                with EventProducer(settings, fingerprint=tok.fingerprint, **producer_overrides()) as producer:
-                    t0 = time.monotonic()
-                    step = max(rate // 20, 1)
-                    for start in range(0, len(rows), step):
-                        if stop.is_set():
-                            break
-                        producer.send_many(rows[start : start + step])
-                        stats["produced"] = start + step
-                        delay = t0 + (start + step) / rate - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                    stats["produced"] = min(stats["produced"], len(rows))
-
-            latest: dict[str, object] = {}
-            latencies: list[float] = []
-            thread = threading.Thread(target=produce, daemon=True)
             reader = EmbeddingConsumer(settings)
-            t_start = time.monotonic()
-            thread.start()
-
-            def view() -> Table:
-                elapsed = max(time.monotonic() - t_start, 1e-9)
-                lat = np.array(latencies[-5000:]) if latencies else np.zeros(1)
-                table = Table(title="domaintok demo")
-                for col in ("elapsed s", "events sent", "events/s", "embeddings", "users", "p50 ms", "p99 ms"):
-                    table.add_column(col, justify="right")
-                table.add_row(f"{elapsed:.0f}", str(stats["produced"]), f"{stats['produced'] / elapsed:.0f}",
-                              str(len(latencies)), str(len(latest)),
-                              f"{np.percentile(lat, 50) * 1000:.0f}", f"{np.percentile(lat, 99) * 1000:.0f}")
-                return table
-
-            expected = {}
-            deadline = t_start + duration + 60
-            with Live(view(), console=console, refresh_per_second=4) as live:
-                while time.monotonic() < deadline:
-                    for rec in reader.poll_batch(2000, timeout=0.25):
-                        latencies.append(time.time() - rec.source_ts_ms / 1000)
-                        cur = latest.get(rec.user_id)
-                        if cur is None or rec.n_events >= cur.n_events:
-                            latest[rec.user_id] = rec
-                    live.update(view())
-                    if any(p.poll() is not None for p in procs):
-                        tails = "".join(
-                            "".join(l for l in (work / f).read_text().splitlines(True) if "Error" in l or "error" in l)[-3000:]
-                            for f in ("tokenizer.log", "encoder.log"))
-                        raise click.ClickException(f"a worker exited early:\n{tails}")
-                    if not thread.is_alive() and not expected:
-                        users_of = events.column(tok.schema.user_id).cast("string").to_pylist() if tok.schema.user_id in events.column_names else []
-                        expected = {u: users_of.count(u) for u in set(users_of)} or {"": -1}
-                    if expected and all(getattr(latest.get(u), "n_events", 0) >= n for u, n in expected.items()):
-                        break
+            producer.start()
+            watch, expected = watch_until_complete(reader, producer, procs, work, events, tok, console,
+                                                   deadline=time.monotonic() + duration + 60)
             reader.close()
-            stop.set()
-            done = sum(1 for u, n in expected.items() if getattr(latest.get(u), "n_events", 0) >= n)
-            console.print(f"{len(latest)} users embedded; {done}/{len(expected)} users complete (n_events = events sent)")
-            for rec in list(latest.values())[:show]:
-                vec = np.asarray(rec.embedding)
-                console.print(f"user {rec.user_id}: n_events={rec.n_events} dim={len(vec)} "
-                              f"[{', '.join(f'{x:+.3f}' for x in vec[:6])}, ...] model={rec.model_version}")
+            print_embeddings(console, watch, expected, show)
         finally:
+            producer.stop.set()
             for proc in reversed(procs):
                 stop_process(proc)
