@@ -108,3 +108,16 @@ def test_settings_are_read_from_the_environment_in_one_place():
         if str(path.relative_to(ROOT)) not in allowed and reads.search(path.read_text())
     ]
     assert not offenders, offenders
+
+
+def test_no_function_runs_past_80_lines():
+    # Long jobs are written as named steps (docstring and signature included in the count).
+    offenders = []
+    for package in sorted(FORBIDDEN):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > 80:
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not offenders, offenders
