@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.aggregates import DEFAULT_WINDOWS, aggregate_features, join_extra_features
-from batch.eval_report import HEADLINE, bootstrap_relative, headline, kind_metrics, plot_relative, render_markdown
+from batch.eval_report import (HEADLINE, HIGHER_IS_BETTER, bootstrap_relative, headline, kind_metrics, plot_relative,
+                               render_markdown)
 from batch.finetune import FinetuneSettings
 from batch.pretrain import PretrainSettings
 from batch.tasks import (
@@ -123,7 +124,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
                      "windows": "all", "pooling": "mean"},
         "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
-        "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "bootstrap": 200,
+        "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "lightgbm_grid": False, "bootstrap": 200,
         # A 36k-parameter model gains nothing from a second thread, and loses much when the cores are shared.
         "torch_threads": 1,
     },
@@ -136,7 +137,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
                                    "intermediate_size": 256}},
         "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
-        "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "bootstrap": 1000,
+        "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "lightgbm_grid": False, "bootstrap": 1000,
         "torch_threads": None,  # torch's default (one per core)
     },
 }
@@ -164,6 +165,7 @@ class EvaluateSettings:
     seed: int = 0
     bootstrap: int | None = None
     threads: int | None = None
+    lightgbm_grid: bool | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -186,6 +188,8 @@ class EvaluateSettings:
             p["bootstrap"] = self.bootstrap
         if self.threads is not None:
             p["torch_threads"] = self.threads
+        if self.lightgbm_grid is not None:
+            p["lightgbm_grid"] = self.lightgbm_grid
         return p
 
 
@@ -289,11 +293,30 @@ def embedding_scores(kind: str, embeddings: np.ndarray, y: np.ndarray, train: np
     return out
 
 
+# `--lightgbm-grid`: the settings each LightGBM row is tuned over (on valid), tree size x column share x leaf size.
+LIGHTGBM_GRID = [{"num_leaves": leaves, "feature_fraction": share, "min_data_in_leaf": leaf}
+                 for leaves in (7, 15, 31) for share in (0.3, 0.8) for leaf in (20, 60)]
+
+
 def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: int, rounds: int, seed: int,
-                     threads: int | None = None) -> tuple[np.ndarray, dict]:
+                     threads: int | None = None, grid: bool = False) -> tuple[np.ndarray, dict]:
     """Train on the train split, early-stop on valid; predictions (P(y=1), class probabilities or values) for the
-    test rows, and the best iteration. Threads default to 1 below 20k rows (OpenMP's thread handoff costs more
-    than it saves there: 22 ms per boosting round on 110 rows with 2 threads on a busy 2-core machine)."""
+    test rows, and the best iteration. With `grid`, each setting of LIGHTGBM_GRID is trained the same way and the
+    best on valid predicts test. Threads default to 1 below 20k rows (OpenMP's thread handoff costs more than it
+    saves there: 22 ms per boosting round on 110 rows with 2 threads on a busy 2-core machine)."""
+    if not grid:
+        return _lightgbm_fit(kind, table, columns, n_classes, rounds, seed, threads, {})
+    best = None
+    for params in LIGHTGBM_GRID:
+        pred, info = _lightgbm_fit(kind, table, columns, n_classes, rounds, seed, threads, params)
+        sign = 1 if HIGHER_IS_BETTER[kind] else -1
+        if best is None or sign * info["valid"] > sign * best[1]["valid"]:
+            best = (pred, {**info, "params": params})
+    return best
+
+
+def _lightgbm_fit(kind: str, table: pa.Table, columns: list[str], n_classes: int, rounds: int, seed: int,
+                  threads: int | None, overrides: dict) -> tuple[np.ndarray, dict]:
     import lightgbm as lgb
 
     split = table.column("split").to_numpy(zero_copy_only=False)
@@ -307,7 +330,7 @@ def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: 
         "objective": objective[0], "metric": objective[1], "learning_rate": 0.03, "num_leaves": 15,
         "min_data_in_leaf": 20, "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1,
         "lambda_l2": 1.0, "num_threads": threads, "seed": seed, "verbose": -1, "deterministic": True,
-        "force_col_wise": True,
+        "force_col_wise": True, **overrides,
     }
     if kind == "multiclass":
         params["num_class"] = n_classes
@@ -467,7 +490,7 @@ def _encoded_labels(labels: pa.Table, kind: str, classes: list[str]) -> np.ndarr
 
 
 def _run_lightgbm(method: Method, kind: str, labels: pa.Table, features: pa.Table, fold: _Fold, classes: list[str],
-                  rounds: int, seed: int) -> tuple[list[str], np.ndarray, dict]:
+                  rounds: int, seed: int, grid: bool = False) -> tuple[list[str], np.ndarray, dict]:
     table = labels
     if kind == "multiclass":
         table = table.set_column(2, "label", pa.array(_encoded_labels(labels, kind, classes)))
@@ -489,7 +512,7 @@ def _run_lightgbm(method: Method, kind: str, labels: pa.Table, features: pa.Tabl
         table = table.append_column("__embedding_score", pa.FixedSizeListArray.from_arrays(
             pa.array(scores.ravel()), scores.shape[1]))
         columns.append("__embedding_score")
-    pred, info = lightgbm_predict(kind, table, columns, len(classes), rounds, seed)
+    pred, info = lightgbm_predict(kind, table, columns, len(classes), rounds, seed, grid=grid)
     test_users = table.filter(pc.equal(table.column("split"), "test")).column("user_id").to_pylist()
     return test_users, pred, info
 
@@ -635,7 +658,7 @@ def _run_fold(s, p, k: int, spec: TasksFile, schema, data: _Inputs, methods, lms
             method = METHODS[name]
             if method.trainer == "lightgbm":
                 preds[name] = _run_lightgbm(method, task.kind, labels, data.features, fold, classes,
-                                            p["lightgbm_rounds"], s.seed)
+                                            p["lightgbm_rounds"], s.seed, p["lightgbm_grid"])
             else:
                 preds[name] = _run_finetune(s, p, name, method, task, fold, labels_path, data.features_path, classes)
             clock.lap(f"fold {k}: {task.name}: {name}")
@@ -756,9 +779,11 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--bootstrap", type=click.IntRange(min=0), default=None, help="Bootstrap replicates (preset default).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: 1 for quick, torch's default for small).")
+@click.option("--lightgbm-grid/--no-lightgbm-grid", default=None,
+              help="Tune every LightGBM row on valid over 12 settings (leaves, column share, leaf size); preset: off.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
-            context_length, pretrain_windows, pooling, bootstrap, threads, seed):
+            context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -771,7 +796,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
     settings = EvaluateSettings(
         schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
         methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
-        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling, bootstrap=bootstrap, threads=threads, seed=seed,
+        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling, bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

@@ -314,3 +314,24 @@ def test_embedding_scores_are_cross_fitted_on_train():
     multi = ev.embedding_scores("multiclass", emb, classes.astype(float), train, 3, seed=0)
     assert multi.shape == (n, 3) and np.allclose(multi.sum(axis=1), 1.0)
     assert (multi[~train].argmax(axis=1) == classes[~train]).mean() > 0.7
+
+
+@pytest.mark.parametrize("kind", ["binary", "regression"])
+def test_lightgbm_grid_keeps_the_setting_best_on_valid(kind):
+    rng = np.random.default_rng(1)
+    n = 900
+    x = rng.normal(size=(n, 6))
+    signal = x[:, 0] + 0.5 * x[:, 1] * x[:, 2] + rng.normal(scale=0.7, size=n)
+    label = (signal > 0).astype(float) if kind == "binary" else signal
+    split = np.array(["train"] * 600 + ["valid"] * 150 + ["test"] * 150)
+    table = pa.table({"split": split, "label": label, **{f"f{j}": x[:, j] for j in range(6)}})
+    columns = [f"f{j}" for j in range(6)]
+    runs = [ev._lightgbm_fit(kind, table, columns, 0, 300, 0, 1, params) for params in ev.LIGHTGBM_GRID]
+    sign = 1 if kind == "binary" else -1  # AUC up, RMSE down
+    best = max(range(len(runs)), key=lambda i: (sign * runs[i][1]["valid"], -i))  # the first of equals wins
+    pred, info = ev.lightgbm_predict(kind, table, columns, 0, 300, 0, threads=1, grid=True)
+    assert info["params"] == ev.LIGHTGBM_GRID[best] and info["valid"] == runs[best][1]["valid"]
+    assert np.array_equal(pred, runs[best][0])
+    assert len({round(r[1]["valid"], 6) for r in runs}) > 1  # the grid changes the model
+    plain, plain_info = ev.lightgbm_predict(kind, table, columns, 0, 300, 0, threads=1)
+    assert "params" not in plain_info and sign * info["valid"] >= sign * plain_info["valid"] - 1e-12
