@@ -974,7 +974,7 @@ def command(model, sequences, labels, features, output, task, label_column, spli
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
 
     Joins labels, sequences and features by user_id (DuckDB), splits without user leakage, stops early on the
-    validation metric and writes OUTPUT/ (fusion_config.json + model.safetensors of the best validation
+    validation metric and writes OUTPUT/ (config.json + model.safetensors of the best validation
     evaluation, metrics.json with its held-out test metrics, predictions.parquet).
     """
     settings = FinetuneSettings(

@@ -4,7 +4,8 @@ Why not at `import domaintok`: the registration imports torch and transformers (
 processes never touch a model (tokenizer workers, producers, `fit`, `tokenize`). A meta-path finder waits for
 transformers' `configuration_auto` and `modeling_auto` modules to be imported, by anyone and in any order, lets
 each load, and then registers what that module's Auto classes need: the config with AutoConfig, the models with
-AutoModel and AutoModelForCausalLM. `AutoModel.from_pretrained(dir)` therefore works after `import domaintok`
+AutoModel and AutoModelForCausalLM (the joint fusion model with AutoModel too). `AutoModel.from_pretrained(dir)`
+therefore works after `import domaintok`
 exactly as with an eager registration, without `trust_remote_code`. Registration is idempotent.
 """
 
@@ -20,8 +21,10 @@ def register_config() -> None:
     from transformers.models.auto.configuration_auto import AutoConfig
 
     from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
+    from domaintok.models.configuration_fusion import JointFusionConfig
 
     AutoConfig.register(DomainTransformerConfig.model_type, DomainTransformerConfig, exist_ok=True)
+    AutoConfig.register(JointFusionConfig.model_type, JointFusionConfig, exist_ok=True)
 
 
 def _initializing(name: str) -> bool:
@@ -30,6 +33,7 @@ def _initializing(name: str) -> bool:
 
 
 MODELING = "domaintok.models.modeling_domain_transformer"
+FUSION = "domaintok.models.fusion"
 
 
 def register_models() -> None:
@@ -48,6 +52,26 @@ def _register_models() -> None:
     register_config()
     AutoModel.register(DomainTransformerConfig, DomainTransformerModel, exist_ok=True)
     AutoModelForCausalLM.register(DomainTransformerConfig, DomainTransformerForCausalLM, exist_ok=True)
+    if not _initializing(FUSION):  # else the fusion module registers itself when it is complete (fusion_loaded)
+        _register_fusion()
+
+
+def _register_fusion() -> None:
+    from transformers.models.auto.modeling_auto import AutoModel
+
+    from domaintok.models.configuration_fusion import JointFusionConfig
+    from domaintok.models.fusion import JointFusionModel
+
+    register_config()
+    AutoModel.register(JointFusionConfig, JointFusionModel, exist_ok=True)
+
+
+def fusion_loaded() -> None:
+    """Called at the end of the fusion module (which imports the modeling module, whose own registration runs while
+    the fusion module is still half-built): register the fusion model if transformers' modeling_auto is loaded."""
+    module = "transformers.models.auto.modeling_auto"
+    if module in sys.modules and not _initializing(module):
+        _register_fusion()
 
 
 def models_loaded() -> None:

@@ -17,7 +17,7 @@ _WHERE = {
     "PeriodicEmbeddings": "tabular",
     "CrossLayer": "tabular",
     "DCNv2": "tabular",
-    "JointFusionConfig": "fusion",
+    "JointFusionConfig": "configuration_fusion",
     "JointFusionModel": "fusion",
 }
 

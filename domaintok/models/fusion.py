@@ -1,151 +1,44 @@
 """nuFormer joint fusion: the domain transformer's user embedding and a PLR/DCNv2 tabular branch feed one MLP head.
 
-`JointFusionConfig` carries everything needed to rebuild the model and its inputs (feature names, numeric
-normalization stats, categorical vocabularies, transformer config, tokenizer fingerprint); saved as JSON next to
-safetensors weights, never pickle. Shape legend: B = batch, T = tokens, H = hidden, Fn / Fc = numeric /
+`JointFusionModel` is a `PreTrainedModel` and `JointFusionConfig` (configuration_fusion.py) its `PretrainedConfig`:
+config.json carries everything needed to rebuild the model and its inputs (feature names, numeric normalization
+stats, categorical vocabularies, transformer config, tokenizer fingerprint), next to model.safetensors, never
+pickle; both are registered with transformers' Auto classes. Shape legend: B = batch, T = tokens, H = hidden, Fn / Fc = numeric /
 categorical features, D = per-feature embedding width, C = outputs of the head.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from domaintok.artifacts import check_fingerprint, refuse_pickles
 from domaintok.errors import ArtifactError, DomaintokError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
+from domaintok.models.configuration_fusion import JointFusionConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.tabular import DCNv2, PeriodicEmbeddings
 
-MODEL_TYPE = "domaintok_joint_fusion"
-CONFIG_NAME = "fusion_config.json"
+CONFIG_NAME = "config.json"
+LEGACY_CONFIG_NAME = "fusion_config.json"  # what models saved before the PreTrainedModel form wrote
 WEIGHTS_NAME = "model.safetensors"
-TASKS = ("binary", "multiclass", "regression")
-SEQUENCE_GATES = ("none", "zero", "scalar")
 # The attention and MLP projections of DomainTransformerBlock; LoRA adapts these by name.
 LORA_TARGET_MODULES = ("qkv_proj", "out_proj", "up_proj", "down_proj")
 # Categorical index 0 is shared by nulls and values unseen at fit time.
 UNKNOWN_INDEX = 0
-
-
-@dataclass
-class JointFusionConfig:
-    """Hyperparameters and fitted input state of `JointFusionModel`; round-trips through JSON.
-
-    Args:
-        task: "binary" (one logit, BCE), "multiclass" (C logits, cross-entropy) or "regression" (one output, MSE
-            on the standardized target).
-        class_names: multiclass label values in logit order (C >= 2); binary and regression leave it empty.
-        target_mean, target_std: regression target standardization (predictions are de-standardized).
-        numeric_features: numeric column names, in PLR feature order.
-        numeric_mean, numeric_std: stats of signed_log1p(x) on the training split; inputs are standardized
-            with them, nulls become 0 (the mean).
-        categorical_features: categorical column names, in embedding order.
-        categorical_vocabularies: per categorical feature, the known values; value i maps to index i + 1,
-            index 0 is null or unseen.
-        plr_d_embedding, plr_n_frequencies, plr_frequency_init_scale, plr_lite: PLR hyperparameters.
-        categorical_d_embedding: width of each categorical embedding.
-        dcn_cross_layers, dcn_deep_layers, dcn_rank, dcn_structure, dropout: DCNv2 hyperparameters.
-        head_hidden: width of the joint head's hidden layer.
-        use_sequence: whether the transformer branch is used (False: the tabular branch alone).
-        sequence_gate: how the sequence branch enters the head. "none": as is (random init like every input);
-            "zero": the user embedding enters the head's hidden layer through its own projection, initialized
-            at zero (it learns from the first step; needs tabular features); "scalar": the embedding is multiplied
-            by a learned scalar that starts at 0. With "zero" or "scalar" an untrained fused model computes exactly
-            what its tabular path computes, and the sequence only contributes as far as training moves them.
-        sequence_dropout: probability of zeroing a row's whole user embedding in training (the head learns to
-            predict from the tabular branch alone too); 0 disables it.
-        embedding_layernorm: standardize the user embedding with a parameter-free LayerNorm before fusion.
-        transformer_config: `DomainTransformerConfig.to_dict()` of the encoder (None when use_sequence is False).
-        tokenizer_fingerprint: the fingerprint of the tokenizer that made the input sequences.
-        lora: None, or {"r", "alpha", "dropout", "target_modules"} when the encoder carries LoRA adapters.
-        max_length: longest token window fed to the encoder (older whole events are dropped).
-    """
-
-    task: Literal["binary", "multiclass", "regression"] = "binary"
-    class_names: list[str] = field(default_factory=list)
-    target_mean: float = 0.0
-    target_std: float = 1.0
-    numeric_features: list[str] = field(default_factory=list)
-    numeric_mean: list[float] = field(default_factory=list)
-    numeric_std: list[float] = field(default_factory=list)
-    categorical_features: list[str] = field(default_factory=list)
-    categorical_vocabularies: list[list[str]] = field(default_factory=list)
-    plr_d_embedding: int = 16
-    plr_n_frequencies: int = 16
-    plr_frequency_init_scale: float = 0.05
-    plr_lite: bool = False
-    categorical_d_embedding: int = 16
-    dcn_cross_layers: int = 2
-    dcn_deep_layers: list[int] = field(default_factory=lambda: [128, 64])
-    dcn_rank: int | None = None
-    dcn_structure: Literal["stacked", "parallel"] = "stacked"
-    dropout: float = 0.1
-    head_hidden: int = 64
-    use_sequence: bool = True
-    sequence_gate: Literal["none", "zero", "scalar"] = "none"
-    sequence_dropout: float = 0.0
-    embedding_layernorm: bool = True
-    transformer_config: dict[str, Any] | None = None
-    tokenizer_fingerprint: str | None = None
-    lora: dict[str, Any] | None = None
-    max_length: int | None = None
-
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.task == "multiclass" and len(self.class_names) < 2:
-            raise ValueError("a multiclass task needs at least 2 class_names")
-        if not (len(self.numeric_features) == len(self.numeric_mean) == len(self.numeric_std)):
-            raise ValueError("numeric_features, numeric_mean and numeric_std must have the same length")
-        if len(self.categorical_features) != len(self.categorical_vocabularies):
-            raise ValueError("categorical_features and categorical_vocabularies must have the same length")
-        if self.use_sequence and self.transformer_config is None:
-            raise ValueError("use_sequence needs a transformer_config")
-        if not self.use_sequence and not self.has_tabular:
-            raise ValueError("a model with neither a sequence nor tabular features has no input")
-        if self.sequence_gate not in SEQUENCE_GATES:
-            raise ValueError(f"sequence_gate must be one of {SEQUENCE_GATES}, got {self.sequence_gate!r}")
-        if self.sequence_gate == "zero" and self.use_sequence and not self.has_tabular:
-            raise ValueError('sequence_gate "zero" needs tabular features (it starts the model as its tabular path)')
-        if not 0.0 <= self.sequence_dropout < 1.0:
-            raise ValueError(f"sequence_dropout must be in [0, 1), got {self.sequence_dropout}")
-
-    @property
-    def has_tabular(self) -> bool:
-        return bool(self.numeric_features or self.categorical_features)
-
-    @property
-    def num_outputs(self) -> int:
-        """C, the width of the head's output."""
-        return len(self.class_names) if self.task == "multiclass" else 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JointFusionConfig:
-        data = dict(data)
-        if data.pop("model_type", None) != MODEL_TYPE:
-            raise ArtifactError(f"not a joint fusion config (model_type must be {MODEL_TYPE!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ArtifactError(f"joint fusion config has unknown keys {unknown}")
-        return cls(**data)
 
 
 @dataclass
@@ -231,7 +124,7 @@ def encode_tabular(config: JointFusionConfig, table: pa.Table) -> tuple[torch.Te
 # --- the model --------------------------------------------------------------------------------------------------
 
 
-class JointFusionModel(nn.Module):
+class JointFusionModel(PreTrainedModel):
     """Transformer user embedding (B, H) ++ DCNv2(PLR(numeric) ++ Embedding(categorical)) -> MLP head -> (B, C).
 
     The user embedding is the final real token's last hidden state of `DomainTransformerModel` (never logits),
@@ -243,12 +136,18 @@ class JointFusionModel(nn.Module):
     is zeros, so the model is its tabular path (staged training's first stage, where the gate stays closed).
     """
 
+    config_class = JointFusionConfig
+    base_model_prefix = "fusion"
+    _supports_sdpa = True
+
     def __init__(self, config: JointFusionConfig, transformer: DomainTransformerModel | None = None):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         width = 0
         self.transformer: DomainTransformerModel | None = None
         if config.use_sequence:
+            if transformer is None and config.transformer_config is None:
+                # checked here, not by the config: transformers builds a default config (no encoder) when it saves
+                raise ValueError("use_sequence needs a transformer_config")
             if transformer is None:
                 transformer = DomainTransformerModel(DomainTransformerConfig.from_dict(config.transformer_config))
             self.transformer = transformer
@@ -298,6 +197,11 @@ class JointFusionModel(nn.Module):
             # (H -> head_hidden), added to the head's first layer over the tabular vector; starts at zero.
             self.sequence_proj = nn.Linear(self.transformer.config.hidden_size, config.head_hidden, bias=False)
             nn.init.zeros_(self.sequence_proj.weight)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing: every layer is initialized where it is built (PLR, DCNv2 and the head by their own rules, the
+        encoder by its own model or its checkpoint), so wrapping changes no weight and draws no random number."""
 
     def sequence_weight(self) -> float:
         """How far the sequence branch is open: the scalar gate, or the norm of the weights that carry the user
@@ -425,35 +329,50 @@ class JointFusionModel(nn.Module):
             return torch.softmax(logits, dim=-1)
         return logits.squeeze(-1) * self.config.target_std + self.config.target_mean
 
-    # --- persistence: safetensors + JSON, no pickle ------------------------------------------------------------
+    # --- persistence: safetensors + config.json (a PreTrainedModel), no pickle ----------------------------------
 
-    def save_pretrained(self, output_dir: str | Path) -> Path:
-        """Write fusion_config.json and model.safetensors (LoRA adapters included, unmerged) to `output_dir`."""
-        path = Path(output_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "model_type": MODEL_TYPE})
-        (path / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+    def save_pretrained(self, output_dir: str | Path, **kwargs: Any) -> Path:
+        """Write config.json and model.safetensors (LoRA adapters included, unmerged) to `output_dir`."""
+        super().save_pretrained(str(output_dir), safe_serialization=True, **kwargs)
+        return Path(output_dir)
 
     @classmethod
     def from_pretrained(
         cls,
         model_dir: str | Path,
+        *args: Any,
         device: torch.device | str | None = None,
         expected_fingerprint: str | None = None,
+        **hub_kwargs: Any,
     ) -> JointFusionModel:
-        """Load a saved fusion model in eval mode; refuses pickle files and a tokenizer fingerprint mismatch."""
+        """Load a saved fusion model in eval mode; refuses pickle files, a tokenizer fingerprint mismatch and weights
+        that do not match the config (missing or unexpected tensors). Reads directories saved before config.json
+        (fusion_config.json) too. Called by `AutoModel.from_pretrained(dir, ...)`, it takes `dtype` and a device
+        name as `device_map`; a local directory is the only source (the Hub's other options do not apply)."""
+        dtype = hub_kwargs.get("dtype") or hub_kwargs.get("torch_dtype")
+        if device is None and isinstance(hub_kwargs.get("device_map"), (str, torch.device)):
+            device = hub_kwargs["device_map"]
         path = Path(model_dir)
-        if not (path / CONFIG_NAME).is_file():
-            raise ArtifactError(f"{path}: not a joint fusion model directory (no {CONFIG_NAME})")
+        legacy = not (path / CONFIG_NAME).is_file() and (path / LEGACY_CONFIG_NAME).is_file()
+        if not legacy and not (path / CONFIG_NAME).is_file():
+            raise ArtifactError(f"{path}: not a joint fusion model directory (no {CONFIG_NAME} or {LEGACY_CONFIG_NAME})")
         refuse_pickles(path)
         if not (path / WEIGHTS_NAME).is_file():
             raise ArtifactError(f"{path}: no {WEIGHTS_NAME} in the model directory")
-        config = JointFusionConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        if legacy:
+            config = JointFusionConfig.from_legacy(json.loads((path / LEGACY_CONFIG_NAME).read_text()))
+        else:
+            model_type = json.loads((path / CONFIG_NAME).read_text()).get("model_type")
+            if model_type != JointFusionConfig.model_type:
+                raise ArtifactError(f"{path}: not a joint fusion model (model_type {model_type!r})")
+            config = JointFusionConfig.from_pretrained(str(path))
         check_fingerprint(path, config.tokenizer_fingerprint, expected_fingerprint)
+        # Built here and filled with load_state_dict(strict=True): the same weights the Hub loader would read, with
+        # a missing or unexpected tensor an error rather than a warning.
         model = cls(config)
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
         if device is not None:
             model = model.to(torch.device(device))
         return model.eval()
@@ -468,3 +387,7 @@ __all__ = [
     "signed_log1p",
     "LORA_TARGET_MODULES",
 ]
+
+from domaintok._autoregister import fusion_loaded  # noqa: E402  (last: the module is complete)
+
+fusion_loaded()

@@ -23,7 +23,7 @@ from batch.finetune import (
 from domaintok.cli import main
 from domaintok.errors import DomaintokError
 from domaintok.models import DomainTransformerConfig, DomainTransformerModel
-from domaintok.models.fusion import JointFusionModel, encode_tabular
+from domaintok.models.fusion import JointFusionModel
 
 PAD, BOS, SEP = 0, 1, 2
 N_USERS = 160

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 
 from domaintok import cli
 from domaintok.tokenizer import SEQUENCES_SCHEMA, DomainTokenizer

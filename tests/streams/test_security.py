@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from domaintok.errors import DomaintokError
 from localkafka.broker import ApacheKafkaBroker, BrokerTls, ensure_topics, free_port
 from streams.clients import EmbeddingConsumer, EventProducer
 from streams.records import EmbeddingRecord, encode_record

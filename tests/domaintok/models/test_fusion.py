@@ -162,7 +162,8 @@ def test_save_load_round_trip(tmp_path, lora):
     with torch.no_grad():
         expected = model(batch.input_ids, batch.attention_mask, numeric, categorical).logits
     model.save_pretrained(tmp_path / "fused")
-    saved = json.loads((tmp_path / "fused" / "fusion_config.json").read_text())
+    saved = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert saved["model_type"] == "domaintok_joint_fusion"
     assert saved["numeric_features"] == ["recency", "frequency"]
     assert saved["categorical_vocabularies"][0] and saved["tokenizer_fingerprint"] == "fp-test"
     assert saved["transformer_config"]["hidden_size"] == 32
@@ -173,6 +174,14 @@ def test_save_load_round_trip(tmp_path, lora):
     torch.testing.assert_close(got, expected)
     with pytest.raises(ArtifactError, match="fingerprint"):
         JointFusionModel.from_pretrained(tmp_path / "fused", expected_fingerprint="other")
+    # a PreTrainedModel: transformers' own Auto loader reads the directory too (no trust_remote_code)
+    from transformers import AutoConfig, AutoModel
+
+    assert type(AutoConfig.from_pretrained(tmp_path / "fused")).__name__ == "JointFusionConfig"
+    auto = AutoModel.from_pretrained(tmp_path / "fused").eval()
+    assert isinstance(auto, JointFusionModel)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(batch.input_ids, batch.attention_mask, numeric2, categorical2).logits, expected)
 
 
 def test_load_refuses_pickle_and_missing_dirs(tmp_path):

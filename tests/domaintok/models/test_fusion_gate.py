@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -14,6 +15,8 @@ from domaintok.models.padded import PaddedBatch
 
 PAD, BOS, SEP = 0, 1, 2
 
+
+FIELDS = {f.name for f in dataclasses.fields(JointFusionConfig)}
 
 def _model(**fields) -> tuple[JointFusionModel, PaddedBatch, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
@@ -109,18 +112,24 @@ def test_gated_model_round_trips_and_old_configs_still_load(tmp_path):
     model.eval()
     torch.testing.assert_close(loaded(batch.input_ids, batch.attention_mask, numeric, categorical).logits,
                                model(batch.input_ids, batch.attention_mask, numeric, categorical).logits)
-    # A config written before the gate existed has neither key: it loads as an ungated model.
+    # A directory saved before config.json (fusion_config.json: the fields and model_type) and before the gate
+    # existed (neither gate key): it loads as an ungated model.
     plain, *_ = _model()
     plain.save_pretrained(tmp_path / "plain")
-    config = json.loads((tmp_path / "plain" / "fusion_config.json").read_text())
+    saved = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config = {k: saved[k] for k in plain.config.to_diff_dict() if k in FIELDS} | {"model_type": saved["model_type"]}
+    config.update({k: saved[k] for k in ("transformer_config", "tokenizer_fingerprint", "numeric_features",
+                                         "numeric_mean", "numeric_std", "categorical_features",
+                                         "categorical_vocabularies") if k in saved})
     for key in ("sequence_gate", "sequence_dropout"):
-        config.pop(key)
+        config.pop(key, None)
+    (tmp_path / "plain" / "config.json").unlink()
     (tmp_path / "plain" / "fusion_config.json").write_text(json.dumps(config))
     assert JointFusionModel.from_pretrained(tmp_path / "plain").sequence_gate is None
-    assert JointFusionConfig.from_dict(config).sequence_gate == "none"
-    assert JointFusionConfig.from_dict(config).sequence_dropout == 0.0
+    assert JointFusionConfig.from_legacy(config).sequence_gate == "none"
+    assert JointFusionConfig.from_legacy(config).sequence_dropout == 0.0
     with pytest.raises(ValueError, match="sequence_gate must be one of"):
-        JointFusionConfig.from_dict({**config, "sequence_gate": "half"})
+        JointFusionConfig.from_legacy({**config, "sequence_gate": "half"})
 
 
 @pytest.mark.parametrize("gate", ["none", "zero", "scalar"])
