@@ -307,9 +307,9 @@ def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: 
     if not grid:
         return _lightgbm_fit(kind, table, columns, n_classes, rounds, seed, threads, {})
     best = None
+    sign = 1 if HIGHER_IS_BETTER[kind] else -1
     for params in LIGHTGBM_GRID:
         pred, info = _lightgbm_fit(kind, table, columns, n_classes, rounds, seed, threads, params)
-        sign = 1 if HIGHER_IS_BETTER[kind] else -1
         if best is None or sign * info["valid"] > sign * best[1]["valid"]:
             best = (pred, {**info, "params": params})
     return best

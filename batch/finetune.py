@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
-from batch.sequence_files import parquet_files, parquet_sql_source
+from batch.sequence_files import parquet_files
 from domaintok.artifacts import atomic_dir
 from domaintok.errors import DomaintokError
 
@@ -210,7 +210,7 @@ def _load_labels(con, labels: Path, label_column: str, split: str) -> int:
 def _joined(con, labels: Path, sequences: Path, features: Path | None, numeric: list[str], categorical: list[str],
             split: str) -> pa.Table:
     """Labels joined with sequences (inner) and features (left, with a __has_features flag), by user id."""
-    params: dict[str, Any] = {"sequences": parquet_sql_source(sequences)}
+    params: dict[str, Any] = {"sequences": [str(f) for f in parquet_files(sequences)]}
     feature_select = feature_join = has_features = ""
     if features is not None:
         feature_select = "".join(f", f.{quote_identifier(c)}" for c in [*numeric, *categorical])

@@ -8,29 +8,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from domaintok.errors import DomaintokError
+from domaintok.event_sql import inputs
 
 REQUIRED_COLUMNS = ("user_id", "input_ids")
 
 
 def parquet_files(path: str | Path) -> list[Path]:
     """The parquet files of a `tokenize` output: the file itself, or a directory's `*.parquet` files in name order
-    (what `--engine spark` writes, one per task; `_SUCCESS`, `.crc` and other hidden files are not data)."""
-    path = Path(path)
-    if not path.is_dir():
-        if not path.exists():
-            raise DomaintokError(f"{path}: no such file or directory")
-        return [path]
-    files = sorted(p for p in path.iterdir()
-                   if p.suffix == ".parquet" and p.is_file() and not p.name.startswith((".", "_")))
-    if not files:
-        raise DomaintokError(f"{path}: a directory without *.parquet files")
-    return files
-
-
-def parquet_sql_source(path: str | Path) -> str:
-    """What DuckDB's read_parquet reads for `path`: the file, or the directory's files as a glob."""
-    path = Path(path)
-    return str(path / "*.parquet") if path.is_dir() else str(path)
+    (what `--engine spark` writes, one per task, beside `_SUCCESS` and `.crc` files), by the rule every input of
+    domaintok is read with (`domaintok.event_sql.inputs`)."""
+    return [Path(p) for p in inputs(path)]
 
 
 class SequenceFiles:
@@ -81,4 +68,4 @@ class SequenceFiles:
             yield from self.files[f].iter_batches(batch_size=batch_size, row_groups=[g], columns=columns)
 
 
-__all__ = ["REQUIRED_COLUMNS", "SequenceFiles", "parquet_files", "parquet_sql_source"]
+__all__ = ["REQUIRED_COLUMNS", "SequenceFiles", "parquet_files"]

@@ -771,20 +771,19 @@ class ActionPiece:
         rank order, which is done for all rows at once: each merge reads the rows holding its rarer operand from a
         token -> cells index and looks its other operand up in that row, so the work follows the merges that apply.
         """
-        mat = self._input(events, "actionpiece segment")
-        if not (self.n_merges and mat.size):
-            out = np.ascontiguousarray(np.sort(mat, axis=1)[:, ::-1])
-            return out, (out != 0).sum(axis=1)
-        # a row's segmentation depends on its ids alone, and events repeat (one basket's lines share the date and
-        # country tokens, the same product recurs): segment each distinct row once
-        first, inverse = distinct_rows(mat)
-        rows = mat[first]
-        if len(rows) * _ROUNDS_PER_MERGE < self.n_merges:
-            self._segment_rounds(rows)
-        else:
-            self._segment_sweep(rows, origin=first)
+        rows = mat = self._input(events, "actionpiece segment")
+        inverse = None
+        if self.n_merges and mat.size:
+            # a row's segmentation depends on its ids alone, and events repeat (one basket's lines share the date
+            # and country tokens, the same product recurs): segment each distinct row once
+            first, inverse = distinct_rows(mat)
+            rows = mat[first]
+            if len(rows) * _ROUNDS_PER_MERGE < self.n_merges:
+                self._segment_rounds(rows)
+            else:
+                self._segment_sweep(rows, origin=first)
         rows = np.sort(rows, axis=1)[:, ::-1]  # ids decreasing (merged first), zeros last
-        out = np.ascontiguousarray(rows[inverse])
+        out = np.ascontiguousarray(rows if inverse is None else rows[inverse])
         return out, (out != 0).sum(axis=1)
 
     def _segment_sweep(self, mat: np.ndarray, origin: np.ndarray | None = None) -> None:

@@ -362,10 +362,10 @@ class JointFusionModel(PreTrainedModel):
         if legacy:
             config = JointFusionConfig.from_legacy(json.loads((path / LEGACY_CONFIG_NAME).read_text()))
         else:
-            model_type = json.loads((path / CONFIG_NAME).read_text()).get("model_type")
-            if model_type != JointFusionConfig.model_type:
-                raise ArtifactError(f"{path}: not a joint fusion model (model_type {model_type!r})")
-            config = JointFusionConfig.from_pretrained(str(path))
+            saved = json.loads((path / CONFIG_NAME).read_text())
+            if saved.get("model_type") != JointFusionConfig.model_type:
+                raise ArtifactError(f"{path}: not a joint fusion model (model_type {saved.get('model_type')!r})")
+            config = JointFusionConfig.from_dict(saved)
         check_fingerprint(path, config.tokenizer_fingerprint, expected_fingerprint)
         # Built here and filled with load_state_dict(strict=True): the same weights the Hub loader would read, with
         # a missing or unexpected tensor an error rather than a warning.

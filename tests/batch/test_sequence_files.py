@@ -89,7 +89,7 @@ def test_errors_name_the_file_and_the_problem(file_and_directory, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "_SUCCESS").write_bytes(b"")
-    with pytest.raises(DomaintokError, match="a directory without \\*.parquet files"):
+    with pytest.raises(DomaintokError, match="input '.*empty': directory holds no .parquet files"):
         open_sequences(empty)
     pq.write_table(table.drop_columns(["input_ids"]), parts / "part-00009-bad.parquet")
     with pytest.raises(DomaintokError, match="part-00009-bad.parquet: missing column\\(s\\) input_ids"):
@@ -97,5 +97,5 @@ def test_errors_name_the_file_and_the_problem(file_and_directory, tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(DomaintokError, match="junk.parquet: cannot read as parquet"):
         open_sequences(tmp_path / "junk.parquet")
-    with pytest.raises(DomaintokError, match="no such file or directory"):
+    with pytest.raises(DomaintokError, match="input '.*missing.parquet': no such file"):
         open_sequences(tmp_path / "missing.parquet")
