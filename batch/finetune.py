@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import duckdb
@@ -32,6 +33,9 @@ from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from batch.sequence_files import parquet_files
 from domaintok.artifacts import atomic_dir
 from domaintok.errors import DomaintokError
+
+if TYPE_CHECKING:
+    from batch.finetune_trainer import FusionRun
 
 TASKS = ("binary", "multiclass", "regression")
 SEQUENCE_GATES = ("none", "zero", "scalar")  # domaintok.models.fusion.SEQUENCE_GATES (torch stays out of import)
@@ -380,6 +384,11 @@ def join_process_group(device_type: str) -> Ranks:
     if world <= 1:
         return Ranks()
     import torch
+
+    if device_type != "cuda":
+        # accelerate names the device of a multi-CPU run "cpu:0", which torch.load cannot map a checkpoint's
+        # tensors to (--resume); the Trainer's accelerate state takes the device from this variable instead.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -451,6 +460,14 @@ class FinetuneSettings:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    checkpoint_dir: Path | None = None  # default: <output>.checkpoints beside the output
+    resume: bool = False
+    keep_checkpoints: bool = False  # removed once the output is written, unless kept
+
+    def resolved_checkpoint_dir(self) -> Path:
+        from batch.checkpoints import beside
+
+        return self.checkpoint_dir or beside(self.output)
 
 
 def _targets(task: str, labels: pa.ChunkedArray, label_column: str) -> tuple[np.ndarray, list[str]]:
@@ -545,147 +562,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return schedule
 
 
-@dataclass
-class _Best:
-    """The best valid evaluation so far across stages, with a copy of the weights it was made with."""
-
-    score: float = -math.inf
-    step: int = 0
-    stage: str = ""
-    state: dict | None = None
-
-
-class _Trainer:
-    """The training loop over one joined data set: stages of steps with evaluations and early stopping."""
-
-    def __init__(self, model, settings: FinetuneSettings, sequences, numeric, categorical, y, rows, device, pad: int,
-                 ranks: Ranks | None = None):
-        import torch
-
-        self.model, self.s = model, settings
-        self.ranks = ranks or Ranks()
-        self.ddp = model  # what training steps call: the model, or its DistributedDataParallel wrapper
-        self.sequences, self.numeric, self.categorical = sequences, numeric, categorical
-        self.y, self.rows, self.device, self.pad = y, rows, device, pad
-        self.labels = torch.from_numpy(np.array(y, copy=True))  # Arrow buffers are read-only
-        self.lengths = np.fromiter((len(q) for q in sequences), dtype=np.int64, count=len(sequences))
-        self.rng = np.random.default_rng(settings.seed)
-        self.metric = resolve_metric(settings.task, settings.metric)
-        self.best = _Best()
-        self.history: list[dict] = []
-        self.step = 0
-        self.stopped_early: list[bool] = []
-        self.stages: list[str] = []
-
-    def evaluate(self, rows: np.ndarray) -> tuple[dict, np.ndarray]:
-        """Metrics and predictions over `rows`; with several processes each predicts its slice and all gather them."""
-        mine = np.array_split(np.arange(len(rows)), self.ranks.world)[self.ranks.rank]
-        local = rows[mine]
-        pred = predict(self.model, [self.sequences[i] for i in local], self.numeric[local], self.categorical[local],
-                       self.s.batch_size, self.device)
-        if self.ranks.world > 1:
-            pred = np.concatenate([p for p in self.ranks.gather(pred) if len(p)])  # slices in rank order: rows' order
-        return task_metrics(self.s.task, self.y[rows], pred), pred
-
-    def _wrap(self):
-        """DistributedDataParallel over the model as it is now: built per stage, since stages change which
-        parameters train (DDP fixes its set of gradients when built)."""
-        if self.ranks.world == 1:
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids)
-
-    def _train_step(self, rows, optimizer, scheduler) -> float:
-        import torch
-
-        from domaintok.models.padded import PaddedBatch
-
-        self.model.train()
-        global_rows = len(rows)
-        rows, weight = self.ranks.share(rows)  # this process's slice of the global batch
-        batch = PaddedBatch.from_sequences([self.sequences[i] for i in rows], pad_token_id=self.pad).to(self.device)
-        out = self.ddp(batch.input_ids, batch.attention_mask, self.numeric[rows].to(self.device),
-                       self.categorical[rows].to(self.device), labels=self.labels[rows].to(self.device))
-        optimizer.zero_grad(set_to_none=True)
-        (out.loss * weight).backward()  # DDP averages the ranks' gradients: the global batch's mean loss
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        scheduler.step()
-        # this slice's part of the global batch's mean loss (summed over ranks at the next evaluation)
-        return out.loss.detach().item() * (len(rows) / global_rows if weight else 0.0)
-
-    def run_stage(self, stage: str, epochs: int, patience: int, encoder_lr: float) -> None:
-        """Train every trainable parameter for up to `epochs` epochs (or max_steps), evaluating on valid
-        `evals_per_epoch` times an epoch; keeps the best evaluation in self.best."""
-        self.ddp = self._wrap()
-        try:
-            self._run_stage(stage, epochs, patience, encoder_lr)
-        finally:
-            # Drop this stage's DDP (and the gradient hooks it set) before the next changes what trains.
-            self.ddp = self.model
-            if self.ranks.world > 1:
-                import gc
-
-                gc.collect()
-
-    def _run_stage(self, stage: str, epochs: int, patience: int, encoder_lr: float) -> None:
-        import torch
-        from tqdm.auto import tqdm
-
-        s = self.s
-        train_rows = self.rows["train"]
-        steps_per_epoch = math.ceil(len(train_rows) / s.batch_size)
-        total = steps_per_epoch * epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * epochs)
-        warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup * total)
-        optimizer = torch.optim.AdamW(param_groups(self.model, encoder_lr, s.head_lr, s.weight_decay))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
-        eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
-        min_steps = math.ceil(s.min_epochs * steps_per_epoch)
-        bad_evals, done, loss_sum, loss_n, stage_best = 0, 0, 0.0, 0, -math.inf
-        self.stages.append(stage)
-        bar = tqdm(total=total, desc=f"finetune {stage}", disable=not s.progress or not self.ranks.main, leave=False)
-        while done < total:
-            for rows in _batches(self.rng.permutation(train_rows), self.lengths, s.batch_size, self.rng):
-                loss_sum += self._train_step(rows, optimizer, scheduler)
-                loss_n += 1
-                done += 1
-                self.step += 1
-                bar.update(1)
-                if done % eval_every == 0 or done == total:
-                    score = self._evaluate_and_keep(stage, self.ranks.all_sum(loss_sum) / loss_n)
-                    # Patience follows this stage's own best: stage 2 gets its run even below stage 1's score.
-                    improved = score > stage_best + s.min_delta
-                    stage_best = max(stage_best, score)
-                    loss_sum, loss_n = 0.0, 0
-                    bar.set_postfix(valid=f"{self.history[-1]['score']:.4f}")
-                    bad_evals = 0 if improved else bad_evals + 1
-                    if bad_evals > patience and done >= min_steps and done < total:
-                        bar.close()
-                        self.stopped_early.append(True)
-                        return
-                if done >= total:
-                    break
-        bar.close()
-        self.stopped_early.append(False)
-
-    def _evaluate_and_keep(self, stage: str, train_loss: float) -> float:
-        """Evaluate on valid and return the selection score; keep the weights when it is the best of the run."""
-        metrics, _ = self.evaluate(self.rows["valid"])
-        score = selection_score(self.s.task, metrics, self.metric)
-        self.history.append({"step": self.step, "stage": stage, "train_loss": train_loss, "score": score,
-                             "valid": metrics})
-        if score > self.best.score:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best = _Best(score=score, step=self.step, stage=stage, state=state)
-        return score
-
-    def restore_best(self) -> None:
-        if self.best.state is not None:
-            self.model.load_state_dict(self.best.state)
-
-
 def _set_stage(model, stage: str, trainable: dict[str, bool]) -> None:
     """Which parameters train, per stage. "tabular": the sequence branch is off (the encoder does not run) and
     only the tabular path trains; "all": everything; "sequence": the encoder, gate and sequence projection train
@@ -698,32 +574,32 @@ def _set_stage(model, stage: str, trainable: dict[str, bool]) -> None:
         parameter.requires_grad = on and trainable[name]
 
 
-def _tabular_stage(model, trainer: _Trainer, s: FinetuneSettings, trainable: dict[str, bool]) -> None:
+def _tabular_stage(model, run: FusionRun, s: FinetuneSettings, trainable: dict[str, bool], index: int) -> None:
     """Train the tabular path alone: the sequence weights zeroed (a selected tabular-stage model predicts as its
     tabular path once the branch is open again), the encoder frozen and not run."""
     model.close_sequence()
     _set_stage(model, "tabular", trainable)
-    trainer.run_stage("tabular", s.stage1_epochs, s.stage1_patience, s.encoder_lr)
+    run.run_stage(index, "tabular", s.stage1_epochs, s.stage1_patience, s.encoder_lr)
 
 
-def _train_joint_then_tabular_floor(model, trainer: _Trainer, s: FinetuneSettings) -> None:
+def _train_joint_then_tabular_floor(model, run: FusionRun, s: FinetuneSettings) -> None:
     """stage2_from "scratch": the joint run exactly as without staging, then the tabular-only stage from the same
     initial weights; selection over both keeps whichever is better on valid."""
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer.run_stage("fusion", s.epochs, s.patience, s.encoder_lr)
+    run.run_stage(0, "fusion", s.epochs, s.patience, s.encoder_lr)
     model.load_state_dict(initial)
-    _tabular_stage(model, trainer, s, trainable)
+    _tabular_stage(model, run, s, trainable, 1)
     _set_stage(model, "all", trainable)
 
 
-def _train_tabular_then_fusion(model, trainer: _Trainer, s: FinetuneSettings) -> None:
+def _train_tabular_then_fusion(model, run: FusionRun, s: FinetuneSettings) -> None:
     """stage2_from "stage1": the tabular stage, then fusion warm-started from its best (what trains: `stage2`)."""
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-    _tabular_stage(model, trainer, s, trainable)
-    trainer.restore_best()
+    _tabular_stage(model, run, s, trainable, 0)
+    run.restore_best()
     _set_stage(model, s.stage2, trainable)
-    trainer.run_stage("fusion", s.epochs, s.patience, s.encoder_lr)
+    run.run_stage(1, "fusion", s.epochs, s.patience, s.encoder_lr)
 
 
 def _build_model(s: FinetuneSettings, encoder, stats: dict, extra: dict, max_length: int):
@@ -771,9 +647,13 @@ def finetune(settings: FinetuneSettings) -> dict:
     from domaintok.models.embedding import load_encoder
     from domaintok.models.fusion import encode_tabular, fit_tabular_stats
 
+    from batch.checkpoints import checked_checkpoint_dir
+    from batch.finetune_trainer import FusionRun
+
     s = settings
     _check_settings(s)
     metric = resolve_metric(s.task, s.metric)
+    checkpoint_dir = checked_checkpoint_dir(s.resolved_checkpoint_dir(), s.resume, "stage-*/checkpoint-*")
     started = time.perf_counter()
     data = join_inputs(s.labels, s.sequences, s.features, s.label_column, s.split, s.valid_fraction,
                        s.test_fraction)
@@ -800,19 +680,19 @@ def finetune(settings: FinetuneSettings) -> dict:
     if s.task == "regression":
         extra["target_mean"] = float(y[rows["train"]].mean())
         extra["target_std"] = float(y[rows["train"]].std()) or 1.0
-    model = _build_model(s, encoder, stats, extra, max_length).to(device)
-    if ranks.world > 1:
-        torch.manual_seed(s.seed + ranks.rank)  # same initial weights everywhere, each rank its own dropout
+    model = _build_model(s, encoder, stats, extra, max_length).to(device)  # the same initial weights on every rank
     numeric, categorical = encode_tabular(model.config, table)
     pad = encoder.config.pad_token_id if encoder.config.pad_token_id is not None else 0
-    trainer = _Trainer(model, s, sequences, numeric, categorical, y, rows, device, pad, ranks)
-    _train(model, trainer, s)
+    run = FusionRun(model, s, sequences, numeric, categorical, y, rows, device, pad, ranks, checkpoint_dir)
+    if s.resume:
+        run.load_latest()
+    _train(model, run, s)
     train_seconds = time.perf_counter() - started
 
-    valid_metrics, _ = trainer.evaluate(rows["valid"])
+    valid_metrics, _ = run.evaluate(rows["valid"])
     held_out = rows["test"] if len(rows["test"]) else rows["valid"]
-    test_metrics, test_pred = trainer.evaluate(held_out)
-    metrics = _metrics(s, metric, model, trainer, data, counts, class_names, max_length, device, ranks,
+    test_metrics, test_pred = run.evaluate(held_out)
+    metrics = _metrics(s, metric, model, run, data, counts, class_names, max_length, device, ranks,
                        test_metrics, valid_metrics, train_seconds, held_out_split="test" if len(rows["test"]) else "valid")
     if ranks.main:
         with atomic_dir(s.output) as tmp:  # rerun-safe: built aside, then swapped in
@@ -821,6 +701,8 @@ def finetune(settings: FinetuneSettings) -> dict:
             pq.write_table(predictions, tmp / "predictions.parquet")
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     ranks.barrier()  # no process returns before the output is in place
+    if ranks.main and not s.keep_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the output is the result; checkpoints were for resuming
     return metrics
 
 
@@ -846,37 +728,38 @@ def _windows(table: pa.Table, max_length: int, sep_token_id: int | None, path: P
             for i in range(table.num_rows)]
 
 
-def _train(model, trainer: _Trainer, s: FinetuneSettings) -> None:
+def _train(model, run: FusionRun, s: FinetuneSettings) -> None:
     """The stages: one run (tabular only, or fusion), or fusion and a tabular stage in the order --stage2-from
     says; the best evaluated weights are restored at the end."""
     staged = s.staged and s.use_sequence and model.config.has_tabular
     first = "tabular" if not s.use_sequence else "fusion"
     if not staged:
-        trainer.run_stage(first, s.epochs, s.patience, s.encoder_lr)
+        run.run_stage(0, first, s.epochs, s.patience, s.encoder_lr)
     elif s.stage2_from == "scratch":
-        _train_joint_then_tabular_floor(model, trainer, s)
+        _train_joint_then_tabular_floor(model, run, s)
     else:
-        _train_tabular_then_fusion(model, trainer, s)
-    trainer.restore_best()
+        _train_tabular_then_fusion(model, run, s)
+    run.restore_best()
 
 
-def _metrics(s, metric, model, trainer: _Trainer, data: JoinedData, counts, class_names, max_length, device, ranks,
+def _metrics(s, metric, model, run: FusionRun, data: JoinedData, counts, class_names, max_length, device, ranks,
              test_metrics, valid_metrics, train_seconds, held_out_split: str) -> dict:
     """metrics.json of a fine-tuning run."""
-    last = trainer.history[-1]
+    state = run.state
+    last = state.history[-1]
     return {
         "task": s.task,
         "metric": metric,
         "held_out_split": held_out_split,
         "test": test_metrics,
         "valid": valid_metrics,
-        "best_step": trainer.best.step,
-        "best_stage": trainer.best.stage,
-        "stages": list(trainer.stages),
-        "steps": trainer.step,
-        "stopped_early": any(trainer.stopped_early),
+        "best_step": state.best.step,
+        "best_stage": state.best.stage,
+        "stages": list(state.stages),
+        "steps": state.step,
+        "stopped_early": any(state.stopped_early),
         # The run ended on its best evaluation without stopping early: more epochs may still help.
-        "still_improving": last["step"] == trainer.best.step and not trainer.stopped_early[-1],
+        "still_improving": last["step"] == state.best.step and not state.stopped_early[-1],
         # The scalar gate, or the norm of the head's weights on the user embedding: 0 means the tabular path alone.
         "sequence_weight": model.sequence_weight() if model.transformer is not None else None,
         "train_seconds": train_seconds,
@@ -892,7 +775,9 @@ def _metrics(s, metric, model, trainer: _Trainer, data: JoinedData, counts, clas
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "processes": ranks.world,
-        "history": trainer.history,
+        "history": state.history,
+        "bf16": run.bf16,
+        "resumed": s.resume,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
     }
 
@@ -967,10 +852,15 @@ def _metrics(s, metric, model, trainer: _Trainer, data: JoinedData, counts, clas
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Tokens per sequence (default: the model's context); older whole events are dropped.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Trainer checkpoints, one after every evaluation (default: <output>.checkpoints beside the output).")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (same options).")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints once the output is written.")
 def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
             lora, lora_r, epochs, max_steps, batch_size, encoder_lr, head_lr, weight_decay, warmup, warmup_steps,
             dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, stage2_from, stage2,
-            metric, evals_per_epoch, patience, min_epochs, min_delta, max_length, seed):
+            metric, evals_per_epoch, patience, min_epochs, min_delta, max_length, seed, checkpoint_dir, resume,
+            keep_checkpoints):
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
 
     Joins labels, sequences and features by user_id (DuckDB), splits without user leakage, stops early on the
@@ -985,7 +875,8 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         sequence_dropout=sequence_dropout, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
         stage1_patience=stage1_patience, stage2_from=stage2_from, stage2=stage2, metric=metric,
         evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs, min_delta=min_delta,
-        max_length=max_length, seed=seed,
+        max_length=max_length, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+        keep_checkpoints=keep_checkpoints,
     )
     try:
         metrics = finetune(settings)

@@ -24,6 +24,7 @@ import click
 
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from domaintok.artifacts import atomic_dir
+from batch.checkpoints import checked_checkpoint_dir
 from domaintok.errors import ArtifactError, DomaintokError
 
 # Peak learning rates by size: smaller models tolerate (and need) larger steps.
@@ -131,7 +132,9 @@ class PretrainSettings:
     threads: int | None = None
 
     def resolved_checkpoint_dir(self) -> Path:
-        return self.checkpoint_dir or self.output.with_name(self.output.name + ".checkpoints")
+        from batch.checkpoints import beside
+
+        return self.checkpoint_dir or beside(self.output)
 
 
 def pretrain(settings: PretrainSettings) -> dict:
@@ -154,7 +157,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     context_length, source, lengths = _context(s, tok, echo)
     if s.threads:
         torch.set_num_threads(s.threads)
-    checkpoint_dir = _checked_checkpoints(s)
+    checkpoint_dir = checked_checkpoint_dir(s.resolved_checkpoint_dir(), s.resume)
     config = _build_config(
         s, vocab_size=tok.vocab_size, max_position_embeddings=context_length, tokenizer_fingerprint=tok.fingerprint,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -241,17 +244,6 @@ def _context(s: PretrainSettings, tok: TokenizerInfo, echo) -> tuple[int, str, d
     if warning:
         echo(warning, err=True)
     return context_length, source, lengths
-
-
-def _checked_checkpoints(s: PretrainSettings) -> Path:
-    """The Trainer checkpoint directory, refusing --resume without checkpoints and a fresh run over old ones."""
-    checkpoint_dir = s.resolved_checkpoint_dir()
-    has_checkpoints = checkpoint_dir.is_dir() and any(checkpoint_dir.glob("checkpoint-*"))
-    if s.resume and not has_checkpoints:
-        raise ArtifactError(f"{checkpoint_dir}: no checkpoint to resume from")
-    if not s.resume and has_checkpoints:
-        raise ArtifactError(f"{checkpoint_dir}: checkpoints exist; pass --resume to continue or delete them")
-    return checkpoint_dir
 
 
 @dataclass
