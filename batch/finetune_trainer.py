@@ -113,12 +113,28 @@ class RunState:
     stage_index: int = -1
     stage_done: bool = False
     stop: StageStop = field(default_factory=StageStop)
+    settings: dict = field(default_factory=dict)  # the options that shape training (RESUME_MUST_MATCH)
 
     @classmethod
     def from_json(cls, data: dict) -> RunState:
         return cls(history=data["history"], best=Best(**data["best"]), stages=data["stages"],
                    stopped_early=data["stopped_early"], step=data["step"], stage_index=data["stage_index"],
-                   stage_done=data["stage_done"], stop=StageStop(**data["stop"]))
+                   stage_done=data["stage_done"], stop=StageStop(**data["stop"]), settings=data.get("settings", {}))
+
+
+# What a resumed run must share with the run it continues (the rest, e.g. the output path, may change).
+RESUME_MUST_MATCH = (
+    "model", "sequences", "labels", "features", "task", "label_column", "split", "valid_fraction", "test_fraction",
+    "lora", "lora_r", "lora_alpha", "epochs", "max_steps", "batch_size", "encoder_lr", "head_lr", "weight_decay",
+    "warmup", "warmup_steps", "metric", "patience", "min_epochs", "min_delta", "evals_per_epoch", "max_length",
+    "dropout", "sequence_dropout", "sequence_gate", "staged", "stage1_epochs", "stage1_patience", "stage2_from",
+    "stage2", "embedding_layernorm", "use_sequence", "seed",
+)
+
+
+def training_settings(settings) -> dict:
+    """The RESUME_MUST_MATCH options of a FinetuneSettings, as JSON values."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items() if k in RESUME_MUST_MATCH}
 
 
 class EarlyStopping(TrainerCallback):
@@ -219,7 +235,7 @@ class FusionRun:
         self.lengths = np.fromiter((len(q) for q in sequences), dtype=np.int64, count=len(sequences))
         self.metric = resolve_metric(settings.task, settings.metric)
         self.checkpoint_dir = checkpoint_dir
-        self.state = RunState()
+        self.state = RunState(settings=training_settings(settings))
         self.best_state: dict | None = None
         self.resume_from: tuple[int, Path] | None = None  # (stage index, checkpoint) to continue from
         self.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -367,6 +383,11 @@ class FusionRun:
         if (checkpoint / BEST_WEIGHTS).is_file():
             self.best_state = load_file(str(checkpoint / BEST_WEIGHTS))
         self.resume_from = (index, checkpoint)
+        changed = [k for k in RESUME_MUST_MATCH if self.state.settings.get(k) != training_settings(self.s)[k]]
+        if changed:
+            raise ArtifactError(f"{checkpoint}: --resume with other options than the run it continues: "
+                                + ", ".join(f"{k} {self.state.settings.get(k)!r} -> {training_settings(self.s)[k]!r}"
+                                            for k in changed))
 
 
 @contextmanager

@@ -69,6 +69,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny, reference, tmp_pat
 
     with pytest.raises(ArtifactError, match="checkpoints exist; pass --resume"):
         finetune(_settings(tiny, out, **LONG))
+    with pytest.raises(ArtifactError, match="other options than the run it continues: head_lr 0.001 -> 0.002"):
+        finetune(_settings(tiny, out, **{**LONG, "head_lr": 2e-3}, resume=True))
     assert main([*_cli_args(tiny, out), "--resume"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
 
@@ -98,3 +100,15 @@ def test_checkpoints_kept_on_request_and_resume_needs_them(tiny, tmp_path):  # n
     custom = tmp_path / "elsewhere"
     m = finetune(_settings(tiny, tmp_path / "ft2", checkpoint_dir=custom))
     assert m["steps"] > 0 and not custom.exists()
+
+
+def test_every_option_is_classified_for_resume():
+    """A new FinetuneSettings option must say whether a resumed run may change it."""
+    from dataclasses import fields
+
+    from batch.finetune import FinetuneSettings
+    from batch.finetune_trainer import RESUME_MUST_MATCH
+
+    may_change = {"output", "checkpoint_dir", "resume", "keep_checkpoints", "progress", "device"}
+    assert set(RESUME_MUST_MATCH) | may_change == {f.name for f in fields(FinetuneSettings)}
+    assert not set(RESUME_MUST_MATCH) & may_change
