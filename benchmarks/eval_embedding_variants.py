@@ -1,14 +1,19 @@
-"""Does an embedding of the whole history add what the newest window's does not? An analysis of a finished
-`domaintok evaluate` run (one fold, its work/ directory, a domain language model):
+"""Other ways to hand LightGBM the frozen embeddings, on a finished `domaintok evaluate` run (one fold, its work/
+directory, a domain language model): does a lower-dimensional or a whole-history embedding add what the newest
+window's raw 64 columns (the `lightgbm_emb` row) do not?
 
-every user's pre-cutoff events are tokenized whole with the fold's tokenizer, cut into windows of the model's context
-(newest first, whole events: the windows pretraining reads with `--windows all`), each window embedded by the run's
-pretrained model, and the windows' embeddings averaged (`history_mean`) or averaged with weights halving every
-`--half-life` windows back (`history_decay`). LightGBM (the run's settings) then trains on the aggregates plus
-each variant, and on the aggregates alone, on the run's split; valid and test AUC/RMSE are printed, with each
-variant's relative difference to the aggregates and a paired bootstrap interval on test.
+- `newest`: the run's embedding of each user's newest window (as `lightgbm_emb`);
+- `newest_pca{k}`: its first k principal components (fitted on train users), k in 2/4/8/16;
+- `history_mean` / `history_decay`: every user's pre-cutoff events tokenized whole with the fold's tokenizer, cut
+  into windows of the model's context (newest first, whole events: what pretraining reads with `--windows all`),
+  each embedded by the run's pretrained model, averaged (or with weights halving every `--half-life` windows back);
+- `newest+history_mean`: both.
 
-Run: .venv/bin/python benchmarks/eval_history_embedding.py runs/eval_retail [--task purchase] [--threads 1]
+LightGBM (the run's settings) trains on the aggregates plus each variant, and on the aggregates alone, on the run's
+split; printed: valid and test AUC/RMSE, and each variant's relative difference to the aggregates on test with a
+paired bootstrap 95% interval. Choose on valid; test is shown for the record.
+
+Run: .venv/bin/python benchmarks/eval_embedding_variants.py runs/eval_retail [--task purchase] [--threads 1]
 """
 
 from __future__ import annotations
@@ -59,6 +64,15 @@ def pooled(emb: np.ndarray, owner: np.ndarray, age: np.ndarray, users: int, half
     return (total / np.maximum(norm, 1e-12)[:, None]).astype(np.float32)
 
 
+def principal_components(embedding: np.ndarray, users, labels_path: Path, ks) -> dict[str, np.ndarray]:
+    """The embedding's first k principal components for each k, the axes fitted on the train users only."""
+    split = dict(zip(*pq.read_table(labels_path, columns=["user_id", "split"]).to_pydict().values()))
+    train = np.array([split.get(u) == "train" for u in users.to_pylist()])
+    mean = embedding[train].mean(axis=0)
+    _, _, axes = np.linalg.svd(embedding[train] - mean, full_matrices=False)
+    return {f"newest_pca{k}": ((embedding - mean) @ axes[:k].T).astype(np.float32) for k in ks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run", type=Path)
@@ -88,6 +102,7 @@ def main() -> None:
         "history_decay": pooled(emb, owner, age, len(sequences), args.half_life),
     }
     variants["newest+history_mean"] = np.concatenate([newest, variants["history_mean"]], axis=1)
+    variants.update(principal_components(newest, users, fold / f"labels_{args.task}.parquet", (2, 4, 8, 16)))
 
     labels = pq.read_table(fold / f"labels_{args.task}.parquet").sort_by("user_id")
     features = pq.read_table(work / "features.parquet")
