@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from batch.tasks import EVENTS_TABLE, FIELD_PREFIX, POPULATION_TABLE, TS, USER
 from domaintok.errors import DomaintokError
+from domaintok.event_sql import field_value_sql
 from domaintok.schema import DomainSchema
 
 DEFAULT_WINDOWS = (30, 90, 365)
@@ -76,7 +77,8 @@ def aggregate_features(
     for f in signs:
         select.append(f"avg(CAST({col(f)} < 0 AS DOUBLE)) AS {_q(f + '_negative_share')}")
     for f in categorical:
-        select.append(f"CAST(count(DISTINCT {col(f.name)}) AS DOUBLE) AS {_q(f.name + '_distinct')}")
+        # An entity read with its text (semantic ids) counts its values, not (value, text) pairs.
+        select.append(f"CAST(count(DISTINCT {field_value_sql(f, col(f.name))}) AS DOUBLE) AS {_q(f.name + '_distinct')}")
         if f.type == "categorical_fixed":
             select.append(f"mode({col(f.name)} ORDER BY {col(f.name)}) AS {_q(f.name + '_top')}")
     past = (
@@ -99,7 +101,7 @@ def _aggregate(con, select: list[str], categorical: list, col, past: str, cutoff
     joins, shares = [], []
     for i, f in enumerate(categorical):
         # Share of the user's events (with a value) that hold their most frequent value.
-        c = col(f.name)
+        c = field_value_sql(f, col(f.name))
         joins.append(
             f"LEFT JOIN (SELECT {USER}, max(n) / sum(n) AS share FROM (SELECT {USER}, {c}, count(*) AS n FROM __past "
             f"WHERE {c} IS NOT NULL GROUP BY ALL) GROUP BY {USER}) t{i} USING ({USER})"

@@ -253,11 +253,21 @@ def ts_micros(col) -> np.ndarray:
     return arr.cast(pa.timestamp("us", tz=arr.type.tz)).view(pa.int64()).to_numpy(zero_copy_only=False)
 
 
+def carries_text(spec) -> bool:
+    """Whether a field's encoder input (field_sql) is a struct of the value and its text, not the value alone."""
+    params = spec.typed_params()
+    return spec.type == "categorical_entity" and params.ids == "semantic" and params.content is not None
+
+
+def field_value_sql(spec, column: str) -> str:
+    """The field's value in `column`, a column holding its field_sql: the struct's value where it carries text."""
+    return f"({column}).value" if carries_text(spec) else column
+
+
 def field_sql(spec) -> str:
     """The SQL of one field's encoder input: its source cast to the type its encoder reads; for a semantic-ID entity
     with a `content` expression, a struct of the value and its text (an unseen item is coded from its text)."""
-    params = spec.typed_params()
     value = f"CAST(({spec.source}) AS {SQL_TYPE_BY_FIELD[spec.type]})"
-    if spec.type == "categorical_entity" and params.ids == "semantic" and params.content is not None:
-        return f"struct_pack(value := {value}, text := CAST(({params.content}) AS VARCHAR))"
+    if carries_text(spec):
+        return f"struct_pack(value := {value}, text := CAST(({spec.typed_params().content}) AS VARCHAR))"
     return value

@@ -73,3 +73,23 @@ def test_extra_features_join_and_errors(tmp_path):
     pq.write_table(pa.table({"user_id": ["u1"], "event_count": [1.0]}), tmp_path / "clash.parquet")
     with pytest.raises(DomaintokError, match="clashes with an aggregate feature"):
         join_extra_features(base, tmp_path / "clash.parquet")
+
+
+def test_entity_aggregates_count_values_whatever_the_id_scheme():
+    """A semantic-ID entity read with its text (a struct of value and text) counts its values, as a hashed one does:
+    u1's item 'a' comes with two different texts and still counts once."""
+    from tests.batch.test_tasks import TOY_SCHEMA
+    from domaintok.schema import schema_from_dict
+
+    rows = {}
+    for ids in ("hashed", "semantic"):
+        params = {"ids": "semantic", "content": "'text ' || CAST(amount AS VARCHAR)"} if ids == "semantic" else {}
+        fields = [*TOY_SCHEMA["fields"], {"name": "item", "type": "categorical_entity", "source": "cat", "params": params}]
+        schema = schema_from_dict({**TOY_SCHEMA, "fields": fields}, "toy")
+        con = open_events(schema, toy_events())
+        spec = spec_of([{"name": "t", "kind": "binary", "label": {"from": "events", "horizon_days": 30}}])
+        users = build_population(con, spec)
+        register_split(con, users, assign_split(users, spec.split))
+        table = aggregate_features(con, schema, CUTOFF, windows=(30,))
+        rows[ids] = {r["user_id"]: (r["item_distinct"], r["item_top_share"]) for r in table.to_pylist()}
+    assert rows["semantic"] == rows["hashed"] == {"u1": (2, pytest.approx(2 / 3)), "u2": (1, 1.0)}
