@@ -50,6 +50,15 @@ def test_shipped_schemas_load_by_name_and_path(name):
     assert len(by_name.fingerprint) == 16 and by_name.fingerprint == by_path.fingerprint
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples").rglob("schema_*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_schemas_load_and_keep_the_shipped_columns_and_fields(path):
+    """The README's ablation schemas under examples/: each loads, with online_retail.yaml's columns and fields."""
+    schema = load_schema(path)
+    assert schema.columns == load_schema("online_retail").columns
+    assert {f.name for f in schema.fields} == {f.name for f in load_schema("online_retail").fields}
+
+
 def test_bare_names_are_the_schemas_shipped_inside_the_package():
     assert shipped_schema_names() == ["ecommerce", "finance", "online_retail", "online_retail_compact"]
     assert Path(str(SCHEMAS_DIR)).parent == Path(domaintok.__file__).parent  # package data, not the checkout
