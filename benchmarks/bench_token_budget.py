@@ -4,6 +4,7 @@ vocabulary and tokenize events/s, and the seed ADR design's events/s measured in
 (the ratio the tokenize target is stated in).
 
 Run: .venv/bin/python benchmarks/bench_token_budget.py [--merges 1000 2000] [--baseline-users 1500] [--out FILE.json]
+     [--schemas PATH ...]   # instead of the built-in variants: the shipped schema and these (e.g. examples/online_retail/)
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--merges", type=int, nargs="*", default=[1000, 2000])
     parser.add_argument("--baseline-users", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--schemas", type=Path, nargs="*", default=None,
+                        help="Measure the shipped schema and these schema files instead of the built-in variants.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-token-budget-") as tmp:
         workdir = Path(tmp)
@@ -61,7 +64,8 @@ def main() -> None:
         shipped.save_pretrained(workdir / "tok")
         seed = bench_against_adr(shipped, workdir, args.baseline_users, repeats=1)
         print(json.dumps({"seed_design_events_per_s": seed["adr_events_per_s"]}), flush=True)
-        variants = [
+        variants = [("online_retail.yaml", variant("online_retail")),
+                    *[(path.name, load_schema(path)) for path in args.schemas]] if args.schemas is not None else [
             ("online_retail.yaml", variant("online_retail")),
             ("+ only_changes", variant("online_retail", only_changes=True)),
             ("online_retail_compact.yaml", variant("online_retail_compact")),
