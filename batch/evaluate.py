@@ -540,20 +540,21 @@ def _read_predictions(path: Path, kind: str, classes: list[str], class_names: li
 
 def _run_finetune(s: EvaluateSettings, p: dict, name: str, method: Method, task: TaskSpec, fold: _Fold,
                   labels_path: Path, features_path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, dict]:
-    from batch.checkpoints import beside
     from batch.finetune import finetune
 
     use_sequence = "sequence" in method.inputs
     base = p["finetune_sequence"] if use_sequence else p["finetune_tabular"]
     options = {**base, **method.finetune}
     output = fold.dir / "finetuned" / f"{task.name}_{name}"
-    shutil.rmtree(beside(output), ignore_errors=True)  # a killed evaluation's checkpoints: this run starts afresh
-    metrics = finetune(FinetuneSettings(
+    settings = FinetuneSettings(
         model=fold.models[method.lm], sequences=fold.sequences[LANGUAGE_MODELS[method.lm].tokens],
         labels=labels_path, features=features_path if "aggregates" in method.inputs else None,
         use_sequence=use_sequence, output=output, task=task.kind, split="column", seed=s.seed,
         progress=s.progress, **options,
-    ))
+    )
+    # a killed evaluation's checkpoints: this run starts afresh
+    shutil.rmtree(settings.resolved_checkpoint_dir(), ignore_errors=True)
+    metrics = finetune(settings)
     users, pred = _read_predictions(output / "predictions.parquet", task.kind, classes, metrics.get("class_names") or [])
     info = {k: metrics.get(k) for k in ("best_step", "best_stage", "still_improving", "steps", "train_seconds",
                                         "trainable_parameters")}

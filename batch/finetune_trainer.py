@@ -32,7 +32,7 @@ from domaintok.errors import ArtifactError
 
 RUN_STATE = "fusion_run.json"
 BEST_WEIGHTS = "best.safetensors"
-_STAGE_DIR = re.compile(r"stage-(\d+)-(\w+)$")
+_STAGE_DIR = re.compile(r"stage-(\d+)-\w+$")
 _CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -110,7 +110,6 @@ class RunState:
     stages: list = field(default_factory=list)
     stopped_early: list = field(default_factory=list)
     step: int = 0  # optimizer steps of the run (all stages)
-    stage_index: int = -1
     stage_done: bool = False
     stop: StageStop = field(default_factory=StageStop)
     settings: dict = field(default_factory=dict)  # the options that shape training (RESUME_MUST_MATCH)
@@ -118,8 +117,8 @@ class RunState:
     @classmethod
     def from_json(cls, data: dict) -> RunState:
         return cls(history=data["history"], best=Best(**data["best"]), stages=data["stages"],
-                   stopped_early=data["stopped_early"], step=data["step"], stage_index=data["stage_index"],
-                   stage_done=data["stage_done"], stop=StageStop(**data["stop"]), settings=data.get("settings", {}))
+                   stopped_early=data["stopped_early"], step=data["step"], stage_done=data["stage_done"],
+                   stop=StageStop(**data["stop"]), settings=data["settings"])
 
 
 # What a resumed run must share with the run it continues (the rest, e.g. the output path, may change).
@@ -181,11 +180,11 @@ class FusionTrainer(Trainer):
     """The HF Trainer over FusionBatches: the loss weighted by the rank's share of the global batch, evaluation on
     valid through the run (every rank predicts a slice, all gather), so every rank takes the same decisions."""
 
-    def __init__(self, *args, run: FusionRun, stage: str, **kwargs):
+    def __init__(self, *args, run: FusionRun, stage: str, stage_start: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.run, self.stage = run, stage
+        self.stage_start = stage_start  # the run's step count when this stage started
         self._loss_sum, self._loss_steps = 0.0, 0
-        self.stage_start = 0  # the run's step count when this stage started
 
     def get_train_dataloader(self):
         from accelerate.data_loader import DataLoaderShard
@@ -237,7 +236,8 @@ class FusionRun:
         self.checkpoint_dir = checkpoint_dir
         self.state = RunState(settings=training_settings(settings))
         self.best_state: dict | None = None
-        self.resume_from: tuple[int, Path] | None = None  # (stage index, checkpoint) to continue from
+        # (stage index, the stage's steps at the checkpoint, checkpoint) to continue from
+        self.resume_from: tuple[int, int, Path] | None = None
         self.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     # --- evaluation and selection --------------------------------------------------------------------------------
@@ -277,12 +277,13 @@ class FusionRun:
     def run_stage(self, index: int, stage: str, epochs: int, patience: int, encoder_lr: float) -> None:
         """Train every trainable parameter for up to `epochs` epochs (or max_steps) as stage `index`, evaluating on
         valid `evals_per_epoch` times an epoch. A stage a resumed run already finished is skipped."""
-        resume = None
+        resume, steps_done = None, 0  # steps the stage had done at the checkpoint resumed from
         if self.resume_from is not None:
-            resume_index, checkpoint = self.resume_from
+            resume_index, resume_steps, checkpoint = self.resume_from
             if index < resume_index or (index == resume_index and self.state.stage_done):
                 return
-            resume = str(checkpoint) if index == resume_index else None
+            if index == resume_index:
+                resume, steps_done = str(checkpoint), resume_steps
         s = self.s
         steps_per_epoch = math.ceil(len(self.rows["train"]) / s.batch_size)
         total = steps_per_epoch * epochs if s.max_steps is None else min(s.max_steps, steps_per_epoch * epochs)
@@ -290,8 +291,9 @@ class FusionRun:
         eval_every = max(1, steps_per_epoch // max(1, s.evals_per_epoch))
         if resume is None:
             self.state.stages.append(stage)
-            self.state.stage_index, self.state.stage_done, self.state.stop = index, False, StageStop()
-        trainer = self._trainer(index, stage, total, warmup, eval_every, encoder_lr)
+            self.state.stage_done, self.state.stop = False, StageStop()
+        # the run's step count when this stage started (a resumed stage: when it started before the kill)
+        trainer = self._trainer(index, stage, self.state.step - steps_done, total, warmup, eval_every, encoder_lr)
         trainer.add_callback(EarlyStopping(self, patience, s.min_delta, math.ceil(s.min_epochs * steps_per_epoch)))
         trainer.add_callback(SaveRunState(self))
         with _quiet_saves():
@@ -308,7 +310,8 @@ class FusionRun:
             del trainer
             gc.collect()
 
-    def _trainer(self, index: int, stage: str, total: int, warmup: int, eval_every: int, encoder_lr: float):
+    def _trainer(self, index: int, stage: str, stage_start: int, total: int, warmup: int, eval_every: int,
+                 encoder_lr: float):
         from transformers.trainer_callback import PrinterCallback
 
         from batch.finetune import param_groups, warmup_cosine
@@ -339,17 +342,10 @@ class FusionRun:
         data = FusionBatches(self.rows["train"], self.lengths, s.batch_size, s.seed, index, self.ranks)
         collator = FusionCollator(self.sequences, self.numeric, self.categorical, self.labels, self.pad)
         trainer = FusionTrainer(model=self.model, args=args, train_dataset=data, eval_dataset=self.rows["valid"],
-                                data_collator=collator, optimizers=(optimizer, scheduler), run=self, stage=stage)
+                                data_collator=collator, optimizers=(optimizer, scheduler), run=self, stage=stage,
+                                stage_start=stage_start)
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.json, not to stdout
-        # the run's step count when this stage started (a resumed stage: when it started before the kill)
-        trainer.stage_start = self.state.step - self._stage_steps_done(index)
         return trainer
-
-    def _stage_steps_done(self, index: int) -> int:
-        """Steps the running stage had done at the checkpoint resumed from (0 for a fresh stage)."""
-        if self.resume_from is None or self.resume_from[0] != index:
-            return 0
-        return int(_CHECKPOINT_DIR.search(self.resume_from[1].name).group(1))
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -376,18 +372,18 @@ class FusionRun:
                     found.append((int(stage.group(1)), int(number.group(1)), checkpoint))
         if not found:
             raise ArtifactError(f"{self.checkpoint_dir}: no complete checkpoint to resume from")
-        index, _, checkpoint = max(found)
+        index, steps, checkpoint = max(found)
         self.state = RunState.from_json(json.loads((checkpoint / RUN_STATE).read_text()))
         if self.state.stage_done and len(self.state.stopped_early) < len(self.state.stages):
             self.state.stopped_early.append(self.state.stop.stopped)  # the stage ended at this checkpoint
         if (checkpoint / BEST_WEIGHTS).is_file():
             self.best_state = load_file(str(checkpoint / BEST_WEIGHTS))
-        self.resume_from = (index, checkpoint)
-        changed = [k for k in RESUME_MUST_MATCH if self.state.settings.get(k) != training_settings(self.s)[k]]
+        self.resume_from = (index, steps, checkpoint)
+        now = training_settings(self.s)
+        changed = [k for k in RESUME_MUST_MATCH if self.state.settings.get(k) != now[k]]
         if changed:
             raise ArtifactError(f"{checkpoint}: --resume with other options than the run it continues: "
-                                + ", ".join(f"{k} {self.state.settings.get(k)!r} -> {training_settings(self.s)[k]!r}"
-                                            for k in changed))
+                                + ", ".join(f"{k} {self.state.settings.get(k)!r} -> {now[k]!r}" for k in changed))
 
 
 @contextmanager

@@ -22,9 +22,9 @@ from typing import Any
 
 import click
 
+from batch.checkpoints import checked_checkpoint_dir
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from domaintok.artifacts import atomic_dir
-from batch.checkpoints import checked_checkpoint_dir
 from domaintok.errors import ArtifactError, DomaintokError
 
 # Peak learning rates by size: smaller models tolerate (and need) larger steps.
