@@ -31,8 +31,7 @@ import torch
 from batch import evaluate as ev
 from batch.eval_report import bootstrap_relative, headline
 from batch.sequence_data import event_windows
-from domaintok.models.embedding import load_encoder
-from domaintok.models.padded import PaddedBatch
+from domaintok.models.embedding import embed_sequences, load_encoder
 from domaintok.tokenizer import DomainTokenizer
 
 
@@ -44,14 +43,7 @@ def window_embeddings(model, sequences: list[np.ndarray], context: int, batch_si
         windows += cut
         owner += [user] * len(cut)
         age += list(range(len(cut)))
-    lengths = np.array([len(w) for w in windows])
-    order = np.argsort(lengths, kind="stable")
-    out = np.zeros((len(windows), model.config.hidden_size), np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = PaddedBatch.from_sequences([windows[i] for i in rows], pad_token_id=model.config.pad_token_id)
-            out[rows] = model.embed(batch.input_ids, batch.attention_mask, right_padded=True).float().numpy()
+    out = embed_sequences(model, windows, batch_size=batch_size)  # length-sorted batches, input order back
     return out, np.array(owner), np.array(age)
 
 
