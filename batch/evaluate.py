@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import batch.as_of as as_of_mod
 from batch.aggregates import DEFAULT_WINDOWS, aggregate_features, join_extra_features
 from batch.eval_report import (HEADLINE, HIGHER_IS_BETTER, bootstrap_relative, headline, kind_metrics, plot_relative,
                                render_markdown)
@@ -34,6 +36,7 @@ from batch.tasks import (
     POPULATION_TABLE,
     TS,
     USER,
+    EventsLabel,
     TaskSpec,
     TasksFile,
     assign_split,
@@ -125,6 +128,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "lightgbm_grid": False, "bootstrap": 200,
+        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
         # A 36k-parameter model gains nothing from a second thread, and loses much when the cores are shared.
         "torch_threads": 1,
     },
@@ -138,6 +142,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "lightgbm_grid": False, "bootstrap": 1000,
+        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
         "torch_threads": None,  # torch's default (one per core)
     },
 }
@@ -166,6 +171,9 @@ class EvaluateSettings:
     bootstrap: int | None = None
     threads: int | None = None
     lightgbm_grid: bool | None = None
+    as_of_token: bool | None = None
+    extra_cutoffs: int | None = None
+    extra_cutoff_days: int | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -190,6 +198,9 @@ class EvaluateSettings:
             p["torch_threads"] = self.threads
         if self.lightgbm_grid is not None:
             p["lightgbm_grid"] = self.lightgbm_grid
+        for key in ("as_of_token", "extra_cutoffs", "extra_cutoff_days"):
+            if getattr(self, key) is not None:
+                p[key] = getattr(self, key)
         return p
 
 
@@ -410,13 +421,52 @@ class _Fold:
     dir: Path
     split: np.ndarray
     sequences: dict[str, Path] = field(default_factory=dict)  # token kind -> sequences of every population user
+    # token kind -> what fine-tuning reads when it differs (the as-of token inserted)
+    finetune_sequences: dict[str, Path] = field(default_factory=dict)
     models: dict[str, Path] = field(default_factory=dict)  # LM name -> pretrained model dir
     embeddings: dict[str, Path] = field(default_factory=dict)
     pretrain: dict[str, dict] = field(default_factory=dict)
 
 
+@dataclass
+class _AsOf:
+    """Prediction times: the real cutoff and the extra ones (train examples only), with their inputs."""
+
+    cutoff: Any
+    timezone: str
+    token: bool
+    extra: list = field(default_factory=list)  # [(as_of, events parquet, users with enough events before it)]
+
+    def us(self, as_of) -> int:
+        return as_of_mod.utc_us(as_of, self.timezone)
+
+
+def _extra_sequences(table: pa.Table, fold: _Fold, users: list[str], as_of, eligible: set) -> pa.Table:
+    """Sequences at an extra cutoff: the fold's train users with enough events, tagged `<user>@<date>`."""
+    train = np.asarray(users)[fold.split == "train"]
+    keep = np.array(sorted(set(train.tolist()) & eligible), dtype=object)
+    return as_of_mod.tagged_users(_filter_users(table, keep), as_of)
+
+
+def _domain_sequences(tok, events_all: Path, fold: _Fold, users: list[str], times: _AsOf, context: int,
+                      as_of_token: bool) -> pa.Table:
+    """Every population user's newest window at the cutoff, then the extra cutoffs' train examples; with
+    `as_of_token`, windows one token shorter with the token after [BOS]."""
+    length = context - 1 if as_of_token else context
+    gap_token = as_of_mod.gap_token_function(tok) if as_of_token else None
+    parts = []
+    for as_of, path, eligible in [(times.cutoff, events_all, None), *times.extra]:
+        table = tok.tokenize(path, max_length=length)
+        if eligible is not None:
+            table = _extra_sequences(table, fold, users, as_of, eligible)
+        if as_of_token:
+            table = as_of_mod.insert_as_of(table, np.full(table.num_rows, times.us(as_of)), gap_token)
+        parts.append(table)
+    return pa.concat_tables(parts)
+
+
 def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, events_all: Path, users: list[str],
-                           lms: list[str], embed_lms: list[str], clock: _Clock) -> None:
+                           lms: list[str], embed_lms: list[str], clock: _Clock, times: _AsOf) -> None:
     from batch.embed import embed_parquet
     from batch.pretrain import pretrain
     from batch.text_baseline import fit_text_baseline, serialize_events, text_sequences
@@ -437,17 +487,29 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
         if "domain" in tokens:
             tok.save_pretrained(fold.dir / "domain_tokenizer")
             table = tok.tokenize(events_all, max_length=context)
-            fold.sequences["domain"] = fold.dir / "domain_sequences.parquet"
-            pq.write_table(table, fold.sequences["domain"])
             if full_history:
                 pq.write_table(tok.tokenize(events_fit, max_length=FULL_HISTORY), fold.dir / "domain_pretrain.parquet")
             else:
                 pq.write_table(_filter_users(table, fit_users), fold.dir / "domain_pretrain.parquet")
             fold.pretrain["domain_tokens_mean"] = _mean_tokens(table)
+            fold.sequences["domain"] = fold.dir / "domain_sequences.parquet"
+            if times.extra:
+                table = _domain_sequences(tok, events_all, fold, users, times, context, False)
+            pq.write_table(table, fold.sequences["domain"])
+            if times.token:
+                fold.finetune_sequences["domain"] = fold.dir / "domain_sequences_as_of.parquet"
+                pq.write_table(_domain_sequences(tok, events_all, fold, users, times, context, True),
+                               fold.finetune_sequences["domain"])
         clock.lap(f"fold {fold.index}: domain tokenizer")
     if "text" in tokens:
         text_tok, table = fit_text_baseline(schema, events_fit, events_all, fold.dir / "text_tokenizer", context,
                                             vocab_size=vocab or 2000)
+        fold.pretrain["text_tokens_mean"] = _mean_tokens(table)
+        if times.extra:  # the text serialization has no as-of token: its extra examples carry event times only
+            max_events = max(8, context // 4)
+            table = pa.concat_tables([table] + [
+                _extra_sequences(text_sequences(text_tok, serialize_events(schema, path, max_events), context), fold,
+                                 users, as_of, eligible) for as_of, path, eligible in times.extra])
         fold.sequences["text"] = fold.dir / "text_sequences.parquet"
         pq.write_table(table, fold.sequences["text"])
         if full_history:
@@ -455,7 +517,6 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
             pq.write_table(history, fold.dir / "text_pretrain.parquet")
         else:
             pq.write_table(_filter_users(table, fit_users), fold.dir / "text_pretrain.parquet")
-        fold.pretrain["text_tokens_mean"] = _mean_tokens(table)
         clock.lap(f"fold {fold.index}: text tokenizer")
     for lm in lms:
         kind = LANGUAGE_MODELS[lm].tokens
@@ -543,11 +604,12 @@ def _run_finetune(s: EvaluateSettings, p: dict, name: str, method: Method, task:
     from batch.finetune import finetune
 
     use_sequence = "sequence" in method.inputs
+    kind = LANGUAGE_MODELS[method.lm].tokens
     base = p["finetune_sequence"] if use_sequence else p["finetune_tabular"]
     options = {**base, **method.finetune}
     output = fold.dir / "finetuned" / f"{task.name}_{name}"
     settings = FinetuneSettings(
-        model=fold.models[method.lm], sequences=fold.sequences[LANGUAGE_MODELS[method.lm].tokens],
+        model=fold.models[method.lm], sequences=fold.finetune_sequences.get(kind, fold.sequences[kind]),
         labels=labels_path, features=features_path if "aggregates" in method.inputs else None,
         use_sequence=use_sequence, output=output, task=task.kind, split="column", seed=s.seed,
         progress=s.progress, **options,
@@ -622,6 +684,7 @@ class _Inputs:
     events_all: Path
     n_events: int
     work: Path
+    times: _AsOf
 
 
 def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work: Path, clock) -> _Inputs:
@@ -633,12 +696,39 @@ def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work:
     n_aggregates = features.num_columns - 1
     if s.features is not None:
         features = join_extra_features(features, Path(s.features))
-    features_path = work / "features.parquet"
-    pq.write_table(features, features_path)
     events_all = work / "events_inputs.parquet"
     n_events = _write_events(con, events_all, raw_column_names(schema), spec.cutoff, None)
-    clock.lap(f"aggregates: {n_aggregates} columns")
-    return _Inputs(con, users, features, features_path, n_aggregates, events_all, n_events, work)
+    times = _AsOf(spec.cutoff, schema.timezone, bool(p["as_of_token"]))
+    extra_features = []
+    for k, as_of in enumerate(_extra_cutoffs(s, p, spec), start=1):
+        at = aggregate_features(con, schema, as_of, s.windows)
+        at = at.filter(pc.greater_equal(at.column("event_count"), float(spec.min_events)))
+        path = work / f"events_inputs_extra{k}.parquet"
+        _write_events(con, path, raw_column_names(schema), as_of, None)
+        times.extra.append((as_of, path, set(at.column("user_id").to_pylist())))
+        extra_features.append(as_of_mod.tagged_users(at, as_of))
+    if extra_features:  # the extra examples' aggregates, measured at their own cutoffs
+        features = pa.concat_tables([features, *extra_features])
+    features_path = work / "features.parquet"
+    pq.write_table(features, features_path)
+    clock.lap(f"aggregates: {n_aggregates} columns" + (f", {len(times.extra)} extra cutoffs" if times.extra else ""))
+    return _Inputs(con, users, features, features_path, n_aggregates, events_all, n_events, work, times)
+
+
+def _extra_cutoffs(s: EvaluateSettings, p: dict, spec: TasksFile) -> list:
+    """The extra cutoffs' times (train examples from earlier prediction times); every task's labels must come from
+    events, and a user's own feature file (measured at the real cutoff) cannot describe them."""
+    if not p["extra_cutoffs"]:
+        return []
+    file_tasks = [t.name for t in spec.tasks if not isinstance(t.label, EventsLabel)]
+    if file_tasks:
+        raise DomaintokError(f"--extra-cutoffs: task {file_tasks[0]!r} takes its labels from a file, which holds "
+                             "them at the real cutoff only")
+    if s.features is not None:
+        raise DomaintokError("--extra-cutoffs: --features describes users at the real cutoff, not at the earlier ones")
+    horizons = [t.label.horizon_days for t in spec.tasks]
+    every = p["extra_cutoff_days"] or max(horizons)
+    return as_of_mod.extra_cutoffs(spec.cutoff, p["extra_cutoffs"], every, horizons)
 
 
 def _run_fold(s, p, k: int, spec: TasksFile, schema, data: _Inputs, methods, lms, per_fold, infos, clock) -> _Fold:
@@ -649,9 +739,9 @@ def _run_fold(s, p, k: int, spec: TasksFile, schema, data: _Inputs, methods, lms
     register_split(data.con, data.users, fold.split)
     _write_events(data.con, fold.dir / "events_fit.parquet", raw_column_names(schema), spec.cutoff, ("train", "valid"))
     embed_lms = sorted({METHODS[m].lm for m in methods if {"embeddings", "embedding_score"} & set(METHODS[m].inputs)})
-    _build_language_models(s, p, schema, fold, data.events_all, data.users, lms, embed_lms, clock)
+    _build_language_models(s, p, schema, fold, data.events_all, data.users, lms, embed_lms, clock, data.times)
     for task in spec.tasks:
-        labels = build_labels(data.con, spec, task)
+        labels = _labels(data, spec, task, fold)
         labels_path = fold.dir / f"labels_{task.name}.parquet"
         pq.write_table(labels, labels_path)
         classes = _classes(labels, task.kind)
@@ -674,6 +764,17 @@ def _run_fold(s, p, k: int, spec: TasksFile, schema, data: _Inputs, methods, lms
             per_fold[task.name][name].append((y, pred[[index[c] for c in common]]))
             infos[task.name][name].append(info)
     return fold
+
+
+def _labels(data: _Inputs, spec: TasksFile, task: TaskSpec, fold: _Fold) -> pa.Table:
+    """The task's labels at the cutoff, then the extra cutoffs' (train users with enough events before each)."""
+    parts = [build_labels(data.con, spec, task)]
+    train = set(np.asarray(data.users)[fold.split == "train"].tolist())
+    for as_of, _, eligible in data.times.extra:
+        at = build_labels(data.con, msgspec.structs.replace(spec, cutoff=as_of), task)
+        keep = pa.array(sorted(train & eligible), pa.string())
+        parts.append(as_of_mod.tagged_users(at.filter(pc.is_in(at.column("user_id"), value_set=keep)), as_of))
+    return pa.concat_tables(parts)
 
 
 def _report(s, p, spec: TasksFile, schema, data: _Inputs, methods, folds_meta, pretrain_meta, results, clock) -> dict:
@@ -784,9 +885,18 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
               help="torch threads (default: 1 for quick, torch's default for small).")
 @click.option("--lightgbm-grid/--no-lightgbm-grid", default=None,
               help="Tune every LightGBM row on valid over 12 settings (leaves, column share, leaf size); preset: off.")
+@click.option("--as-of-token/--no-as-of-token", default=None,
+              help="Fine-tuned domain models read, after [BOS], the gap from the user's newest event to the prediction "
+                   "time (the schema's gap tokens); preset: off.")
+@click.option("--extra-cutoffs", type=click.IntRange(min=0), default=None,
+              help="More train examples: train users again at K earlier cutoffs (their own labels and aggregates); "
+                   "preset: 0.")
+@click.option("--extra-cutoff-days", type=click.IntRange(min=1), default=None,
+              help="Days between those cutoffs (default: the longest task horizon, its minimum).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
-            context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, seed):
+            context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, extra_cutoffs,
+            extra_cutoff_days, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -799,7 +909,9 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
     settings = EvaluateSettings(
         schema=schema, events=tuple(events), tasks=tasks_file, output=output, preset=preset,
         methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
-        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling, bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, seed=seed,
+        max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling,
+        bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, as_of_token=as_of_token,
+        extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--half-life", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alone", action="store_true",
+                        help="also fit LightGBM on each variant without the aggregates (`<variant>/alone` rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.run / "work"
@@ -102,9 +104,12 @@ def main() -> None:
     aggregate_columns = [c for c in features.column_names if c != "user_id"]
     rows = {}
     y_test = None
-    for name, matrix in {"aggregates": None, **variants}.items():
+    runs = {name: (matrix, True) for name, matrix in {"aggregates": None, **variants}.items()}
+    if args.alone:
+        runs.update({f"{name}/alone": (matrix, False) for name, matrix in variants.items()})
+    for name, (matrix, with_aggregates) in runs.items():
         table = base
-        columns = list(aggregate_columns)
+        columns = list(aggregate_columns) if with_aggregates else []
         if matrix is not None:
             column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
             table = ev._attach(table, pa.table({"user_id": users, "__embedding": column}))
