@@ -335,3 +335,124 @@ def test_lightgbm_grid_keeps_the_setting_best_on_valid(kind):
     assert len({round(r[1]["valid"], 6) for r in runs}) > 1  # the grid changes the model
     plain, plain_info = ev.lightgbm_predict(kind, table, columns, 0, 300, 0, threads=1)
     assert "params" not in plain_info and sign * info["valid"] >= sign * plain_info["valid"] - 1e-12
+
+
+# --- the as-of token and extra cutoffs ---------------------------------------------------------------------------
+
+
+def test_as_of_token_goes_after_bos_and_extra_cutoffs_close_before_the_cutoff():
+    from batch import as_of
+
+    table = pa.table({"user_id": ["a", "b"], "input_ids": pa.array([[1, 5, 6, 2], [1, 7, 2]], pa.list_(pa.int32())),
+                      "n_events": [1, 1], "last_event_ts": pa.array([0, 10], pa.timestamp("us", tz="UTC"))})
+    out = as_of.insert_as_of(table, np.array([100, 20]), lambda gap: gap + 1000)
+    assert out.column("input_ids").to_pylist() == [[1, 1100, 5, 6, 2], [1, 1010, 7, 2]]
+    assert out.schema == table.schema
+    with pytest.raises(DomaintokError, match="after the prediction time"):
+        as_of.insert_as_of(table, np.array([100, 5]), lambda gap: gap)
+    assert as_of.tagged_users(table, dt.datetime(2024, 1, 31)).column("user_id").to_pylist() == [
+        "a@2024-01-31", "b@2024-01-31"]
+    cutoff = dt.datetime(2024, 3, 1)
+    assert as_of.extra_cutoffs(cutoff, 2, 30, [30, 7]) == [dt.datetime(2024, 1, 31), dt.datetime(2024, 1, 1)]
+    with pytest.raises(DomaintokError, match="longest horizon"):
+        as_of.extra_cutoffs(cutoff, 1, 20, [30])
+    # London's summer time: 2024-07-01 00:00 local is 2024-06-30 23:00 UTC
+    assert as_of.utc_us(dt.datetime(2024, 7, 1), "Europe/London") == int(
+        dt.datetime(2024, 6, 30, 23, tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
+
+
+@pytest.mark.slow
+def test_extra_cutoffs_and_as_of_token_end_to_end(tmp_path):
+    """Extra cutoffs add train examples only, each labelled and aggregated at its own cutoff from events before the
+    real one; the as-of token is the gap bin from each row's newest event to its prediction time."""
+    import torch
+
+    from batch.as_of import gap_token_function, utc_us
+    from domaintok.tokenizer import DomainTokenizer
+
+    torch.set_num_threads(1)
+    schema, events, _, users, split = toy_study(tmp_path)
+    raw = yaml_load(schema)
+    raw["fields"][3]["params"] = {"parts": ["month", "dow"], "time_since_previous": True}
+    schema.write_text(yaml_dump(raw))
+    tasks = tmp_path / "tasks_events.yaml"
+    tasks.write_text("\n".join((tmp_path / "tasks.yaml").read_text().splitlines()[:-1]) + "\n")  # no file label
+    out = tmp_path / "out"
+    report = ev.run_evaluation(ev.EvaluateSettings(
+        schema=schema, events=(events,), tasks=tasks, output=out, preset="quick",
+        methods=("lightgbm_emb", "text_bpe", "domain", "domain_fusion"), max_steps=2, bootstrap=20, progress=False,
+        as_of_token=True, extra_cutoffs=2, extra_cutoff_days=30, log=lambda m: None))
+    assert report["settings"]["extra_cutoffs"] == 2 and report["settings"]["as_of_token"] is True
+    fold = out / "work" / "fold0"
+    times = [CUTOFF - dt.timedelta(days=30), CUTOFF - dt.timedelta(days=60)]
+    tags = {f"@{t:%Y-%m-%d}": t for t in times}
+    ev_table = pq.read_table(events).to_pydict()
+    split_of = dict(zip(users, split))
+    labels = pq.read_table(fold / "labels_buys.parquet").to_pydict()
+    spend = dict(zip(*pq.read_table(fold / "labels_spend.parquet").select(["user_id", "label"]).to_pydict().values()))
+    features = {r["user_id"]: r for r in pq.read_table(out / "work" / "features.parquet").to_pylist()}
+    extra = [(u, s, y) for u, s, y in zip(labels["user_id"], labels["split"], labels["label"]) if "@" in u]
+    assert extra and {s for _, s, _ in extra} == {"train"}
+    for tag, t in tags.items():
+        assert any(u.endswith(tag) for u, _, _ in extra), tag
+    for user_tag, _, y in extra:
+        user, tag = user_tag.split("@")
+        t = tags["@" + tag]
+        assert split_of[user] == "train"
+        mine = [(ts, a * q) for c, ts, a, q in zip(ev_table["customer"], ev_table["ts"], ev_table["amount"],
+                                                   ev_table["qty"]) if c == user]
+        # label: any event in [t, t + 30 days), all of them before the real cutoff; aggregates: events before t
+        window = [v for ts, v in mine if t <= ts < t + dt.timedelta(days=30)]
+        assert y == int(bool(window)) and t + dt.timedelta(days=30) <= CUTOFF
+        assert spend[user_tag] == pytest.approx(math.log1p(max(sum(window), 0.0)))
+        assert features[user_tag]["event_count"] == sum(ts < t for ts, _ in mine)
+    # users of the real cutoff keep their split and labels
+    assert {u: s for u, s in zip(labels["user_id"], labels["split"]) if "@" not in u} == split_of
+    # the fine-tuning sequences: [BOS], the as-of token, whole events within the context; frozen embeddings read
+    # the sequences without it
+    tok = DomainTokenizer.from_pretrained(fold / "domain_tokenizer")
+    gap_token = gap_token_function(tok)
+    context = report["settings"]["pretrain"]["context_length"]
+    seq = pq.read_table(fold / "domain_sequences_as_of.parquet")
+    plain = {r["user_id"]: r for r in pq.read_table(fold / "domain_sequences.parquet").to_pylist()}
+    assert set(seq.column("user_id").to_pylist()) == set(plain) == set(labels["user_id"])
+    for row in seq.to_pylist():
+        tag = row["user_id"].partition("@")[2]
+        as_of_local = tags["@" + tag] if tag else CUTOFF
+        as_of_us = utc_us(as_of_local, "UTC")
+        last_us = int(row["last_event_ts"].timestamp() * 1_000_000)
+        assert last_us < as_of_us
+        ids = row["input_ids"]
+        assert len(ids) <= context and ids[0] == plain[row["user_id"]]["input_ids"][0]
+        assert ids[1] == int(gap_token(np.array([as_of_us - last_us]))[0])
+        assert ids[2:] == plain[row["user_id"]]["input_ids"][-(len(ids) - 2):]
+    assert "@" in "".join(pq.read_table(fold / "text_sequences.parquet").column("user_id").to_pylist())
+    # pretraining never reads an extra example
+    assert not any("@" in u for u in pq.read_table(fold / "domain_pretrain.parquet").column("user_id").to_pylist())
+    for method, row in report["results"]["buys"].items():
+        assert math.isfinite(row["test"]["auc"]), method
+
+
+def test_extra_cutoffs_refuse_file_labels_and_gaps_shorter_than_the_horizon(tmp_path):
+    schema, events, tasks, _, _ = toy_study(tmp_path)
+    run = lambda tasks, **kw: ev.run_evaluation(ev.EvaluateSettings(  # noqa: E731
+        schema=schema, events=(events,), tasks=tasks, output=tmp_path / "out", methods=("lightgbm",), bootstrap=5,
+        progress=False, log=lambda m: None, extra_cutoffs=1, **kw))
+    with pytest.raises(DomaintokError, match="task 'segment' takes its labels from a file"):
+        run(tasks)
+    events_only = tmp_path / "tasks_events.yaml"
+    events_only.write_text("\n".join(tasks.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(DomaintokError, match="longest horizon"):
+        run(events_only, extra_cutoff_days=10)
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def yaml_dump(data):
+    import yaml
+
+    return yaml.safe_dump(data)
