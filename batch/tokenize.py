@@ -11,21 +11,12 @@ import json
 from pathlib import Path
 
 import click
-import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batch.fit import BEFORE_HELP, USERS_HELP
 from batch.spark import ENGINE_HELP, ENGINES, SPARK_MASTER_HELP, Location, is_uri, local_paths
-from domaintok.errors import DomaintokError
+from domaintok.event_sql import input_rows
 from domaintok.tokenizer import DomainTokenizer, EventFilter
-
-
-def _rows(path: Path) -> int:
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    try:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise DomaintokError(f"input {str(path)!r}: cannot read as parquet: {exc}") from None
 
 
 PARTITIONS_HELP = "With --engine spark: partitions of the users (default: spark.sql.shuffle.partitions)."
@@ -70,7 +61,7 @@ def command(tokenizer_dir: Path, inputs: tuple[Path | str, ...], output: Path | 
         local_paths(*inputs, output)
         if output.is_dir():
             raise click.BadParameter(f"File {str(output)!r} is a directory.", param_hint="'--output'")
-        total = sum(_rows(p) for p in inputs)
+        total = input_rows(list(inputs))
         columns = [TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn()]
         with Progress(*columns, transient=True) as progress:
             task = progress.add_task("rows", total=total)

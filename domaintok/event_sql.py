@@ -148,6 +148,9 @@ def tokenize_connection(schema: DomainSchema, memory_limit: str | None) -> duckd
 
 
 def inputs(data: DataLike) -> list[Any]:
+    """Arrow tables as they are; a path is a parquet file, or a directory whose parquet files, at any depth (a
+    partitioned dataset, a Spark output), are read in path order, except what Hadoop and Spark hide: names that
+    start with "_" or "." (`_temporary/` attempts, `.crc` files). The one input rule of every job."""
     if isinstance(data, pa.Table):
         return [data]
     if isinstance(data, (str, os.PathLike)):
@@ -159,7 +162,7 @@ def inputs(data: DataLike) -> list[Any]:
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(path.glob("*.parquet"))
+            files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not _hidden(p.relative_to(path)))
             if not files:
                 raise DomaintokError(f"input {str(path)!r}: directory holds no .parquet files")
             out += files
@@ -172,11 +175,23 @@ def inputs(data: DataLike) -> list[Any]:
     return out
 
 
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.parts)
+
+
+def input_files(paths: Any) -> list[Path]:
+    """The parquet files of the given paths (files, or directories: `inputs`' rule)."""
+    return [f for f in inputs([Path(p) for p in paths]) if isinstance(f, Path)]
+
+
 def input_rows(data: DataLike) -> int:
     """Rows of all inputs, from Arrow tables and parquet footers (no data read)."""
     total = 0
     for item in inputs(data):
-        total += item.num_rows if isinstance(item, pa.Table) else pq.ParquetFile(item).metadata.num_rows
+        try:
+            total += item.num_rows if isinstance(item, pa.Table) else pq.ParquetFile(item).metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise DomaintokError(f"input {str(item)!r}: cannot read as parquet: {exc}") from None
     return total
 
 

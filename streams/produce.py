@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from domaintok.errors import DomaintokError
+from domaintok.event_sql import input_files
 from domaintok.synthetic import DOMAINS, generate_events, write_events_parquet
 from streams.topics import ensure_topics
 from streams.clients import EventProducer
@@ -27,16 +28,6 @@ from streams.settings import KafkaSettings
 
 BATCH_ROWS = 5000
 _line_decoder = msgspec.json.Decoder()
-
-
-def _parquet_files(paths: tuple[Path, ...]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        found = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-        if not found:
-            raise DomaintokError(f"{path}: no .parquet files in this directory")
-        files += found
-    return files
 
 
 def _column_mapping(schema_arrow: pa.Schema, tokenizer: Any | None, path: Path) -> dict[str, str] | None:
@@ -116,7 +107,7 @@ def _event_batches(inputs, synthetic, stdin: bool, users: int, n_events: int, se
         return iter(table.to_batches(max_chunksize=BATCH_ROWS)), table.num_rows
     if stdin:
         return _stdin_events(), None
-    files = _parquet_files(inputs)
+    files = input_files(inputs)  # the input rule of every job: files, or the parquet files under directories
     return _parquet_batches(files, tok), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 

@@ -99,3 +99,22 @@ def test_errors_name_the_file_and_the_problem(file_and_directory, tmp_path):
         open_sequences(tmp_path / "junk.parquet")
     with pytest.raises(DomaintokError, match="input '.*missing.parquet': no such file"):
         open_sequences(tmp_path / "missing.parquet")
+
+
+def test_a_partitioned_directory_reads_every_level_but_what_spark_hides(file_and_directory):
+    """Hive-style partitions (`day=.../part-*.parquet`) are read at any depth, in path order; what Spark and
+    Hadoop hide (`_temporary/` attempts, names starting with "_" or ".") is not. The same rule for every job:
+    `produce` takes its files from it too."""
+    from domaintok.event_sql import input_files, input_rows
+
+    _, parts, table = file_and_directory
+    nested = parts.parent / "nested"
+    for i, (lo, hi) in enumerate([(0, 25), (25, 60)]):
+        (nested / f"day=2024-01-0{i + 1}").mkdir(parents=True)
+        pq.write_table(table.slice(lo, hi - lo), nested / f"day=2024-01-0{i + 1}" / "part-0.parquet")
+    (nested / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(table, nested / "_temporary" / "0" / "part-9.parquet")
+    pq.write_table(table, nested / ".hidden.parquet")
+    assert [p.relative_to(nested).as_posix() for p in input_files([nested])] == [
+        "day=2024-01-01/part-0.parquet", "day=2024-01-02/part-0.parquet"]
+    assert input_rows(nested) == 60 and SequenceFiles(nested).num_rows == 60
