@@ -634,11 +634,12 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     spec: TasksFile = load_tasks(s.tasks)
     schema = load_schema(s.schema)
     _check_settings(s, p)
+    cutoffs = _extra_cutoffs(s, p, spec)  # refused before any work
     out = Path(s.output)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     clock = _Clock(s.log)
-    data = _prepare_inputs(s, p, spec, schema, work, clock)
+    data = _prepare_inputs(s, p, spec, schema, work, clock, cutoffs)
     lms = sorted({METHODS[m].lm for m in methods if METHODS[m].lm})
     # predictions[task][method] = one (y, prediction) per fold on that fold's test users, aligned across methods
     per_fold: dict[str, dict[str, list]] = {t.name: {m: [] for m in methods} for t in spec.tasks}
@@ -687,7 +688,8 @@ class _Inputs:
     times: _AsOf
 
 
-def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work: Path, clock) -> _Inputs:
+def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work: Path, clock,
+                    cutoffs: list) -> _Inputs:
     con = open_events(schema, [Path(e) for e in s.events])
     users = build_population(con, spec, p["max_users"])
     register_split(con, users, assign_split(users, spec.split))
@@ -700,7 +702,7 @@ def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work:
     n_events = _write_events(con, events_all, raw_column_names(schema), spec.cutoff, None)
     times = _AsOf(spec.cutoff, schema.timezone, bool(p["as_of_token"]))
     extra_features = []
-    for k, as_of in enumerate(_extra_cutoffs(s, p, spec), start=1):
+    for k, as_of in enumerate(cutoffs, start=1):
         at = aggregate_features(con, schema, as_of, s.windows)
         at = at.filter(pc.greater_equal(at.column("event_count"), float(spec.min_events)))
         path = work / f"events_inputs_extra{k}.parquet"

@@ -193,6 +193,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  "--output", str(tmp_path / "o"), "--methods", "lightgbm,bogus"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("domaintok evaluate: error: unknown method 'bogus': expected one of " + ", ".join(ev.METHODS))
+    assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
+                 "--output", str(tmp_path / "o"), "--methods", "lightgbm", "--extra-cutoffs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
+                   "holds them at the real cutoff only")
 
 
 def test_scores_and_bootstrap():
