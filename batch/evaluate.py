@@ -128,7 +128,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "lightgbm_grid": False, "bootstrap": 200,
-        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
+        "as_of_token": True, "extra_cutoffs": 3, "extra_cutoff_days": None,
         # A 36k-parameter model gains nothing from a second thread, and loses much when the cores are shared.
         "torch_threads": 1,
     },
@@ -142,7 +142,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "lightgbm_grid": False, "bootstrap": 1000,
-        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
+        "as_of_token": True, "extra_cutoffs": 3, "extra_cutoff_days": None,
         "torch_threads": None,  # torch's default (one per core)
     },
 }
@@ -634,7 +634,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     spec: TasksFile = load_tasks(s.tasks)
     schema = load_schema(s.schema)
     _check_settings(s, p)
-    cutoffs = _extra_cutoffs(s, p, spec)  # refused before any work
+    cutoffs = _prediction_times(s, p, spec, schema)  # refused before any work
     out = Path(s.output)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -717,17 +717,31 @@ def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work:
     return _Inputs(con, users, features, features_path, n_aggregates, events_all, n_events, work, times)
 
 
-def _extra_cutoffs(s: EvaluateSettings, p: dict, spec: TasksFile) -> list:
-    """The extra cutoffs' times (train examples from earlier prediction times); every task's labels must come from
-    events, and a user's own feature file (measured at the real cutoff) cannot describe them."""
+def _prediction_times(s: EvaluateSettings, p: dict, spec: TasksFile, schema) -> list:
+    """Resolve the as-of token and the extra cutoffs (into `p`, which the report records) and return the extra
+    cutoffs' times. Asked for on the command line, each is refused where it cannot apply; as a preset default it
+    applies where it can and says why not elsewhere: the as-of token needs a temporal field with gap tokens, extra
+    cutoffs need every task's labels from events (a label file holds them at the real cutoff only) and no
+    `--features` (a user's columns describe the real cutoff)."""
+    gap_fields = [f.name for f in schema.fields if f.type == "temporal" and f.typed_params().time_since_previous]
+    if p["as_of_token"] and not gap_fields:
+        if s.as_of_token:
+            raise DomaintokError("--as-of-token: the schema has no temporal field with time_since_previous: true, "
+                                 "whose gap tokens it uses")
+        s.log("as-of token off: the schema has no temporal field with time_since_previous: true")
+        p["as_of_token"] = False
     if not p["extra_cutoffs"]:
         return []
     file_tasks = [t.name for t in spec.tasks if not isinstance(t.label, EventsLabel)]
-    if file_tasks:
-        raise DomaintokError(f"--extra-cutoffs: task {file_tasks[0]!r} takes its labels from a file, which holds "
-                             "them at the real cutoff only")
-    if s.features is not None:
-        raise DomaintokError("--extra-cutoffs: --features describes users at the real cutoff, not at the earlier ones")
+    why = (f"task {file_tasks[0]!r} takes its labels from a file, which holds them at the real cutoff only"
+           if file_tasks else
+           "--features describes users at the real cutoff, not at the earlier ones" if s.features is not None else None)
+    if why:
+        if s.extra_cutoffs:
+            raise DomaintokError(f"--extra-cutoffs: {why}")
+        s.log(f"extra cutoffs off: {why}")
+        p["extra_cutoffs"] = 0
+        return []
     horizons = [t.label.horizon_days for t in spec.tasks]
     every = p["extra_cutoff_days"] or max(horizons)
     return as_of_mod.extra_cutoffs(spec.cutoff, p["extra_cutoffs"], every, horizons)
@@ -889,10 +903,10 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Tune every LightGBM row on valid over 12 settings (leaves, column share, leaf size); preset: off.")
 @click.option("--as-of-token/--no-as-of-token", default=None,
               help="Fine-tuned domain models read, after [BOS], the gap from the user's newest event to the prediction "
-                   "time (the schema's gap tokens); preset: off.")
+                   "time (the schema's gap tokens); preset: on where the schema has gap tokens.")
 @click.option("--extra-cutoffs", type=click.IntRange(min=0), default=None,
               help="More train examples: train users again at K earlier cutoffs (their own labels and aggregates); "
-                   "preset: 0.")
+                   "preset: 3 where every label comes from events and no --features is given, else 0.")
 @click.option("--extra-cutoff-days", type=click.IntRange(min=1), default=None,
               help="Days between those cutoffs (default: the longest task horizon, its minimum).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")

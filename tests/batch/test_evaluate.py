@@ -104,6 +104,8 @@ def test_every_method_and_task_kind_reports_finite_metrics(toy_run):
         assert rows["lightgbm"]["vs_lightgbm"]["relative"] == 0.0
     assert 0 <= on_disk["results"]["segment"]["domain"]["test"]["accuracy"] <= 1
     assert (out / "results.png").stat().st_size > 0
+    # the preset's as-of token and extra cutoffs apply where they can: not here (no gap tokens, a label file)
+    assert on_disk["settings"]["as_of_token"] is False and on_disk["settings"]["extra_cutoffs"] == 0
     markdown = (out / "results.md").read_text()
     assert "| lightgbm: LightGBM on the aggregates |" in markdown and "## segment (multiclass" in markdown
     # Both transformers have the same non-embedding size and the same pretraining budget.
@@ -195,8 +197,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err == ("domaintok evaluate: error: unknown method 'bogus': expected one of " + ", ".join(ev.METHODS))
     assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
                  "--output", str(tmp_path / "o"), "--methods", "lightgbm", "--extra-cutoffs", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "as-of token off: the schema has no temporal field with time_since_previous: true"  # preset's
+    assert err[-1] == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
                    "holds them at the real cutoff only")
 
 
