@@ -128,7 +128,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "lightgbm_grid": False, "bootstrap": 200,
-        "as_of_token": True, "extra_cutoffs": 3, "extra_cutoff_days": None,
+        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
         # A 36k-parameter model gains nothing from a second thread, and loses much when the cores are shared.
         "torch_threads": 1,
     },
@@ -142,7 +142,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "lightgbm_grid": False, "bootstrap": 1000,
-        "as_of_token": True, "extra_cutoffs": 3, "extra_cutoff_days": None,
+        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
         "torch_threads": None,  # torch's default (one per core)
     },
 }
@@ -903,10 +903,10 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Tune every LightGBM row on valid over 12 settings (leaves, column share, leaf size); preset: off.")
 @click.option("--as-of-token/--no-as-of-token", default=None,
               help="Fine-tuned domain models read, after [BOS], the gap from the user's newest event to the prediction "
-                   "time (the schema's gap tokens); preset: on where the schema has gap tokens.")
+                   "time (the schema's gap tokens); preset: off.")
 @click.option("--extra-cutoffs", type=click.IntRange(min=0), default=None,
               help="More train examples: train users again at K earlier cutoffs (their own labels and aggregates); "
-                   "preset: 3 where every label comes from events and no --features is given, else 0.")
+                   "preset: 0.")
 @click.option("--extra-cutoff-days", type=click.IntRange(min=1), default=None,
               help="Days between those cutoffs (default: the longest task horizon, its minimum).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")

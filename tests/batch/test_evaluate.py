@@ -104,7 +104,7 @@ def test_every_method_and_task_kind_reports_finite_metrics(toy_run):
         assert rows["lightgbm"]["vs_lightgbm"]["relative"] == 0.0
     assert 0 <= on_disk["results"]["segment"]["domain"]["test"]["accuracy"] <= 1
     assert (out / "results.png").stat().st_size > 0
-    # the preset's as-of token and extra cutoffs apply where they can: not here (no gap tokens, a label file)
+    # the as-of token and extra cutoffs are off unless asked for
     assert on_disk["settings"]["as_of_token"] is False and on_disk["settings"]["extra_cutoffs"] == 0
     markdown = (out / "results.md").read_text()
     assert "| lightgbm: LightGBM on the aggregates |" in markdown and "## segment (multiclass" in markdown
@@ -197,9 +197,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err == ("domaintok evaluate: error: unknown method 'bogus': expected one of " + ", ".join(ev.METHODS))
     assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
                  "--output", str(tmp_path / "o"), "--methods", "lightgbm", "--extra-cutoffs", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[0] == "as-of token off: the schema has no temporal field with time_since_previous: true"  # preset's
-    assert err[-1] == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
+    err = capsys.readouterr().err.strip()
+    assert err == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
                    "holds them at the real cutoff only")
 
 
@@ -452,6 +451,8 @@ def test_extra_cutoffs_refuse_file_labels_and_gaps_shorter_than_the_horizon(tmp_
     events_only.write_text("\n".join(tasks.read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(DomaintokError, match="longest horizon"):
         run(events_only, extra_cutoff_days=10)
+    with pytest.raises(DomaintokError, match="--as-of-token: the schema has no temporal field with time_since_prev"):
+        run(events_only, as_of_token=True)  # the toy schema's date field emits no gap tokens
 
 
 def yaml_load(path):
