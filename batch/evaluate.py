@@ -443,20 +443,24 @@ class _AsOf:
 
 def _extra_sequences(table: pa.Table, fold: _Fold, users: list[str], as_of, eligible: set) -> pa.Table:
     """Sequences at an extra cutoff: the fold's train users with enough events, tagged `<user>@<date>`."""
-    train = np.asarray(users)[fold.split == "train"]
-    keep = np.array(sorted(set(train.tolist()) & eligible), dtype=object)
+    keep = np.array(sorted(_train_users(users, fold) & eligible), dtype=object)
     return as_of_mod.tagged_users(_filter_users(table, keep), as_of)
 
 
+def _train_users(users: list[str], fold: _Fold) -> set[str]:
+    return set(np.asarray(users)[fold.split == "train"].tolist())
+
+
 def _domain_sequences(tok, events_all: Path, fold: _Fold, users: list[str], times: _AsOf, context: int,
-                      as_of_token: bool) -> pa.Table:
-    """Every population user's newest window at the cutoff, then the extra cutoffs' train examples; with
-    `as_of_token`, windows one token shorter with the token after [BOS]."""
+                      as_of_token: bool, at_cutoff: pa.Table | None = None) -> pa.Table:
+    """Every population user's newest window at the cutoff (`at_cutoff` when already tokenized at this length),
+    then the extra cutoffs' train examples; with `as_of_token`, windows one token shorter with the token after
+    [BOS]."""
     length = context - 1 if as_of_token else context
     gap_token = as_of_mod.gap_token_function(tok) if as_of_token else None
     parts = []
     for as_of, path, eligible in [(times.cutoff, events_all, None), *times.extra]:
-        table = tok.tokenize(path, max_length=length)
+        table = at_cutoff if eligible is None and at_cutoff is not None else tok.tokenize(path, max_length=length)
         if eligible is not None:
             table = _extra_sequences(table, fold, users, as_of, eligible)
         if as_of_token:
@@ -494,7 +498,7 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
             fold.pretrain["domain_tokens_mean"] = _mean_tokens(table)
             fold.sequences["domain"] = fold.dir / "domain_sequences.parquet"
             if times.extra:
-                table = _domain_sequences(tok, events_all, fold, users, times, context, False)
+                table = _domain_sequences(tok, events_all, fold, users, times, context, False, at_cutoff=table)
             pq.write_table(table, fold.sequences["domain"])
             if times.token:
                 fold.finetune_sequences["domain"] = fold.dir / "domain_sequences_as_of.parquet"
@@ -785,7 +789,7 @@ def _run_fold(s, p, k: int, spec: TasksFile, schema, data: _Inputs, methods, lms
 def _labels(data: _Inputs, spec: TasksFile, task: TaskSpec, fold: _Fold) -> pa.Table:
     """The task's labels at the cutoff, then the extra cutoffs' (train users with enough events before each)."""
     parts = [build_labels(data.con, spec, task)]
-    train = set(np.asarray(data.users)[fold.split == "train"].tolist())
+    train = _train_users(data.users, fold)
     for as_of, _, eligible in data.times.extra:
         at = build_labels(data.con, msgspec.structs.replace(spec, cutoff=as_of), task)
         keep = pa.array(sorted(train & eligible), pa.string())

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from domaintok.errors import DomaintokError
-from domaintok.event_sql import input_files
+from domaintok.event_sql import input_files, input_rows
 from domaintok.synthetic import DOMAINS, generate_events, write_events_parquet
 from streams.topics import ensure_topics
 from streams.clients import EventProducer
@@ -108,7 +108,7 @@ def _event_batches(inputs, synthetic, stdin: bool, users: int, n_events: int, se
     if stdin:
         return _stdin_events(), None
     files = input_files(inputs)  # the input rule of every job: files, or the parquet files under directories
-    return _parquet_batches(files, tok), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return _parquet_batches(files, tok), input_rows(files)
 
 
 def _send_all(producer, batches: Iterator[Any], tok, total: int | None, limit: int | None, pacer, quiet: bool,
