@@ -113,9 +113,35 @@ class TokenizeWorker:
         )
         # The resume point per input partition, in the Table (streams/positions.py): Faust's committed offset can
         # skip events after a restart with a backlog (faust-streaming issue 596) and redeliver the last one.
-        self.guard = PositionGuard(self.windows, settings.partitions)
+        self.guard = PositionGuard(self.windows, settings.partitions, first_offset=self.first_offset)
         self._home: HomePartitions | None = None
         self._misrouted_warning = RateLimitedWarning(every=60.0)
+
+    def first_offset(self, partition: int, offset: int) -> int | None:
+        """The offset of the first record at or after `offset` in `partition` of the events topic, as the broker
+        has it now (None when it cannot tell within a few seconds): the position guard's check that a hole is
+        absent from the log before giving its offsets up. A short-lived consumer outside the group (assign, no
+        commits); holes are rare, so its ~0.1 s is too."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        # read_uncommitted as aiokafka's default: the records Faust's consumer would deliver
+        conf = self.settings.confluent_consumer(f"{self.app.conf.id}-hole-check",
+                                                **{"isolation.level": "read_uncommitted"})
+        consumer = Consumer(conf)
+        try:
+            consumer.assign([TopicPartition(self.settings.topic_events, partition, offset)])
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    log.warning("hole check of partition %d at %d: %s", partition, offset, msg.error())
+                    return None
+                return msg.offset()
+            return None
+        finally:
+            consumer.close()
 
     def home_partitions(self) -> HomePartitions:
         """Events read off their user's home partition go there (streams/routing.py): home from the topic's real
@@ -163,9 +189,12 @@ class TokenizeWorker:
             tp = TP(self.settings.topic_events, partition)
             await consumer.seek(tp, offset)
             await consumer.settle_before(tp, offset)  # below the stored position: folded already, commit past it
+        for partition, first, last in screened.present_holes:
+            log.warning("offsets %d..%d of partition %d are on the broker but did not arrive after a seek: "
+                        "seeking again", first, last, partition)
         for partition, first, last in screened.accepted_holes:
-            log.warning("offsets %d..%d of partition %d never arrived after seeks: taken as absent from the log",
-                        first, last, partition)
+            log.warning("offsets %d..%d of partition %d are absent from the log (transaction markers, compaction, "
+                        "retention): passed over", first, last, partition)
             await consumer.settle_before(TP(self.settings.topic_events, partition), last + 1)
 
     async def _send(self, result) -> None:

@@ -30,12 +30,13 @@ Guarantees kept (and tested in tests/streams/test_fast_consumer.py, including a 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import faust
-from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.consumer import CONSUMER_FETCHING, ensure_TP
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, EventT, Message
 from mode.utils.times import want_seconds
@@ -114,6 +115,17 @@ class BatchConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._batch_queues: dict[str, asyncio.Queue] = {}
+        # How often each partition (`seek`) and every partition (`perform_seek`) was sought: see `_deliver_at`.
+        self._seeks: collections.Counter[TP] = collections.Counter()
+        self._seek_rounds = 0
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        self._seeks[ensure_TP(partition)] += 1
+        await super().seek(partition, offset)
+
+    async def perform_seek(self) -> None:
+        self._seek_rounds += 1
+        await super().perform_seek()
 
     def _new_consumer_thread(self) -> BatchConsumerThread:
         return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -150,6 +162,21 @@ class BatchConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
         await self.app.producer.buffer.wait_until_ebb()
         # with the time it arrived: take_events' `within` runs from the oldest record's arrival (see _collect)
         await queue.put((time.monotonic(), messages))
+
+    async def _deliver_at(self, tp: TP, queue: asyncio.Queue, messages: list) -> None:
+        """Queue `messages` (all of `tp`) for the stream, then move `tp`'s read offset past them, unless `tp` was
+        sought while the put waited.
+
+        Why: the put waits whenever the stream is behind (a full queue, flow control), and meanwhile the agent can
+        seek `tp` back (the position guard over a hole). Setting the read offset to this batch's end after such a
+        seek (as upstream's loop does) made the drain loop drop every re-fetched record below it as already read:
+        the hole the seek was meant to fill stayed open, and after the guard's retries its events were given up (the
+        likely path of 535 events lost in a CI run when a second tokenizer joined and left under load).
+        """
+        sought = (self._seek_rounds, self._seeks[tp])
+        await self.wait_first(self._deliver_batch(queue, messages), self.suspend_flow.wait())
+        if (self._seek_rounds, self._seeks[tp]) == sought:
+            self._read_offset[tp] = messages[-1].offset
 
     async def _deliver_each(self, tp: TP, messages: list) -> None:
         """Stock per-message delivery (conductor callback), as upstream's drain loop does it."""
@@ -209,8 +236,7 @@ class BatchConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
                     if self._commit_every is not None and self._n_acked >= self._commit_every:
                         self._n_acked = 0
                         await self.commit()
-                    await self.wait_first(self._deliver_batch(queue, messages), self.suspend_flow.wait())
-                    self._read_offset[tp] = messages[-1].offset
+                    await self._deliver_at(tp, queue, messages)
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:

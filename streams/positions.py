@@ -16,7 +16,7 @@ changelog partition of that partition's windows and moves with it on a rebalance
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Protocol
 
 from aiokafka.partitioner import murmur2
@@ -50,6 +50,8 @@ class Screened:
     seeks: dict[int, int] = dataclasses.field(default_factory=dict)  # partition -> offset to seek to
     arrived: dict[int, int] = dataclasses.field(default_factory=dict)  # partition -> offset that came instead
     accepted_holes: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (partition, from, to)
+    # holes the broker says hold records, sought again: (partition, from, to)
+    present_holes: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -62,16 +64,21 @@ class _Seek:
 class PositionGuard:
     """Screens each batch against the stored positions and records the new ones after processing.
 
-    A hole that survives `max_seeks` seeks spaced `retry_after` seconds is accepted as offsets that do not exist
-    in the log (transaction markers, compaction) rather than stalling the partition forever; it is reported.
+    A hole still there `retry_after` seconds after the seek back over it is either offsets that do not exist in
+    the log (transaction markers, compaction, retention) or a seek that did not take. With `first_offset` (the
+    offset of the first record at or after a given one on the broker, None when it cannot tell) the guard asks the
+    broker: the hole is accepted exactly when none of its offsets exist, else it seeks again, for as long as it
+    takes (events that exist are never given up). Without it, a hole that survives `max_seeks` seeks is accepted.
+    Either way an accepted hole is reported.
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], partitions: int, *, retry_after: float = 2.0,
-                 max_seeks: int = 3) -> None:
+                 max_seeks: int = 3, first_offset: Callable[[int, int], int | None] | None = None) -> None:
         self.table = table
         self.keys = [position_key(p, partitions) for p in range(partitions)]
         self.retry_after = retry_after
         self.max_seeks = max_seeks
+        self.first_offset = first_offset
         self._seeks: dict[int, _Seek] = {}
 
     def stored(self, partition: int) -> int | None:
@@ -114,7 +121,14 @@ class PositionGuard:
             return False
         if now - seek.at < self.retry_after:
             return False  # events fetched before the seek are still draining
-        if seek.count >= self.max_seeks:
+        if self.first_offset is not None:
+            first = self.first_offset(p, nxt)
+            if first is not None and first >= got:  # nothing in nxt..got-1 exists on the broker
+                del self._seeks[p]
+                out.accepted_holes.append((p, nxt, got - 1))
+                return True
+            out.present_holes.append((p, nxt, got - 1))
+        elif seek.count >= self.max_seeks:
             del self._seeks[p]
             out.accepted_holes.append((p, nxt, got - 1))
             return True

@@ -116,3 +116,68 @@ def test_batches_wait_for_table_recovery_and_drop_older_generations():
     stream.should_stop = True  # a stopping stream does not wait
     tables.actives_ready = False
     assert asyncio.run(asyncio.wait_for(BatchStream._when_tables_ready(stream, messages), 2)) == messages[1:]
+
+
+def test_a_seek_while_a_batch_waits_to_be_queued_is_not_undone():
+    """The drain loop queues a fetched batch, waiting while the stream is behind; if the agent seeks that partition
+    back meanwhile (the position guard over a hole), the read offset must stay at the seek target. Moved to the
+    batch's end (upstream's order), every re-fetched record below it was dropped as read: the hole stayed open."""
+    import asyncio
+    import collections
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.fast_consumer import BatchConsumer
+
+    tp, other = TP("events", 0), TP("events", 1)
+
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def deliver(queue, messages):
+            await gate.wait()
+            queue.put_nowait(messages)
+
+        async def wait_first(*coros):
+            tasks = [asyncio.ensure_future(c) for c in coros]
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+
+        consumer = SimpleNamespace(_seek_rounds=0, _seeks=collections.Counter(), _read_offset={},
+                                   _deliver_batch=deliver, wait_first=wait_first, suspend_flow=asyncio.Event())
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def batch(*offsets):
+            return [SimpleNamespace(offset=o) for o in offsets]
+
+        gate.set()
+        await BatchConsumer._deliver_at(consumer, tp, queue, batch(20, 21))
+        assert consumer._read_offset[tp] == 21  # no seek: past the batch, as upstream
+        gate.clear()
+        waiting = asyncio.ensure_future(BatchConsumer._deliver_at(consumer, tp, queue, batch(22, 23)))
+        await asyncio.sleep(0.05)
+        consumer._seeks[tp] += 1  # what BatchConsumer.seek records, then Consumer.seek sets the read offset
+        consumer._read_offset[tp] = 10
+        gate.set()
+        await waiting
+        assert consumer._read_offset[tp] == 10, "the seek back was undone by the batch that waited"
+        gate.clear()
+        waiting = asyncio.ensure_future(BatchConsumer._deliver_at(consumer, other, queue, batch(7)))
+        await asyncio.sleep(0.05)
+        consumer._seek_rounds += 1  # perform_seek: every partition back to its committed offset
+        consumer._read_offset[other] = 3
+        gate.set()
+        await waiting
+        assert consumer._read_offset[other] == 3
+        gate.clear()
+        waiting = asyncio.ensure_future(BatchConsumer._deliver_at(consumer, other, queue, batch(8)))
+        await asyncio.sleep(0.05)
+        consumer._seeks[tp] += 1  # a seek of another partition changes nothing here
+        gate.set()
+        await waiting
+        assert consumer._read_offset[other] == 8
+        assert [[m.offset for m in b] for b in (queue.get_nowait() for _ in range(4))] == [[20, 21], [22, 23], [7], [8]]
+
+    asyncio.run(scenario())

@@ -210,3 +210,57 @@ def test_guard_accepts_a_hole_that_survives_repeated_seeks():
     assert guard.screen([_Msg(0, 6)], now=1.5).seeks == {0: 5}
     last = guard.screen([_Msg(0, 6)], now=3.0)
     assert [m.offset for m in last.keep] == [6] and last.accepted_holes == [(0, 5, 5)]
+
+
+def test_guard_asks_the_broker_and_never_gives_up_offsets_that_exist():
+    """With `first_offset`, a hole is passed over exactly when the broker holds none of its offsets: a seek that did
+    not take (a CI run lost 535 events that way) is retried for as long as it takes."""
+    table: dict[bytes, bytes] = {}
+    on_broker = {0: 5}  # partition -> first offset at or after the hole's start that the broker holds
+    asked = []
+
+    def first_offset(partition, offset):
+        asked.append((partition, offset))
+        return on_broker[partition]
+
+    guard = PositionGuard(table, 1, retry_after=1.0, max_seeks=2, first_offset=first_offset)
+    guard.record([_Msg(0, 4)])
+    assert guard.screen([_Msg(0, 9)], now=0.0).seeks == {0: 5} and asked == []  # first: seek back, no question
+    for now in (1.5, 3.0, 4.5, 6.0):  # far past max_seeks: offset 5 exists, so it is never given up
+        again = guard.screen([_Msg(0, 9)], now=now)
+        assert again.keep == [] and again.seeks == {0: 5} and again.present_holes == [(0, 5, 8)]
+        assert not again.accepted_holes
+    assert asked == [(0, 5)] * 4
+    assert guard.screen([_Msg(0, 9)], now=6.5).seeks == {}  # within retry_after of the last seek: no question
+    on_broker[0] = 9  # 5..8 are gone from the log (markers, retention): accepted, and exactly that range
+    last = guard.screen([_Msg(0, 9), _Msg(0, 10)], now=8.0)
+    assert [m.offset for m in last.keep] == [9, 10] and last.accepted_holes == [(0, 5, 8)]
+    on_broker[0] = None  # the broker cannot tell: not accepted
+    guard.record(last.keep)
+    assert guard.screen([_Msg(0, 13)], now=9.0).seeks == {0: 11}
+    unsure = guard.screen([_Msg(0, 13)], now=10.5)
+    assert unsure.keep == [] and unsure.seeks == {0: 11} and not unsure.accepted_holes
+
+
+@pytest.mark.integration
+@pytest.mark.requires_apache("transaction markers: offsets that exist in no consumer's view")
+def test_the_tokenizers_hole_check_sees_transaction_markers_and_records(kafka_settings):
+    """TokenizeWorker.first_offset against a real broker: a transaction's commit marker takes an offset that no
+    consumer receives; the check reports the next record past it, and a record's own offset where one exists."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import Producer
+
+    from streams.app import TokenizeWorker
+
+    producer = Producer(kafka_settings.confluent_common() | {"transactional.id": f"tx-{kafka_settings.topic_events}"})
+    producer.init_transactions(30)
+    for n in range(2):
+        producer.begin_transaction()
+        producer.produce(kafka_settings.topic_events, key=b"u1", value=f"event {n}".encode(), partition=0)
+        producer.commit_transaction(30)  # record at 2n, commit marker at 2n + 1
+    worker = SimpleNamespace(settings=kafka_settings, app=SimpleNamespace(conf=SimpleNamespace(id="hole-check-test")))
+    first_offset = TokenizeWorker.first_offset.__get__(worker)
+    assert first_offset(0, 0) == 0
+    assert first_offset(0, 1) == 2  # offset 1 is the first transaction's marker: absent for every consumer
+    assert first_offset(0, 2) == 2
