@@ -64,7 +64,8 @@ class BatchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
 
 
 class GapSafeOffsets:
-    """Committed offsets that advance past a gap whose offsets were also acked (mixed into the consumer classes).
+    """Committed offsets that advance past a gap whose offsets were also acked, and seeks made on the consumer thread
+    (`_seek`); mixed into both consumer classes.
 
     Faust records a hole in the fetched offsets as a gap interval that includes the first offset after the hole,
     and when it computes the offset to commit it appends the gap's offsets to the acked list without removing
@@ -87,6 +88,18 @@ class GapSafeOffsets:
             acked[:] = sorted(filled)
             gap.chop(0, max(acked[-1], top) + 1)
         return super()._new_offset(tp)
+
+    async def _seek(self, partition: TP, offset: int) -> None:
+        """Seek on the consumer's own thread, where aiokafka lives.
+
+        Why: upstream calls aiokafka's `seek` straight from the agent's thread. That edits the fetcher's record map and
+        completes a future of the consumer thread's event loop (uvloop) from outside it, neither of which is thread
+        safe: after the position guard sought three partitions at once, the worker fetched nothing more for minutes
+        (a rebalance test lost 65 events here and 535 in a CI run), and the fetcher's `KeyError` that
+        `BatchConsumer._drain_messages` retries came from the same race.
+        """
+        thread = self._thread
+        await thread.call_thread(thread.seek, partition, offset)
 
     async def settle_before(self, tp: TP, offset: int) -> None:
         """Let commits pass every offset below `offset`: the caller holds them as done (the position guard's
@@ -170,8 +183,7 @@ class BatchConsumer(GapSafeOffsets, aiokafka_driver.Consumer):
         Why: the put waits whenever the stream is behind (a full queue, flow control), and meanwhile the agent can
         seek `tp` back (the position guard over a hole). Setting the read offset to this batch's end after such a
         seek (as upstream's loop does) made the drain loop drop every re-fetched record below it as already read:
-        the hole the seek was meant to fill stayed open, and after the guard's retries its events were given up (the
-        likely path of 535 events lost in a CI run when a second tokenizer joined and left under load).
+        the hole the seek was meant to fill stayed open until the guard sought again.
         """
         sought = (self._seek_rounds, self._seeks[tp])
         await self.wait_first(self._deliver_batch(queue, messages), self.suspend_flow.wait())

@@ -181,3 +181,32 @@ def test_a_seek_while_a_batch_waits_to_be_queued_is_not_undone():
         assert [[m.offset for m in b] for b in (queue.get_nowait() for _ in range(4))] == [[20, 21], [22, 23], [7], [8]]
 
     asyncio.run(scenario())
+
+
+def test_seeks_run_on_the_consumer_thread():
+    """aiokafka lives on the consumer thread's event loop; a seek made from the agent's thread (upstream) edited its
+    fetcher from outside and the worker stopped fetching (a rebalance test lost 65 events, a CI run 535)."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.fast_consumer import GapSafeOffsets
+
+    calls = []
+
+    class Thread:
+        def seek(self, tp, offset):
+            calls.append(("seek", tp, offset, threading.current_thread().name))
+
+        async def call_thread(self, fun, *args):
+            result = []
+            worker = threading.Thread(target=lambda: result.append(fun(*args)), name="consumer-thread")
+            worker.start()
+            worker.join()
+            return result[0]
+
+    consumer = SimpleNamespace(_thread=Thread())
+    asyncio.run(GapSafeOffsets._seek(consumer, TP("events", 2), 41))
+    assert calls == [("seek", TP("events", 2), 41, "consumer-thread")]
