@@ -55,28 +55,47 @@ def utc_us(local: dt.datetime, timezone: str) -> int:
     return int(aware.timestamp() * 1_000_000)
 
 
-def insert_as_of(table: pa.Table, as_of_us: np.ndarray, gap_token) -> pa.Table:
-    """Sequences (user_id, input_ids starting with [BOS], ..., last_event_ts) with the as-of token inserted after
-    [BOS]; `as_of_us` (N,) the prediction time of each row (UTC us), `gap_token(gap_us) -> ids` the temporal field's
-    gap token for each gap. Rows must hold at most the model's context - 1 tokens for the result to fit."""
+def insert_as_of(table: pa.Table, as_of_us: np.ndarray, gap_token, first_us: np.ndarray | None = None) -> pa.Table:
+    """Sequences (user_id, input_ids starting with [BOS], ..., n_events, last_event_ts) with the as-of token inserted
+    after [BOS]; `as_of_us` (N,) the prediction time of each row (UTC us), `gap_token(gap_us) -> ids` the temporal
+    field's gap token for each gap.
+
+    With `first_us` (N,), the time of each row's first event ever (UTC us), two **history tokens** follow it, in the
+    same gap bins: the tenure (prediction time - first event) and the mean time between the user's events over the
+    whole history ((newest - first) / (n_events - 1), 0 for one event). They say what a window cut to its newest
+    events hides and the aggregates see: how long and how often the user has been active.
+    Rows must hold at most the model's context - 1 (- 2 with history tokens) tokens for the result to fit."""
+    last = table.column("last_event_ts").cast(pa.int64()).to_numpy()
+    as_of_us = np.asarray(as_of_us, np.int64)
+    gap = as_of_us - last
+    if np.any(gap < 0):
+        raise DomaintokError("as-of token: an event after the prediction time reached the inputs")
+    gaps = [gap]
+    if first_us is not None:
+        first_us = np.asarray(first_us, np.int64)
+        if np.any(first_us > last):
+            raise DomaintokError("history tokens: a user's first event is after its newest one")
+        n_events = table.column("n_events").cast(pa.int64()).to_numpy()
+        gaps += [as_of_us - first_us, (last - first_us) // np.maximum(n_events - 1, 1)]
+    return insert_after_bos(table, np.stack([np.asarray(gap_token(g)) for g in gaps], axis=1))
+
+
+def insert_after_bos(table: pa.Table, tokens: np.ndarray) -> pa.Table:
+    """`table` with each row's `tokens` (N, k) inserted into its input_ids right after [BOS]."""
     lists = table.column("input_ids").combine_chunks()
     offsets = lists.offsets.to_numpy()
     values = lists.values.to_numpy(zero_copy_only=False)
     lengths = np.diff(offsets)
     if np.any(lengths == 0):
         raise DomaintokError("as-of token: a user has an empty input_ids list")
-    last = table.column("last_event_ts").cast(pa.int64()).to_numpy()
-    gap = np.asarray(as_of_us, np.int64) - last
-    if np.any(gap < 0):
-        raise DomaintokError("as-of token: an event after the prediction time reached the inputs")
-    tokens = np.asarray(gap_token(gap), values.dtype)
-    out = np.empty(len(values) + len(lengths), values.dtype)
-    new_offsets = offsets + np.arange(len(offsets))
-    # each row: [BOS], the as-of token, the rest
-    position = np.arange(len(values)) + np.repeat(np.arange(len(lengths)), lengths) + (
-        np.arange(len(values)) - np.repeat(offsets[:-1], lengths) > 0)
-    out[position] = values
-    out[new_offsets[:-1] + 1] = tokens
+    k = tokens.shape[1]
+    out = np.empty(len(values) + k * len(lengths), values.dtype)
+    new_offsets = offsets + k * np.arange(len(offsets))
+    # each row: [BOS], the k tokens, the rest
+    within = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+    out[np.arange(len(values)) + k * np.repeat(np.arange(len(lengths)), lengths) + k * (within > 0)] = values
+    for j in range(k):
+        out[new_offsets[:-1] + 1 + j] = tokens[:, j]
     ids = pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), pa.array(out))
     i = table.schema.get_field_index("input_ids")
     return table.set_column(i, table.schema.field(i), ids.cast(table.schema.field(i).type))

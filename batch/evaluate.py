@@ -128,7 +128,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 5, "batch_size": 16, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 300, "max_users": 400, "lightgbm_rounds": 200, "lightgbm_grid": False, "bootstrap": 200,
-        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
+        "as_of_token": False, "history_tokens": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
         # A 36k-parameter model gains nothing from a second thread, and loses much when the cores are shared.
         "torch_threads": 1,
     },
@@ -142,7 +142,7 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
         "finetune_sequence": {"epochs": 5, "batch_size": 32, "evals_per_epoch": 2, "patience": 2},
         "finetune_tabular": {"epochs": 30, "batch_size": 32, "evals_per_epoch": 1, "patience": 5},
         "domain_bpe_vocab": 2000, "max_users": None, "lightgbm_rounds": 2000, "lightgbm_grid": False, "bootstrap": 1000,
-        "as_of_token": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
+        "as_of_token": False, "history_tokens": False, "extra_cutoffs": 0, "extra_cutoff_days": None,
         "torch_threads": None,  # torch's default (one per core)
     },
 }
@@ -172,6 +172,7 @@ class EvaluateSettings:
     threads: int | None = None
     lightgbm_grid: bool | None = None
     as_of_token: bool | None = None
+    history_tokens: bool | None = None
     extra_cutoffs: int | None = None
     extra_cutoff_days: int | None = None
     progress: bool = True
@@ -198,7 +199,7 @@ class EvaluateSettings:
             p["torch_threads"] = self.threads
         if self.lightgbm_grid is not None:
             p["lightgbm_grid"] = self.lightgbm_grid
-        for key in ("as_of_token", "extra_cutoffs", "extra_cutoff_days"):
+        for key in ("as_of_token", "history_tokens", "extra_cutoffs", "extra_cutoff_days"):
             if getattr(self, key) is not None:
                 p[key] = getattr(self, key)
         return p
@@ -436,6 +437,8 @@ class _AsOf:
     timezone: str
     token: bool
     extra: list = field(default_factory=list)  # [(as_of, events parquet, users with enough events before it)]
+    history: bool = False  # the history tokens after the as-of token
+    first_us: dict = field(default_factory=dict)  # user -> first event (UTC us), with history tokens
 
     def us(self, as_of) -> int:
         return as_of_mod.utc_us(as_of, self.timezone)
@@ -456,7 +459,8 @@ def _domain_sequences(tok, events_all: Path, fold: _Fold, users: list[str], time
     """Every population user's newest window at the cutoff (`at_cutoff` when already tokenized at this length),
     then the extra cutoffs' train examples; with `as_of_token`, windows one token shorter with the token after
     [BOS]."""
-    length = context - 1 if as_of_token else context
+    history = as_of_token and times.history
+    length = context - (1 + 2 * history) if as_of_token else context
     gap_token = as_of_mod.gap_token_function(tok) if as_of_token else None
     parts = []
     for as_of, path, eligible in [(times.cutoff, events_all, None), *times.extra]:
@@ -464,7 +468,11 @@ def _domain_sequences(tok, events_all: Path, fold: _Fold, users: list[str], time
         if eligible is not None:
             table = _extra_sequences(table, fold, users, as_of, eligible)
         if as_of_token:
-            table = as_of_mod.insert_as_of(table, np.full(table.num_rows, times.us(as_of)), gap_token)
+            first = None
+            if history:  # a tagged example's first event is its user's (it has events before its own cutoff)
+                first = np.array([times.first_us[u.partition(as_of_mod.SEPARATOR)[0]]
+                                  for u in table.column("user_id").to_pylist()], np.int64)
+            table = as_of_mod.insert_as_of(table, np.full(table.num_rows, times.us(as_of)), gap_token, first)
         parts.append(table)
     return pa.concat_tables(parts)
 
@@ -704,7 +712,11 @@ def _prepare_inputs(s: EvaluateSettings, p: dict, spec: TasksFile, schema, work:
         features = join_extra_features(features, Path(s.features))
     events_all = work / "events_inputs.parquet"
     n_events = _write_events(con, events_all, raw_column_names(schema), spec.cutoff, None)
-    times = _AsOf(spec.cutoff, schema.timezone, bool(p["as_of_token"]))
+    times = _AsOf(spec.cutoff, schema.timezone, bool(p["as_of_token"]), history=bool(p["history_tokens"]))
+    if times.history:
+        times.first_us = dict(con.sql(
+            f"SELECT {USER}, epoch_us(min({TS})) FROM {EVENTS_TABLE} WHERE {TS} < $cutoff GROUP BY {USER}",
+            params={"cutoff": spec.cutoff}).fetchall())
     extra_features = []
     for k, as_of in enumerate(cutoffs, start=1):
         at = aggregate_features(con, schema, as_of, s.windows)
@@ -734,6 +746,10 @@ def _prediction_times(s: EvaluateSettings, p: dict, spec: TasksFile, schema) -> 
                                  "whose gap tokens it uses")
         s.log("as-of token off: the schema has no temporal field with time_since_previous: true")
         p["as_of_token"] = False
+    if p["history_tokens"] and not p["as_of_token"]:
+        if s.history_tokens:
+            raise DomaintokError("--history-tokens: they follow the as-of token; give --as-of-token too")
+        p["history_tokens"] = False
     if not p["extra_cutoffs"]:
         return []
     file_tasks = [t.name for t in spec.tasks if not isinstance(t.label, EventsLabel)]
@@ -908,6 +924,9 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--as-of-token/--no-as-of-token", default=None,
               help="Fine-tuned domain models read, after [BOS], the gap from the user's newest event to the prediction "
                    "time (the schema's gap tokens); preset: off.")
+@click.option("--history-tokens/--no-history-tokens", default=None,
+              help="With --as-of-token: two more tokens after it, the user's tenure and mean time between events "
+                   "over the whole history (the same gap tokens); preset: off.")
 @click.option("--extra-cutoffs", type=click.IntRange(min=0), default=None,
               help="More train examples: train users again at K earlier cutoffs (their own labels and aggregates); "
                    "preset: 0.")
@@ -915,8 +934,8 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Days between those cutoffs (default: the longest task horizon, its minimum).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
-            context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, extra_cutoffs,
-            extra_cutoff_days, seed):
+            context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, history_tokens,
+            extra_cutoffs, extra_cutoff_days, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -931,7 +950,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
         methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
         max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling,
         bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, as_of_token=as_of_token,
-        extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days, seed=seed,
+        history_tokens=history_tokens, extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

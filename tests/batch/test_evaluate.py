@@ -357,6 +357,12 @@ def test_as_of_token_goes_after_bos_and_extra_cutoffs_close_before_the_cutoff():
     assert out.schema == table.schema
     with pytest.raises(DomaintokError, match="after the prediction time"):
         as_of.insert_as_of(table, np.array([100, 5]), lambda gap: gap)
+    # history tokens: tenure (as of - first event) and mean gap ((newest - first) / (n_events - 1), 0 for one event)
+    several = table.set_column(2, "n_events", pa.array([3, 1]))
+    out = as_of.insert_as_of(several, np.array([100, 20]), lambda gap: gap + 1000, first_us=np.array([-40, 10]))
+    assert out.column("input_ids").to_pylist() == [[1, 1100, 1140, 1020, 5, 6, 2], [1, 1010, 1010, 1000, 7, 2]]
+    with pytest.raises(DomaintokError, match="first event is after its newest"):
+        as_of.insert_as_of(several, np.array([100, 20]), lambda gap: gap, first_us=np.array([5, 10]))
     assert as_of.tagged_users(table, dt.datetime(2024, 1, 31)).column("user_id").to_pylist() == [
         "a@2024-01-31", "b@2024-01-31"]
     cutoff = dt.datetime(2024, 3, 1)
@@ -388,8 +394,9 @@ def test_extra_cutoffs_and_as_of_token_end_to_end(tmp_path):
     report = ev.run_evaluation(ev.EvaluateSettings(
         schema=schema, events=(events,), tasks=tasks, output=out, preset="quick",
         methods=("lightgbm_emb", "text_bpe", "domain", "domain_fusion"), max_steps=2, bootstrap=20, progress=False,
-        as_of_token=True, extra_cutoffs=2, extra_cutoff_days=30, log=lambda m: None))
+        as_of_token=True, history_tokens=True, extra_cutoffs=2, extra_cutoff_days=30, log=lambda m: None))
     assert report["settings"]["extra_cutoffs"] == 2 and report["settings"]["as_of_token"] is True
+    assert report["settings"]["history_tokens"] is True
     fold = out / "work" / "fold0"
     times = [CUTOFF - dt.timedelta(days=30), CUTOFF - dt.timedelta(days=60)]
     tags = {f"@{t:%Y-%m-%d}": t for t in times}
@@ -415,8 +422,8 @@ def test_extra_cutoffs_and_as_of_token_end_to_end(tmp_path):
         assert features[user_tag]["event_count"] == sum(ts < t for ts, _ in mine)
     # users of the real cutoff keep their split and labels
     assert {u: s for u, s in zip(labels["user_id"], labels["split"]) if "@" not in u} == split_of
-    # the fine-tuning sequences: [BOS], the as-of token, whole events within the context; frozen embeddings read
-    # the sequences without it
+    # the fine-tuning sequences: [BOS], the as-of token, the history tokens (tenure, mean time between events), whole
+    # events within the context; frozen embeddings read the sequences without them
     tok = DomainTokenizer.from_pretrained(fold / "domain_tokenizer")
     gap_token = gap_token_function(tok)
     context = report["settings"]["pretrain"]["context_length"]
@@ -431,8 +438,13 @@ def test_extra_cutoffs_and_as_of_token_end_to_end(tmp_path):
         assert last_us < as_of_us
         ids = row["input_ids"]
         assert len(ids) <= context and ids[0] == plain[row["user_id"]]["input_ids"][0]
-        assert ids[1] == int(gap_token(np.array([as_of_us - last_us]))[0])
-        assert ids[2:] == plain[row["user_id"]]["input_ids"][-(len(ids) - 2):]
+        first_us = min(utc_us(ts, "UTC") for c, ts in zip(ev_table["customer"], ev_table["ts"])
+                       if c == row["user_id"].partition("@")[0])
+        mean_gap = (last_us - first_us) // max(row["n_events"] - 1, 1)
+        assert row["n_events"] == sum(c == row["user_id"].partition("@")[0] and utc_us(ts, "UTC") < as_of_us
+                                      for c, ts in zip(ev_table["customer"], ev_table["ts"]))
+        assert ids[1:4] == [int(t) for t in gap_token(np.array([as_of_us - last_us, as_of_us - first_us, mean_gap]))]
+        assert ids[4:] == plain[row["user_id"]]["input_ids"][-(len(ids) - 4):]
     assert "@" in "".join(pq.read_table(fold / "text_sequences.parquet").column("user_id").to_pylist())
     # pretraining never reads an extra example
     assert not any("@" in u for u in pq.read_table(fold / "domain_pretrain.parquet").column("user_id").to_pylist())
@@ -453,6 +465,8 @@ def test_extra_cutoffs_refuse_file_labels_and_gaps_shorter_than_the_horizon(tmp_
         run(events_only, extra_cutoff_days=10)
     with pytest.raises(DomaintokError, match="--as-of-token: the schema has no temporal field with time_since_prev"):
         run(events_only, as_of_token=True)  # the toy schema's date field emits no gap tokens
+    with pytest.raises(DomaintokError, match="--history-tokens: they follow the as-of token"):
+        run(events_only, history_tokens=True)
 
 
 def yaml_load(path):
