@@ -121,7 +121,7 @@ class TokenizeWorker:
         """The offset of the first record at or after `offset` in `partition` of the events topic, as the broker
         has it now (None when it cannot tell within a few seconds): the position guard's check that a hole is
         absent from the log before giving its offsets up. A short-lived consumer outside the group (assign, no
-        commits); holes are rare, so its ~0.1 s is too."""
+        commits), about 0.1 s, asked only of a hole that outlived a seek."""
         from confluent_kafka import Consumer, TopicPartition
 
         # read_uncommitted as aiokafka's default: the records Faust's consumer would deliver

@@ -95,8 +95,8 @@ class GapSafeOffsets:
         Why: upstream calls aiokafka's `seek` straight from the agent's thread. That edits the fetcher's record map and
         completes a future of the consumer thread's event loop (uvloop) from outside it, neither of which is thread
         safe: after the position guard sought three partitions at once, the worker fetched nothing more for minutes
-        (a rebalance test lost 65 events here and 535 in a CI run), and the fetcher's `KeyError` that
-        `BatchConsumer._drain_messages` retries came from the same race.
+        (the rebalance fault test lost 65 events so under CPU load, and 535 in a CI run). The fetcher's `KeyError`
+        that `BatchConsumer._drain_messages` retries most likely came from the same race.
         """
         thread = self._thread
         await thread.call_thread(thread.seek, partition, offset)
