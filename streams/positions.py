@@ -123,12 +123,12 @@ class PositionGuard:
             return False  # events fetched before the seek are still draining
         if self.first_offset is not None:
             first = self.first_offset(p, nxt)
-            if first is not None and first >= got:  # nothing in nxt..got-1 exists on the broker
-                del self._seeks[p]
-                out.accepted_holes.append((p, nxt, got - 1))
-                return True
-            out.present_holes.append((p, nxt, got - 1))
-        elif seek.count >= self.max_seeks:
+            absent = first is not None and first >= got  # nothing in nxt..got-1 exists on the broker
+            if not absent:
+                out.present_holes.append((p, nxt, got - 1))
+        else:
+            absent = seek.count >= self.max_seeks
+        if absent:
             del self._seeks[p]
             out.accepted_holes.append((p, nxt, got - 1))
             return True
