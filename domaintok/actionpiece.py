@@ -42,6 +42,7 @@ _ROW_CHUNK = 1 << 14  # rows per block when all pairs of many events are listed 
 _BATCH = 1 << 12  # pairs taken in as candidates per lowering of the candidate floor
 _DENSE_PAIRS = 1 << 26  # most pairs of distinct ids for which training finds the distinct pairs through a table
 _DENSE_LOOKUP = 1 << 24  # largest id for which segmentation maps ids through a dense table (else searchsorted)
+_DEDUPE_SAMPLE = 1 << 15  # rows sampled to decide whether segmentation deduplicates events first
 _ROUNDS_PER_MERGE = 4  # segmentation takes rounds over rows (not a sweep over merges) below merges / this rows
 
 Pair = tuple[int, int]
@@ -647,6 +648,15 @@ def distinct_rows(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[order], rank[inverse.reshape(-1)]
 
 
+def _few_repeats(mat: np.ndarray) -> bool:
+    """Whether at least 90% of the rows of an evenly strided sample (2**15 rows) are distinct. A matrix repeats its
+    rows at least as often as such a sample of it does, so where this is False deduplication pays off."""
+    if len(mat) <= _DEDUPE_SAMPLE:
+        return False
+    sample = mat[:: len(mat) // _DEDUPE_SAMPLE]
+    return len(distinct_rows(sample)[0]) >= 0.9 * len(sample)
+
+
 def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
     """Codes 0..k-1 of a column's distinct values, in value order, and k."""
     values = values.astype(np.int64, copy=False)
@@ -772,12 +782,14 @@ class ActionPiece:
         token -> cells index and looks its other operand up in that row, so the work follows the merges that apply.
         """
         rows = mat = self._input(events, "actionpiece segment")
-        inverse = None
+        first = inverse = None
         if self.n_merges and mat.size:
             # a row's segmentation depends on its ids alone, and events repeat (one basket's lines share the date
-            # and country tokens, the same product recurs): segment each distinct row once
-            first, inverse = distinct_rows(mat)
-            rows = mat[first]
+            # and country tokens, the same product recurs): segment each distinct row once (finding them costs
+            # about a quarter of a sweep over all rows, so not where nearly all rows are distinct)
+            if not _few_repeats(mat):
+                first, inverse = distinct_rows(mat)
+                rows = mat[first]
             if len(rows) * _ROUNDS_PER_MERGE < self.n_merges:
                 self._segment_rounds(rows)
             else:
@@ -788,12 +800,25 @@ class ActionPiece:
 
     def _segment_sweep(self, mat: np.ndarray, origin: np.ndarray | None = None) -> None:
         """Every merge once, in rank order, over all rows (in place): the cost follows the rows each merge touches,
-        plus a few microseconds per merge. `origin`: the event number of each row, for errors."""
+        plus a few microseconds per merge. `origin`: the event number of each row, for errors.
+
+        Field encoders put a field's tokens in fixed cells, so an id usually sits in one column of every row that
+        holds it (its home); a merge of two such ids finds the partner of each of its rarer operand's cells at a
+        fixed offset in the same row. A merge with an id seen in several columns looks the partner up by binary
+        search in the other operand's cell list instead."""
         flat, width = mat.reshape(-1), mat.shape[1]
-        cells = self._operand_cells(flat, width, origin)
+        cells, home = self._operand_cells(flat, width, origin)
         for r, (a, b) in enumerate(self.merges):
-            if a != b:
-                _sweep_merge(flat, width, cells, (a, b, self.base + r), bool(self._reused[r]))
+            if a == b:
+                continue
+            c, keep_new = self.base + r, bool(self._reused[r])
+            ha, hb = home.get(a), home.get(b)
+            if ha is not None and hb is not None:
+                _column_merge(flat, cells, (a, b, c), hb - ha, keep_new)
+            else:
+                _sweep_merge(flat, width, cells, (a, b, c), keep_new)
+            if keep_new and ha is not None:
+                home[c] = ha  # c only ever takes a's cells
 
     def _segment_rounds(self, mat: np.ndarray) -> None:
         """Rounds over all rows at once (in place): each row applies its present merge of lowest rank, looked up
@@ -812,28 +837,42 @@ class ActionPiece:
             rows[picked, i[at]], rows[picked, j[at]] = self.base + best, 0
             mat[active] = rows
 
-    def _operand_cells(self, flat: np.ndarray, width: int, origin: np.ndarray | None = None) -> dict[int, np.ndarray]:
-        """For each original id that some merge uses: its cells (flat indices, ascending) in the matrix."""
-        index = self._operand_index(flat)
+    def _operand_cells(self, flat: np.ndarray, width: int, origin: np.ndarray | None = None
+                       ) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+        """For each original id that some merge uses: its cells (flat indices, ascending) in the matrix; and for
+        those of them found in one column only, that column (its home)."""
+        index = self._operand_index(flat).reshape(-1, width)
         n_ops = len(self._originals)
-        counts = np.bincount(index, minlength=n_ops + 1)[:n_ops]
-        # the argsort of all cells by operand (ids no merge uses sort last) is the grouping itself: stable, so
-        # cells stay ascending within an operand, and 16-bit keys get numpy's radix sort
-        cells = np.argsort(index, kind="stable")[: int(counts.sum())]
-        cells = cells.astype(np.int32) if flat.size < MAX_ID else cells
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        rows = cells // width
-        same = rows[1:] == rows[:-1]
-        starts = bounds[1:-1]
-        same[starts[(starts > 0) & (starts < len(cells))] - 1] = False  # the next cell is another operand's
-        if same.any():
-            at = int(np.argmax(same))
-            event = int(rows[at]) if origin is None else int(origin[rows[at]])
-            raise DomaintokError(f"actionpiece segment: event {event} has id {int(flat[cells[at]])} twice; "
-                                 "the ids of an event must be distinct")
-        bounds = bounds.tolist()
-        return {t: cells[lo:hi] for t, lo, hi in zip(self._originals.tolist(), bounds, bounds[1:], strict=False)
-                if hi > lo}
+        cell_type = np.int32 if flat.size < MAX_ID else np.int64
+        pieces: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for k in range(width):
+            column = index[:, k]
+            counts = np.bincount(column, minlength=n_ops + 1)[:n_ops]
+            present = np.flatnonzero(counts)
+            if not present.size:
+                continue
+            # the argsort of the column's rows by operand (ids no merge uses sort last) is the grouping itself:
+            # stable, so rows stay ascending within an operand, and 16-bit keys get numpy's radix sort
+            rows = np.argsort(column, kind="stable")[: int(counts.sum())]
+            cells = rows.astype(cell_type) * width + k
+            bounds = np.concatenate([[0], np.cumsum(counts[present])]).tolist()
+            for t, lo, hi in zip(self._originals[present].tolist(), bounds, bounds[1:], strict=False):
+                pieces.setdefault(t, []).append((k, cells[lo:hi]))
+        cells_of: dict[int, np.ndarray] = {}
+        home: dict[int, int] = {}
+        for t, parts in pieces.items():
+            if len(parts) == 1:  # in one column: a row holds it at most once
+                home[t], cells_of[t] = parts[0]
+                continue
+            cells_of[t] = both = np.sort(np.concatenate([cells for _, cells in parts]))
+            rows = both // width
+            same = np.flatnonzero(rows[1:] == rows[:-1])
+            if same.size:
+                row = int(rows[same[0]])
+                event = row if origin is None else int(origin[row])
+                raise DomaintokError(f"actionpiece segment: event {event} has id {t} twice; "
+                                     "the ids of an event must be distinct")
+        return cells_of, home
 
     def _operand_index(self, flat: np.ndarray) -> np.ndarray:
         """Position of each id among the original operand ids; len(originals) for ids no merge uses."""
@@ -945,6 +984,26 @@ def _sweep_merge(flat: np.ndarray, width: int, cells: dict[int, np.ndarray], mer
     found = long[np.minimum(np.searchsorted(long, start), len(long) - 1)]
     hit = (found >= start) & (found < start + width) & (flat[found] == l_id)
     a_cells, b_cells = (short[hit], found[hit]) if s_id == a else (found[hit], short[hit])
+    flat[a_cells] = c
+    flat[b_cells] = 0
+    if keep_new:
+        cells[c] = a_cells
+
+
+def _column_merge(flat: np.ndarray, cells: dict[int, np.ndarray], merge: tuple[int, int, int], offset: int,
+                  keep_new: bool) -> None:
+    """`_sweep_merge` for two ids that each keep to one column: b's cell in a row is a's cell + `offset`, so each
+    of the rarer operand's live cells checks its partner cell directly (no search in the other list)."""
+    a, b, c = merge
+    la, lb = cells.get(a), cells.get(b)
+    if la is None or lb is None:
+        return
+    short, s_id, l_id, shift = (la, a, b, offset) if len(la) <= len(lb) else (lb, b, a, -offset)
+    live = flat[short] == s_id
+    hit = live & (flat[short + shift] == l_id)
+    cells[s_id] = short[live & ~hit]  # drop the stale cells and the ones merged now
+    s_cells = short[hit]
+    a_cells, b_cells = (s_cells, s_cells + offset) if s_id == a else (s_cells - offset, s_cells)
     flat[a_cells] = c
     flat[b_cells] = 0
     if keep_new:

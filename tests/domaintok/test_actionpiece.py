@@ -287,12 +287,59 @@ def test_segment_equals_the_reference_on_a_larger_corpus(monkeypatch, route):
     if route == "sweep, searchsorted":
         monkeypatch.setattr("domaintok.actionpiece._DENSE_LOOKUP", 0)
     # a batch with fewer rows than merges / _ROUNDS_PER_MERGE takes rounds (the online path's small batches)
-    monkeypatch.setattr("domaintok.actionpiece._ROUNDS_PER_MERGE", 10**9 if route == "rounds" else 0)
+    # (rounds where rows * _ROUNDS_PER_MERGE < merges: 0 forces them, a huge value forces the sweep)
+    monkeypatch.setattr("domaintok.actionpiece._ROUNDS_PER_MERGE", 0 if route == "rounds" else 10**9)
     mat = rng.permuted(corpus(3000), axis=1).astype(np.int32)
     seg = model.segment(mat)[0]
     assert seg.dtype == np.int32
     assert _rows(seg) == [reference_segment(model, row) for row in mat]
     assert [model.decode(row) for row in seg] == [model.decode(row) for row in mat]
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_segment_of_field_columns_equals_the_reference(monkeypatch, dedupe):
+    """A tokenizer's matrix keeps each field's ids in fixed columns: a merge of two such ids finds its partner at a
+    fixed offset in the row. Two columns here share one id range, so their ids are seen in both columns and their
+    merges take the binary search; every route must give the per-event reference, deduplicated or not."""
+    import domaintok.actionpiece as module
+
+    rng = np.random.default_rng(5)
+
+    def corpus(n):
+        mat = np.stack([np.minimum(rng.zipf(1.5, n), 8) + 10 * k for k in range(5)], axis=1)  # column k: 10k+1..
+        first = rng.integers(60, 66, n)
+        second = 60 + (first - 60 + rng.integers(1, 6, n)) % 6  # another id of the shared range 60..65
+        mat = np.concatenate([mat, np.stack([first, second], axis=1)], axis=1)
+        mat[rng.random(mat.shape) < 0.2] = 0  # empty cells
+        return mat
+
+    model = fit_actionpiece(corpus(4000), base=BASE, n_merges=60)
+    assert any(b >= BASE for _, b in model.merges)
+    routes = Counter()
+    for name in ("_column_merge", "_sweep_merge"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _real=real, _name=name: (routes.update([_name]),
+                                                                                 _real(*args))[1])
+    monkeypatch.setattr(module, "_few_repeats", lambda mat: not dedupe)
+    monkeypatch.setattr(module, "_ROUNDS_PER_MERGE", 10**9)  # always the sweep
+    mat = corpus(3000).astype(np.uint16)
+    seg = model.segment(mat)[0]
+    assert routes["_column_merge"] > 0 and routes["_sweep_merge"] > 0, routes
+    assert _rows(seg) == [reference_segment(model, row) for row in mat]
+
+
+def test_few_repeats_decides_from_a_sample(monkeypatch):
+    monkeypatch.setattr("domaintok.actionpiece._DEDUPE_SAMPLE", 64)
+    distinct = np.arange(2000 * 3).reshape(2000, 3)
+    repeated = np.tile(np.arange(30 * 3).reshape(30, 3), (70, 1))
+    assert module_few_repeats(distinct) and not module_few_repeats(repeated)
+    assert not module_few_repeats(distinct[:64])  # small: always deduplicated
+
+
+def module_few_repeats(mat):
+    from domaintok.actionpiece import _few_repeats
+
+    return _few_repeats(mat)
 
 
 @FAST
