@@ -55,6 +55,12 @@ def utc_us(local: dt.datetime, timezone: str) -> int:
     return int(aware.timestamp() * 1_000_000)
 
 
+def tokens_inserted(history: bool) -> int:
+    """How many tokens `insert_as_of` puts after [BOS]: the as-of token, then the tenure and mean-gap history tokens
+    when given `first_us`. A window must be this much shorter than the model's context."""
+    return 3 if history else 1
+
+
 def insert_as_of(table: pa.Table, as_of_us: np.ndarray, gap_token, first_us: np.ndarray | None = None) -> pa.Table:
     """Sequences (user_id, input_ids starting with [BOS], ..., n_events, last_event_ts) with the as-of token inserted
     after [BOS]; `as_of_us` (N,) the prediction time of each row (UTC us), `gap_token(gap_us) -> ids` the temporal
@@ -64,7 +70,7 @@ def insert_as_of(table: pa.Table, as_of_us: np.ndarray, gap_token, first_us: np.
     same gap bins: the tenure (prediction time - first event) and the mean time between the user's events over the
     whole history ((newest - first) / (n_events - 1), 0 for one event). They say what a window cut to its newest
     events hides and the aggregates see: how long and how often the user has been active.
-    Rows must hold at most the model's context - 1 (- 2 with history tokens) tokens for the result to fit."""
+    Rows must hold at most the model's context - `tokens_inserted(first_us is not None)` tokens to fit."""
     last = table.column("last_event_ts").cast(pa.int64()).to_numpy()
     as_of_us = np.asarray(as_of_us, np.int64)
     gap = as_of_us - last
@@ -77,6 +83,7 @@ def insert_as_of(table: pa.Table, as_of_us: np.ndarray, gap_token, first_us: np.
             raise DomaintokError("history tokens: a user's first event is after its newest one")
         n_events = table.column("n_events").cast(pa.int64()).to_numpy()
         gaps += [as_of_us - first_us, (last - first_us) // np.maximum(n_events - 1, 1)]
+    assert len(gaps) == tokens_inserted(first_us is not None)
     return insert_after_bos(table, np.stack([np.asarray(gap_token(g)) for g in gaps], axis=1))
 
 
@@ -101,13 +108,18 @@ def insert_after_bos(table: pa.Table, tokens: np.ndarray) -> pa.Table:
     return table.set_column(i, table.schema.field(i), ids.cast(table.schema.field(i).type))
 
 
-def gap_token_function(tokenizer):
-    """`gap_us -> token ids` of the tokenizer's first temporal field that emits gap tokens; an error when none does."""
-    from domaintok.fields import TemporalEncoder
+NO_GAP_TOKENS = "the schema has no temporal field with time_since_previous: true, whose gap tokens it uses"
 
-    for enc in tokenizer.encoders:
-        if isinstance(enc, TemporalEncoder) and enc.params.time_since_previous:
-            first = enc.gap_first_id
-            return lambda gap_us: first + enc.gap_bins(np.asarray(gap_us, np.int64))
-    raise DomaintokError("as-of token: the schema has no temporal field with time_since_previous: true, whose gap "
-                         "tokens it uses")
+
+def emits_gap_tokens(spec) -> bool:
+    """Whether a schema field has the gap tokens the as-of and history tokens are made of."""
+    return spec.type == "temporal" and bool(spec.typed_params().time_since_previous)
+
+
+def gap_token_function(tokenizer):
+    """`gap_us -> token ids` of the tokenizer's first field that emits gap tokens; an error when none does."""
+    enc = next((enc for enc in tokenizer.encoders if emits_gap_tokens(enc.spec)), None)
+    if enc is None:
+        raise DomaintokError(f"as-of token: {NO_GAP_TOKENS}")
+    first = enc.gap_first_id
+    return lambda gap_us: first + enc.gap_bins(np.asarray(gap_us, np.int64))

@@ -24,4 +24,14 @@ def beside(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoints")
 
 
-__all__ = ["checked_checkpoint_dir", "beside"]
+class CheckpointDirs:
+    """For a job's settings with `output` and `checkpoint_dir` (None: beside the output) fields."""
+
+    output: Path
+    checkpoint_dir: Path | None
+
+    def resolved_checkpoint_dir(self) -> Path:
+        return self.checkpoint_dir or beside(self.output)
+
+
+__all__ = ["CheckpointDirs", "checked_checkpoint_dir", "beside"]

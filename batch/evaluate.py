@@ -460,7 +460,7 @@ def _domain_sequences(tok, events_all: Path, fold: _Fold, users: list[str], time
     then the extra cutoffs' train examples; with `as_of_token`, windows one token shorter with the token after
     [BOS]."""
     history = as_of_token and times.history
-    length = context - (1 + 2 * history) if as_of_token else context
+    length = context - as_of_mod.tokens_inserted(history) if as_of_token else context
     gap_token = as_of_mod.gap_token_function(tok) if as_of_token else None
     parts = []
     for as_of, path, eligible in [(times.cutoff, events_all, None), *times.extra]:
@@ -739,12 +739,10 @@ def _prediction_times(s: EvaluateSettings, p: dict, spec: TasksFile, schema) -> 
     applies where it can and says why not elsewhere: the as-of token needs a temporal field with gap tokens, extra
     cutoffs need every task's labels from events (a label file holds them at the real cutoff only) and no
     `--features` (a user's columns describe the real cutoff)."""
-    gap_fields = [f.name for f in schema.fields if f.type == "temporal" and f.typed_params().time_since_previous]
-    if p["as_of_token"] and not gap_fields:
+    if p["as_of_token"] and not any(as_of_mod.emits_gap_tokens(f) for f in schema.fields):
         if s.as_of_token:
-            raise DomaintokError("--as-of-token: the schema has no temporal field with time_since_previous: true, "
-                                 "whose gap tokens it uses")
-        s.log("as-of token off: the schema has no temporal field with time_since_previous: true")
+            raise DomaintokError(f"--as-of-token: {as_of_mod.NO_GAP_TOKENS}")
+        s.log(f"as-of token off: {as_of_mod.NO_GAP_TOKENS}")
         p["as_of_token"] = False
     if p["history_tokens"] and not p["as_of_token"]:
         if s.history_tokens:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch.checkpoints import CheckpointDirs, checked_checkpoint_dir
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from batch.sequence_files import parquet_files
 from domaintok.artifacts import atomic_dir
@@ -403,7 +404,7 @@ def join_process_group(device_type: str) -> Ranks:
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(CheckpointDirs):
     """Every knob of a fine-tuning run (the CLI's options).
 
     Early stopping counts evaluations (`evals_per_epoch` per epoch): a stage stops at the first evaluation after
@@ -463,11 +464,6 @@ class FinetuneSettings:
     checkpoint_dir: Path | None = None  # default: <output>.checkpoints beside the output
     resume: bool = False
     keep_checkpoints: bool = False  # removed once the output is written, unless kept
-
-    def resolved_checkpoint_dir(self) -> Path:
-        from batch.checkpoints import beside
-
-        return self.checkpoint_dir or beside(self.output)
 
 
 def _targets(task: str, labels: pa.ChunkedArray, label_column: str) -> tuple[np.ndarray, list[str]]:
@@ -647,7 +643,6 @@ def finetune(settings: FinetuneSettings) -> dict:
     from domaintok.models.embedding import load_encoder
     from domaintok.models.fusion import encode_tabular, fit_tabular_stats
 
-    from batch.checkpoints import checked_checkpoint_dir
     from batch.finetune_trainer import FusionRun
 
     s = settings

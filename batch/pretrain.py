@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from batch.checkpoints import checked_checkpoint_dir
+from batch.checkpoints import CheckpointDirs, checked_checkpoint_dir
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
 from domaintok.artifacts import atomic_dir
 from domaintok.errors import ArtifactError, DomaintokError
@@ -95,7 +95,7 @@ def copy_tokenizer_files(tokenizer_dir: Path, model_dir: Path) -> list[str]:
 
 
 @dataclass
-class PretrainSettings:
+class PretrainSettings(CheckpointDirs):
     """Every knob of a pretraining run (the CLI's options)."""
 
     sequences: Path
@@ -130,11 +130,6 @@ class PretrainSettings:
     logging_steps: int | None = None
     eval_steps: int | None = None
     threads: int | None = None
-
-    def resolved_checkpoint_dir(self) -> Path:
-        from batch.checkpoints import beside
-
-        return self.checkpoint_dir or beside(self.output)
 
 
 def pretrain(settings: PretrainSettings) -> dict:
