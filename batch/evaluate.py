@@ -329,10 +329,21 @@ def lightgbm_predict(kind: str, table: pa.Table, columns: list[str], n_classes: 
 
 def _lightgbm_fit(kind: str, table: pa.Table, columns: list[str], n_classes: int, rounds: int, seed: int,
                   threads: int | None, overrides: dict) -> tuple[np.ndarray, dict]:
+    booster, X, y, split = lightgbm_train(kind, table, columns, n_classes, rounds, seed, threads, overrides)
+    valid, test = split == "valid", split == "test"
+    valid_pred = booster.predict(X[valid], num_iteration=booster.best_iteration)
+    info = {"best_iteration": booster.best_iteration, "valid": headline(kind, y[valid], valid_pred)}
+    return booster.predict(X[test], num_iteration=booster.best_iteration), info
+
+
+def lightgbm_train(kind: str, table: pa.Table, columns: list[str], n_classes: int, rounds: int, seed: int,
+                   threads: int | None = None, overrides: dict | None = None):
+    """The LightGBM of every `lightgbm*` row: trained on the table's train split, early-stopped on valid. Returns
+    (booster, feature matrix of every row, labels, split)."""
     import lightgbm as lgb
 
     split = table.column("split").to_numpy(zero_copy_only=False)
-    train, valid, test = split == "train", split == "valid", split == "test"
+    train, valid = split == "train", split == "valid"
     X, categorical = _matrix(table, columns, train)
     threads = threads or (1 if len(X) < 20_000 else min(8, os.cpu_count() or 1))
     y = table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -342,7 +353,7 @@ def _lightgbm_fit(kind: str, table: pa.Table, columns: list[str], n_classes: int
         "objective": objective[0], "metric": objective[1], "learning_rate": 0.03, "num_leaves": 15,
         "min_data_in_leaf": 20, "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1,
         "lambda_l2": 1.0, "num_threads": threads, "seed": seed, "verbose": -1, "deterministic": True,
-        "force_col_wise": True, **overrides,
+        "force_col_wise": True, **(overrides or {}),
     }
     if kind == "multiclass":
         params["num_class"] = n_classes
@@ -350,9 +361,7 @@ def _lightgbm_fit(kind: str, table: pa.Table, columns: list[str], n_classes: int
     valid_set = lgb.Dataset(X[valid], y[valid], reference=train_set)
     booster = lgb.train(params, train_set, num_boost_round=rounds, valid_sets=[valid_set],
                         callbacks=[lgb.early_stopping(50, verbose=False)])
-    valid_pred = booster.predict(X[valid], num_iteration=booster.best_iteration)
-    info = {"best_iteration": booster.best_iteration, "valid": headline(kind, y[valid], valid_pred)}
-    return booster.predict(X[test], num_iteration=booster.best_iteration), info
+    return booster, X, y, split
 
 
 def _attach(table: pa.Table, other: pa.Table) -> pa.Table:

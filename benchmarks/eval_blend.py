@@ -27,7 +27,10 @@ from domaintok.window import truncate_window
 def model_scores(run: Path, task: str, method: str, table) -> dict[str, float]:
     """The saved fine-tuned model's P(y=1) for every user of `table` that has a sequence."""
     model = JointFusionModel.from_pretrained(run / "work" / "fold0" / "finetuned" / f"{task}_{method}")
-    seqs = pq.read_table(run / "work" / "fold0" / "domain_sequences.parquet", columns=["user_id", "input_ids"])
+    fold = run / "work" / "fold0"
+    # the sequences the run fine-tuned on: with --as-of-token, those carrying the token after [BOS]
+    path = next(p for p in (fold / "domain_sequences_as_of.parquet", fold / "domain_sequences.parquet") if p.is_file())
+    seqs = pq.read_table(path, columns=["user_id", "input_ids"])
     table = ev._attach(table, seqs.rename_columns(["user_id", "__ids"]))
     table = table.filter(pc.is_valid(table.column("__ids")))
     sep, limit = model.transformer.config.sep_token_id, model.config.max_length
@@ -39,17 +42,7 @@ def model_scores(run: Path, task: str, method: str, table) -> dict[str, float]:
 
 def lightgbm_scores(table, columns: list[str]) -> dict[str, float]:
     """LightGBM on the aggregates as `domaintok evaluate` fits it, scoring every user (not only test)."""
-    import lightgbm as lgb
-
-    split = table.column("split").to_numpy(zero_copy_only=False)
-    X, _ = ev._matrix(table, columns, split == "train")
-    y = table.column("label").to_numpy(zero_copy_only=False).astype(float)
-    params = {"objective": "binary", "metric": "auc", "learning_rate": 0.03, "num_leaves": 15, "min_data_in_leaf": 20,
-              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0, "num_threads": 1,
-              "seed": 0, "verbose": -1, "deterministic": True, "force_col_wise": True}
-    train = lgb.Dataset(X[split == "train"], y[split == "train"])
-    valid = lgb.Dataset(X[split == "valid"], y[split == "valid"], reference=train)
-    booster = lgb.train(params, train, 2000, valid_sets=[valid], callbacks=[lgb.early_stopping(50, verbose=False)])
+    booster, X, _, _ = ev.lightgbm_train("binary", table, columns, 2, 2000, seed=0, threads=1)
     return dict(zip(table.column("user_id").to_pylist(), booster.predict(X, num_iteration=booster.best_iteration).tolist()))
 
 
