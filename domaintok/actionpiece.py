@@ -999,9 +999,9 @@ def _column_merge(flat: np.ndarray, cells: dict[int, np.ndarray], merge: tuple[i
     if la is None or lb is None:
         return
     short, s_id, l_id, shift = (la, a, b, offset) if len(la) <= len(lb) else (lb, b, a, -offset)
-    live = flat[short] == s_id
-    hit = live & (flat[short + shift] == l_id)
-    cells[s_id] = short[live & ~hit]  # drop the stale cells and the ones merged now
+    short = short[flat[short] == s_id]  # drop the stale cells
+    hit = flat[short + shift] == l_id
+    cells[s_id] = short[~hit]  # and the ones merged now
     s_cells = short[hit]
     a_cells, b_cells = (s_cells, s_cells + offset) if s_id == a else (s_cells - offset, s_cells)
     flat[a_cells] = c
