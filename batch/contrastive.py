@@ -10,6 +10,7 @@ a batch N times smaller, while causal LM is exactly the single-process loss of t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,21 +123,27 @@ class PretrainTrainer(Trainer):
     single-process value whatever the ranks.
     """
 
-    def __init__(self, *args, objective: str = "clm", coles: ColesSettings | None = None, **kwargs):
+    def __init__(self, *args, objective: str = "clm", coles: ColesSettings | None = None,
+                 train_augment: Callable[[list], list] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_augment = train_augment  # items -> items, for training batches only (e.g. ActionPiece SPR)
         self.use_clm, self.use_coles = check_objective(objective)
         self.coles = coles or ColesSettings()
         self._parts: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
     def get_train_dataloader(self):
         if not isinstance(self.train_dataset, RankBatches):
+            if self.train_augment is not None:
+                raise ValueError("train_augment needs RankBatches training data")
             return super().get_train_dataloader()
         from accelerate.data_loader import DataLoaderShard
 
         # accelerate's DataLoaderShard without a device or a sharding wrapper: it forwards set_epoch to the data
         # and `skip_first_batches` (resuming mid-epoch) keeps it one; the Trainer moves batches to the device.
+        collate, augment = self.data_collator, self.train_augment
         return DataLoaderShard(
-            self.train_dataset, batch_size=None, collate_fn=self.data_collator,
+            self.train_dataset, batch_size=None,
+            collate_fn=collate if augment is None else (lambda items: collate(augment(items))),
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
         )
 

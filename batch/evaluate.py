@@ -175,6 +175,7 @@ class EvaluateSettings:
     history_tokens: bool | None = None
     extra_cutoffs: int | None = None
     extra_cutoff_days: int | None = None
+    actionpiece_spr: bool | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -191,6 +192,8 @@ class EvaluateSettings:
             p["pretrain"]["windows"] = self.pretrain_windows
         if self.pooling is not None:
             p["pretrain"]["pooling"] = self.pooling
+        if self.actionpiece_spr is not None:
+            p["pretrain"]["actionpiece_spr"] = self.actionpiece_spr
         if self.max_users is not None:
             p["max_users"] = self.max_users
         if self.bootstrap is not None:
@@ -544,6 +547,8 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
         output = fold.dir / "models" / lm
         options = {**p["pretrain"], **LANGUAGE_MODELS[lm].pretrain}
         options.setdefault("save_steps", options.get("max_steps"))
+        if kind != "domain":
+            options.pop("actionpiece_spr", None)  # the text serialization's BPE has no merges to permute
         settings = PretrainSettings(sequences=fold.dir / f"{kind}_pretrain.parquet",
                                     tokenizer=fold.dir / f"{kind}_tokenizer", output=output, seed=s.seed, **options)
         shutil.rmtree(settings.resolved_checkpoint_dir(), ignore_errors=True)  # a rerun starts over
@@ -655,6 +660,8 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     spec: TasksFile = load_tasks(s.tasks)
     schema = load_schema(s.schema)
     _check_settings(s, p)
+    if p["pretrain"].get("actionpiece_spr") and schema.actionpiece is None:
+        raise DomaintokError(f"--actionpiece-spr: schema {schema.name!r} has no actionpiece merges to permute")
     cutoffs = _prediction_times(s, p, spec, schema)  # refused before any work
     out = Path(s.output)
     work = out / "work"
@@ -939,10 +946,13 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
                    "preset: 0.")
 @click.option("--extra-cutoff-days", type=click.IntRange(min=1), default=None,
               help="Days between those cutoffs (default: the longest task horizon, its minimum).")
+@click.option("--actionpiece-spr/--no-actionpiece-spr", default=None,
+              help="With a schema with ActionPiece merges: pretrain the domain model on random segmentations of its "
+                   "training windows (set permutation regularization); preset: off.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
             context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, history_tokens,
-            extra_cutoffs, extra_cutoff_days, seed):
+            extra_cutoffs, extra_cutoff_days, actionpiece_spr, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -957,7 +967,8 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
         methods=_split_methods(methods) or DEFAULT_METHODS, features=features, folds=folds, max_users=max_users,
         max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling,
         bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, as_of_token=as_of_token,
-        history_tokens=history_tokens, extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days, seed=seed,
+        history_tokens=history_tokens, extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days,
+        actionpiece_spr=actionpiece_spr, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

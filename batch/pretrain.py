@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from batch.checkpoints import CheckpointDirs, checked_checkpoint_dir
 from batch.distributed import all_gather, is_rank_zero, leave_process_group
@@ -130,6 +131,7 @@ class PretrainSettings(CheckpointDirs):
     logging_steps: int | None = None
     eval_steps: int | None = None
     threads: int | None = None
+    actionpiece_spr: bool = False  # training windows re-segmented by random set permutations (ActionPiece SPR)
 
 
 def pretrain(settings: PretrainSettings) -> dict:
@@ -161,6 +163,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     torch.manual_seed(s.seed)
     model = DomainTransformerForCausalLM(config)
     data = _data(s, tok, context_length, world, rank, echo)
+    augment = _spr_augment(s, context_length, rank)
     args = _training_args(s, checkpoint_dir, data, cuda)
     trainer = PretrainTrainer(
         model=model,
@@ -172,6 +175,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         processing_class=AutoTokenizer.from_pretrained(s.tokenizer),
         objective=s.objective,
         coles=coles,
+        train_augment=augment,
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if s.resume else None)
@@ -191,6 +195,27 @@ def pretrain(settings: PretrainSettings) -> dict:
         _write_model_dir(s, trainer, metrics, full_state)
     state.wait_for_everyone()  # no rank returns before the model dir is in place
     return metrics
+
+
+def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
+    """With --actionpiece-spr: items -> items with every training window's events segmented by a random set
+    permutation (fresh draws each batch, from a generator seeded by the seed and rank); else None."""
+    if not s.actionpiece_spr:
+        return None
+    from domaintok.set_permutation import SetPermutation
+    from domaintok.tokenizer import DomainTokenizer
+
+    spr = SetPermutation.from_tokenizer(DomainTokenizer.from_pretrained(s.tokenizer))
+    if spr is None:
+        raise DomaintokError(f"--actionpiece-spr: tokenizer {s.tokenizer} has no ActionPiece merges "
+                             "(schema `actionpiece: {merges: N}`)")
+    rng = np.random.default_rng([s.seed, rank, 0x5B2])
+
+    def augment(items: list[dict]) -> list[dict]:
+        windows = spr.apply([item["input_ids"] for item in items], rng, context_length)
+        return [{**item, "input_ids": ids} for item, ids in zip(items, windows, strict=True)]
+
+    return augment
 
 
 def _process_group():
@@ -353,6 +378,7 @@ def _metrics(s, tok, config, model, trainer, args, data: _Data, final_eval: dict
         "architecture": config.architecture(),
         "overrides": dict(s.overrides),
         "objective": s.objective,
+        "actionpiece_spr": s.actionpiece_spr,
         "pooling": config.pooling,
         "parameters": n_params,
         "non_embedding_parameters": n_params - n_embedding,
@@ -511,9 +537,13 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
               help="CPU threads for torch (default: torch's, one per core). On a shared or busy machine 1 is often "
                    "much faster for the tiny and small presets (README: pretraining throughput).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
+@click.option("--actionpiece-spr", is_flag=True,
+              help="With an ActionPiece tokenizer: each training window's events get a random segmentation (set "
+                   "permutation regularization) instead of the deterministic one; eval and later jobs keep it.")
 def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
             coles_weight, coles_temperature, pooling, context_length, windows, max_steps, epochs, batch_size, grad_accum, lr,
-            eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_):
+            eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_,
+            actionpiece_spr):
     """Pretrain the domain transformer (causal LM, CoLES, or both) on tokenized sequences.
 
     Writes OUTPUT/ with model.safetensors + config.json, the tokenizer files, metrics.json (train/eval loss,
@@ -527,7 +557,7 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
         seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         overrides=architecture_overrides(hidden_size, layers, heads, intermediate_size),
         objective=objective, coles_weight=coles_weight, coles_temperature=coles_temperature, pooling=pooling,
-        threads=threads,
+        threads=threads, actionpiece_spr=actionpiece_spr,
     )
     try:
         metrics = pretrain(settings)
