@@ -175,7 +175,7 @@ class EvaluateSettings:
     history_tokens: bool | None = None
     extra_cutoffs: int | None = None
     extra_cutoff_days: int | None = None
-    actionpiece_spr: bool | None = None
+    actionpiece_spr: float | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -946,9 +946,9 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
                    "preset: 0.")
 @click.option("--extra-cutoff-days", type=click.IntRange(min=1), default=None,
               help="Days between those cutoffs (default: the longest task horizon, its minimum).")
-@click.option("--actionpiece-spr/--no-actionpiece-spr", default=None,
-              help="With a schema with ActionPiece merges: pretrain the domain model on random segmentations of its "
-                   "training windows (set permutation regularization); preset: off.")
+@click.option("--actionpiece-spr", type=click.FloatRange(0, 1), default=None, metavar="RATE",
+              help="With a schema with ActionPiece merges: pretrain the domain model with this share of its training "
+                   "windows randomly segmented (set permutation regularization); preset: 0, off.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
             context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, history_tokens,

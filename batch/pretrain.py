@@ -131,7 +131,7 @@ class PretrainSettings(CheckpointDirs):
     logging_steps: int | None = None
     eval_steps: int | None = None
     threads: int | None = None
-    actionpiece_spr: bool = False  # training windows re-segmented by random set permutations (ActionPiece SPR)
+    actionpiece_spr: float = 0.0  # share of training windows re-segmented by random set permutations (SPR)
 
 
 def pretrain(settings: PretrainSettings) -> dict:
@@ -198,10 +198,12 @@ def pretrain(settings: PretrainSettings) -> dict:
 
 
 def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
-    """With --actionpiece-spr: items -> items with every training window's events segmented by a random set
-    permutation (fresh draws each batch, from a generator seeded by the seed and rank); else None."""
+    """With --actionpiece-spr RATE: items -> items, each training window re-segmented by random set permutations
+    with probability RATE (fresh draws each batch, from a generator seeded by the seed and rank); else None."""
     if not s.actionpiece_spr:
         return None
+    if not 0 < s.actionpiece_spr <= 1:
+        raise DomaintokError(f"--actionpiece-spr: a share of the training windows in (0, 1], got {s.actionpiece_spr}")
     from domaintok.set_permutation import SetPermutation
     from domaintok.tokenizer import DomainTokenizer
 
@@ -212,7 +214,7 @@ def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
     rng = np.random.default_rng([s.seed, rank, 0x5B2])
 
     def augment(items: list[dict]) -> list[dict]:
-        windows = spr.apply([item["input_ids"] for item in items], rng, context_length)
+        windows = spr.apply([item["input_ids"] for item in items], rng, context_length, rate=s.actionpiece_spr)
         return [{**item, "input_ids": ids} for item, ids in zip(items, windows, strict=True)]
 
     return augment
@@ -537,9 +539,10 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
               help="CPU threads for torch (default: torch's, one per core). On a shared or busy machine 1 is often "
                    "much faster for the tiny and small presets (README: pretraining throughput).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")
-@click.option("--actionpiece-spr", is_flag=True,
-              help="With an ActionPiece tokenizer: each training window's events get a random segmentation (set "
-                   "permutation regularization) instead of the deterministic one; eval and later jobs keep it.")
+@click.option("--actionpiece-spr", type=click.FloatRange(0, 1), default=0.0, metavar="RATE",
+              help="With an ActionPiece tokenizer: this share of the training windows get random segmentations of "
+                   "their events (set permutation regularization) instead of the deterministic one; eval and later "
+                   "jobs keep the deterministic ids. Default 0: off.")
 def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
             coles_weight, coles_temperature, pooling, context_length, windows, max_steps, epochs, batch_size, grad_accum, lr,
             eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_,

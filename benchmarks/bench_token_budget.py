@@ -3,7 +3,10 @@ calendar tokens, semantic stock codes (online_retail_compact.yaml), ActionPiece 
 vocabulary and tokenize events/s, and the seed ADR design's events/s measured in the same run on the same subset
 (the ratio the tokenize target is stated in).
 
-Run: .venv/bin/python benchmarks/bench_token_budget.py [--merges 1000 2000] [--baseline-users 1500] [--out FILE.json]
+Each tokenize rate and the seed design's rate is the median of --repeats runs (3; the machine is noisy).
+
+Run: .venv/bin/python benchmarks/bench_token_budget.py [--merges 1000 2000] [--baseline-users 1500] [--repeats 3]
+     [--out FILE.json]
      [--schemas PATH ...]   # instead of the built-in variants: the shipped schema and these (e.g. examples/online_retail/)
 """
 
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tokenize import FILES, bench_against_adr  # noqa: E402  (the seed design's pipeline, same rows)
@@ -36,15 +40,17 @@ def variant(name: str, *, only_changes: bool = False, merges: int | None = None)
     return schema_from_dict(raw)
 
 
-def measure(label: str, schema, workdir: Path) -> dict:
+def measure(label: str, schema, workdir: Path, repeats: int) -> dict:
     start = time.perf_counter()
     tok = DomainTokenizer.fit(schema, FILES)
     fit_s = time.perf_counter() - start
-    stats = tok.tokenize_to_parquet(FILES, workdir / "sequences.parquet")
+    runs = [tok.tokenize_to_parquet(FILES, workdir / "sequences.parquet") for _ in range(repeats)]
+    stats = runs[0]
     row = {
         "variant": label, "fit_seconds": fit_s, "vocab_size": tok.vocab_size,
         "tokens_per_event": stats["tokens_per_event"], "events": stats["events"],
-        "tokenize_events_per_s": stats["events"] / stats["seconds"],
+        "tokenize_events_per_s": float(np.median([r["events"] / r["seconds"] for r in runs])),
+        "tokenize_events_per_s_runs": [r["events"] / r["seconds"] for r in runs],
     }
     print(json.dumps(row), flush=True)
     return row
@@ -54,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--merges", type=int, nargs="*", default=[1000, 2000])
     parser.add_argument("--baseline-users", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--schemas", type=Path, nargs="*", default=None,
                         help="Measure the shipped schema and these schema files instead of the built-in variants.")
@@ -62,8 +69,11 @@ def main() -> None:
         workdir = Path(tmp)
         shipped = DomainTokenizer.fit("online_retail", FILES)
         shipped.save_pretrained(workdir / "tok")
-        seed = bench_against_adr(shipped, workdir, args.baseline_users, repeats=1)
-        print(json.dumps({"seed_design_events_per_s": seed["adr_events_per_s"]}), flush=True)
+        seeds = [bench_against_adr(shipped, workdir, args.baseline_users, repeats=1) for _ in range(args.repeats)]
+        seed = {**seeds[0], "adr_events_per_s": float(np.median([r["adr_events_per_s"] for r in seeds])),
+                "adr_events_per_s_runs": [r["adr_events_per_s"] for r in seeds]}
+        print(json.dumps({"seed_design_events_per_s": seed["adr_events_per_s"],
+                          "runs": seed["adr_events_per_s_runs"]}), flush=True)
         variants = [("online_retail.yaml", variant("online_retail")),
                     *[(path.name, load_schema(path)) for path in args.schemas]] if args.schemas is not None else [
             ("online_retail.yaml", variant("online_retail")),
@@ -72,7 +82,7 @@ def main() -> None:
             *[(f"compact + {m} merges", variant("online_retail_compact", merges=m)) for m in args.merges],
             *[(f"online_retail.yaml + {m} merges", variant("online_retail", merges=m)) for m in args.merges[-1:]],
         ]
-        rows = [measure(label, schema, workdir) for label, schema in variants]
+        rows = [measure(label, schema, workdir, args.repeats) for label, schema in variants]
     base = rows[0]["tokens_per_event"]
     print(f"\n{'variant':34} {'tokens/event':>13} {'vs shipped':>10} {'vocab':>7} {'fit s':>7} {'ev/s':>10} {'x seed':>7}")
     for r in rows:

@@ -10,7 +10,7 @@ the context keeps its newest whole events (`truncate_window`). Pretraining appli
 (`domaintok pretrain --actionpiece-spr`); evaluation, fine-tuning, embedding and serving use the deterministic ids.
 
     spr = SetPermutation.from_tokenizer(tok)          # None without merges
-    windows = spr.apply([ids, ...], rng, context_length)
+    windows = spr.apply([ids, ...], rng, context_length, rate=0.5)   # rate: the share of windows re-segmented
 
 With several text fields the merged ids the tokenizer puts between them come after the last one here.
 """
@@ -63,10 +63,22 @@ class SetPermutation:
             out |= (ids >= lo) & (ids < hi)
         return out
 
-    def apply(self, windows: Sequence[np.ndarray], rng: np.random.Generator, context_length: int | None = None
-              ) -> list[np.ndarray]:
+    def apply(self, windows: Sequence[np.ndarray], rng: np.random.Generator, context_length: int | None = None,
+              rate: float = 1.0) -> list[np.ndarray]:
         """Each window ([BOS] or other special tokens, then events each ending in [SEP]) with its events'
-        field tokens segmented by a random set permutation; cut to `context_length` at whole events."""
+        field tokens segmented by a random set permutation; cut to `context_length` at whole events. With `rate`
+        below 1, each window is re-segmented with that probability and otherwise kept as it is."""
+        if rate >= 1.0:
+            return self._permute(windows, rng, context_length)
+        chosen = np.flatnonzero(rng.random(len(windows)) < rate).tolist()
+        out = [np.asarray(w) for w in windows]
+        if chosen:
+            for i, window in zip(chosen, self._permute([windows[i] for i in chosen], rng, context_length)):
+                out[i] = window
+        return out
+
+    def _permute(self, windows: Sequence[np.ndarray], rng: np.random.Generator, context_length: int | None
+                 ) -> list[np.ndarray]:
         windows = [np.asarray(w, np.int64) for w in windows]
         if not windows:
             return []

@@ -201,7 +201,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
                    "holds them at the real cutoff only")
     assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
-                 "--output", str(tmp_path / "o"), "--actionpiece-spr"]) == 2
+                 "--output", str(tmp_path / "o"), "--actionpiece-spr", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("domaintok evaluate: error: --actionpiece-spr: schema ") and "no actionpiece merges" in err
 

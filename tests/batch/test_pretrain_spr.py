@@ -30,8 +30,8 @@ def test_spr_reshapes_training_batches_only(tmp_path, monkeypatch, capsys):
     calls: list[list[np.ndarray]] = []
     real = SetPermutation.apply
 
-    def spy(self, windows, rng, context_length=None):
-        out = real(self, windows, rng, context_length)
+    def spy(self, windows, rng, context_length=None, rate=1.0):
+        out = real(self, windows, rng, context_length, rate)
         calls.append([np.asarray(w) for w in windows])
         assert all(len(w) <= context_length for w in out)
         return out
@@ -40,11 +40,11 @@ def test_spr_reshapes_training_batches_only(tmp_path, monkeypatch, capsys):
     steps = 3
     rc = run("pretrain", "--sequences", tmp_path / "seq.parquet", "--tokenizer", tmp_path / "tok",
              "--output", tmp_path / "m", "--max-steps", steps, "--batch-size", 8, "--eval-fraction", 0.3,
-             "--threads", 1, "--actionpiece-spr")
+             "--threads", 1, "--actionpiece-spr", 1)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert metrics["actionpiece_spr"] is True and np.isfinite(metrics["train_loss"])
+    assert metrics["actionpiece_spr"] == 1 and np.isfinite(metrics["train_loss"])
     assert metrics["eval_loss"] is not None  # evaluated (every step here), but not through SPR:
     seqs = pq.read_table(tmp_path / "seq.parquet")
     windows = {u: tuple(truncate_window(np.asarray(ids), 48, SEP_ID).tolist())
@@ -62,6 +62,6 @@ def test_spr_refuses_a_tokenizer_without_merges(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "tok")
     tok.tokenize_to_parquet(table, tmp_path / "seq.parquet")
     rc = run("pretrain", "--sequences", tmp_path / "seq.parquet", "--tokenizer", tmp_path / "tok",
-             "--output", tmp_path / "m", "--max-steps", 1, "--actionpiece-spr")
+             "--output", tmp_path / "m", "--max-steps", 1, "--actionpiece-spr", 0.5)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "has no ActionPiece merges" in err[-1]

@@ -75,6 +75,16 @@ def test_a_longer_segmentation_is_cut_to_the_context_at_whole_events(fitted):
         assert tok.merges.decode(_events(got[1:])[-1]) == tok.merges.decode(_events(want[1:])[-1])
 
 
+def test_a_rate_re_segments_that_share_of_the_windows(fitted):
+    tok, windows = fitted
+    spr = SetPermutation.from_tokenizer(tok)
+    many = windows * 25
+    assert [w.tolist() for w in spr.apply(many, np.random.default_rng(0), rate=0.0)] == [w.tolist() for w in many]
+    out = spr.apply(many, np.random.default_rng(0), rate=0.5)
+    kept = np.mean([a.tolist() == b.tolist() for a, b in zip(out, many)])
+    assert 0.3 < kept < 0.75  # half re-segmented, a few of those by chance the same as before
+
+
 def test_no_merges_no_spr(fitted):
     table = _toy_table(n=100, seed=1, users=3)
     assert SetPermutation.from_tokenizer(DomainTokenizer.fit(_schema(None), table)) is None
