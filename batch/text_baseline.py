@@ -14,17 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from domaintok.errors import DomaintokError
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]"]
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID, MASK_ID = range(6)
-SEQUENCES_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("n_events", pa.int64(), nullable=False),
-        pa.field("last_event_ts", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
-)
+from domaintok.offline import SEQUENCES_SCHEMA
+from domaintok.vocab import BOS_ID, SEP_ID, SPECIAL_TOKENS
 
 
 def _field_text(i: int, ftype: str) -> str:

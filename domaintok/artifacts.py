@@ -14,7 +14,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
+
 from domaintok.errors import ArtifactError
+
+# The offline embeddings table (`domaintok embed`), declared once; writers enforce it, and the stream's
+# table (`domaintok consume`) extends it.
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field("n_events", pa.int64(), nullable=False),
+        pa.field("last_event_ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
 
 # Files that unpickle when loaded (arbitrary code execution).
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")

@@ -16,7 +16,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from domaintok.artifacts import atomic_file
+from domaintok.artifacts import EMBEDDINGS_SCHEMA, atomic_file
 from streams.clients import DeadLetterReader, EmbeddingConsumer, latest_per_user
 from streams.records import DeadLetter, EmbeddingRecord
 from streams.settings import KafkaSettings
@@ -24,11 +24,7 @@ from streams.settings import KafkaSettings
 # The offline embeddings table (batch `embed`) plus the two stream timestamps, in the same column names.
 STREAM_EMBEDDINGS_SCHEMA = pa.schema(
     [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
-        pa.field("n_events", pa.int64(), nullable=False),
-        pa.field("last_event_ts", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
+        *EMBEDDINGS_SCHEMA,
         pa.field("produced_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("source_ts_ms", pa.int64(), nullable=False),
     ]

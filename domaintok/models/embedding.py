@@ -11,26 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from domaintok.artifacts import check_fingerprint, refuse_pickles
+from domaintok.artifacts import EMBEDDINGS_SCHEMA, check_fingerprint, refuse_pickles
 from domaintok.errors import ArtifactError
 from domaintok.models.configuration_domain_transformer import DomainTransformerConfig
 from domaintok.models.modeling_domain_transformer import DomainTransformerModel
 from domaintok.models.padded import PaddedBatch
 
 WEIGHTS_NAME = "model.safetensors"
-# The offline embeddings table (`domaintok embed`), declared once; writers enforce it.
-EMBEDDINGS_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
-        pa.field("n_events", pa.int64(), nullable=False),
-        pa.field("last_event_ts", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
-    ]
-)
 
 
 def default_device() -> torch.device:
