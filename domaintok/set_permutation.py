@@ -85,6 +85,9 @@ class SetPermutation:
         if any(len(w) == 0 for w in windows):
             raise DomaintokError("actionpiece SPR: an empty window (a window starts with [BOS])")
         flat = np.concatenate(windows)
+        if flat.min() < 0 or flat.max() >= self.merges.end:
+            raise DomaintokError(f"actionpiece SPR: ids must be in 0..{self.merges.end - 1} (this tokenizer's "
+                                 f"vocabulary), got {int(flat.min())}..{int(flat.max())}")
         starts = np.cumsum([0, *map(len, windows)])
         # event number of every token: a new event starts after each [SEP] and at each window's start
         new_event = np.zeros(len(flat), bool)

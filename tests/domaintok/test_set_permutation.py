@@ -85,6 +85,17 @@ def test_a_rate_re_segments_that_share_of_the_windows(fitted):
     assert 0.3 < kept < 0.75  # half re-segmented, a few of those by chance the same as before
 
 
+def test_ids_outside_the_vocabulary_are_refused(fitted):
+    from domaintok.errors import DomaintokError
+
+    tok, windows = fitted
+    spr = SetPermutation.from_tokenizer(tok)
+    with pytest.raises(DomaintokError, match="this tokenizer's vocabulary"):
+        spr.apply([np.append(windows[0], tok.vocab_size)], np.random.default_rng(0))
+    with pytest.raises(DomaintokError, match="an empty window"):
+        spr.apply([np.zeros(0, np.int64)], np.random.default_rng(0))
+
+
 def test_no_merges_no_spr(fitted):
     table = _toy_table(n=100, seed=1, users=3)
     assert SetPermutation.from_tokenizer(DomainTokenizer.fit(_schema(None), table)) is None
