@@ -172,6 +172,7 @@ def main() -> None:
         "spr_events_per_s": round(spr_n / t_spr),
         "tokens_per_event_before": round(float(before.mean()), 2),
         "tokens_per_event_after": round(float(lengths.mean()), 2),
+        "tokens_per_event_spr": round(float(model.segment_spr(events[:spr_n], rng)[1].mean()), 2),
         "batch_of_1_ms": round(small_batch_ms(model, events, 1), 3),
         "batch_of_64_ms": round(small_batch_ms(model, events, 64), 3),
     }
