@@ -50,7 +50,6 @@ def main() -> None:
         producer.flush(60)
         config = EncoderConfig(model_dir=str(model_dir), group_id=f"g-{uuid.uuid4().hex[:6]}", device="cpu", **batching)
         worker = EncoderWorker(config, settings)
-        t0 = time.perf_counter()
         worker.consumer.subscribe([settings.topic_sequences])
         first = None
         while worker.encoded < args.sequences:

@@ -277,7 +277,7 @@ def main() -> None:
           + (f" env={' '.join(args.env)}" if args.env else ""))
     print(f"{len(recv)} embeddings, {int(steady.sum())} after the {args.warmup:.0f} s warm-up; "
           f"{int(s.sum())} matched to their sequence record; users not caught up at the end: {behind}")
-    print(f"all embeddings: " + _line("total", total) + f"; last received {recv.max() - t_start:.1f} s after start")
+    print("all embeddings: " + _line("total", total) + f"; last received {recv.max() - t_start:.1f} s after start")
     print("end-to-end " + _line("total", total[steady]))
     wall = recv.max() - t_start
     print(f"machine: 1-min load average {load:.1f} on {os.cpu_count()} cores; worker CPU over the run: "
