@@ -813,10 +813,8 @@ class ActionPiece:
                 continue
             c, keep_new = self.base + r, bool(self._reused[r])
             ha, hb = home.get(a), home.get(b)
-            if ha is not None and hb is not None:
-                _column_merge(flat, cells, (a, b, c), hb - ha, keep_new)
-            else:
-                _sweep_merge(flat, width, cells, (a, b, c), keep_new)
+            offset = hb - ha if ha is not None and hb is not None else None
+            _sweep_merge(flat, width, cells, (a, b, c), keep_new, offset)
             if keep_new and ha is not None:
                 home[c] = ha  # c only ever takes a's cells
 
@@ -965,45 +963,33 @@ class ActionPiece:
 
 
 def _sweep_merge(flat: np.ndarray, width: int, cells: dict[int, np.ndarray], merge: tuple[int, int, int],
-                 keep_new: bool) -> None:
+                 keep_new: bool, offset: int | None = None) -> None:
     """Apply merge (a, b) -> c in every row of the flat matrix holding both, in place (c takes a's cell).
 
-    The cell lists may hold stale cells (their id was merged away since): the shorter list is pruned, and each of
-    its rows is looked up in the longer one by binary search, so the cost follows the rarer operand.
+    The cell lists may hold stale cells (their id was merged away since): the rarer operand's list is pruned, and
+    each of its rows finds the other operand, so the cost follows the rarer operand. Where both ids keep to one
+    column each, b's cell is a's cell + `offset` in every row and is read directly; otherwise it is looked up in
+    the other operand's list by binary search.
     """
     a, b, c = merge
     la, lb = cells.get(a), cells.get(b)
     if la is None or lb is None:
         return
-    (short, s_id), (long, l_id) = ((la, a), (lb, b)) if len(la) <= len(lb) else ((lb, b), (la, a))
-    short = short[flat[short] == s_id]
+    swap = len(la) > len(lb)  # b is the rarer operand
+    (short, s_id), (long, l_id) = ((lb, b), (la, a)) if swap else ((la, a), (lb, b))
+    short = short[flat[short] == s_id]  # drop the stale cells
     cells[s_id] = short
     if not short.size or not long.size:
         return
-    start = short - short % width
-    found = long[np.minimum(np.searchsorted(long, start), len(long) - 1)]
-    hit = (found >= start) & (found < start + width) & (flat[found] == l_id)
-    a_cells, b_cells = (short[hit], found[hit]) if s_id == a else (found[hit], short[hit])
-    flat[a_cells] = c
-    flat[b_cells] = 0
-    if keep_new:
-        cells[c] = a_cells
-
-
-def _column_merge(flat: np.ndarray, cells: dict[int, np.ndarray], merge: tuple[int, int, int], offset: int,
-                  keep_new: bool) -> None:
-    """`_sweep_merge` for two ids that each keep to one column: b's cell in a row is a's cell + `offset`, so each
-    of the rarer operand's live cells checks its partner cell directly (no search in the other list)."""
-    a, b, c = merge
-    la, lb = cells.get(a), cells.get(b)
-    if la is None or lb is None:
-        return
-    short, s_id, l_id, shift = (la, a, b, offset) if len(la) <= len(lb) else (lb, b, a, -offset)
-    short = short[flat[short] == s_id]  # drop the stale cells
-    hit = flat[short + shift] == l_id
+    if offset is not None:
+        partner = short + (-offset if swap else offset)
+        hit = flat[partner] == l_id
+    else:
+        start = short - short % width
+        partner = long[np.minimum(np.searchsorted(long, start), len(long) - 1)]
+        hit = (partner >= start) & (partner < start + width) & (flat[partner] == l_id)
     cells[s_id] = short[~hit]  # and the ones merged now
-    s_cells = short[hit]
-    a_cells, b_cells = (s_cells, s_cells + offset) if s_id == a else (s_cells - offset, s_cells)
+    a_cells, b_cells = (partner[hit], short[hit]) if swap else (short[hit], partner[hit])
     flat[a_cells] = c
     flat[b_cells] = 0
     if keep_new:

@@ -33,7 +33,7 @@ class SetPermutation:
         self.merges = merges
         self.text_ranges = [(int(lo), int(hi)) for lo, hi in text_ranges]
         self.n_special, self.sep, self.lead, self.width = int(n_special), int(sep_token_id), int(lead), int(width)
-        # original id -> the ids a merged id covers, as a padded table for a vectorized decode
+        # merged id - base -> the original ids it covers (0-padded), for a vectorized decode
         covered = [merges.covered(merges.base + r) for r in range(merges.n_merges)]
         self._cover = np.zeros((merges.n_merges, max((len(c) for c in covered), default=1)), np.int64)
         for r, ids in enumerate(covered):
@@ -52,10 +52,11 @@ class SetPermutation:
         ranges = [(e.base, e.base + e.n_tokens) for e in text]
         if text:
             ranges.append((tok.layout.bpe_base, tok.layout.merges_base))
-        first_text = next((k for k, e in enumerate(tok.encoders) if isinstance(e, TextEncoder)), len(tok.encoders))
-        lead = sum(enc.widths[:first_text])
+        # the cells ActionPiece merges (ascending) that come before the first one it leaves out, a text field's
+        merged = enc.merge_columns
+        lead = int((merged == np.arange(len(merged))).sum())
         return cls(tok.merges, text_ranges=ranges, n_special=len(SPECIAL_TOKENS), sep_token_id=tok.sep_token_id,
-                   lead=lead, width=len(enc.merge_columns))
+                   lead=lead, width=len(merged))
 
     def _is_text(self, ids: np.ndarray) -> np.ndarray:
         out = np.zeros(ids.shape, bool)

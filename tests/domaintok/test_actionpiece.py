@@ -316,15 +316,18 @@ def test_segment_of_field_columns_equals_the_reference(monkeypatch, dedupe):
     model = fit_actionpiece(corpus(4000), base=BASE, n_merges=60)
     assert any(b >= BASE for _, b in model.merges)
     routes = Counter()
-    for name in ("_column_merge", "_sweep_merge"):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *args, _real=real, _name=name: (routes.update([_name]),
-                                                                                 _real(*args))[1])
+    real = module._sweep_merge
+
+    def spy(*args):
+        routes.update(["fixed offset" if args[-1] is not None else "binary search"])
+        return real(*args)
+
+    monkeypatch.setattr(module, "_sweep_merge", spy)
     monkeypatch.setattr(module, "_few_repeats", lambda mat: not dedupe)
     monkeypatch.setattr(module, "_ROUNDS_PER_MERGE", 10**9)  # always the sweep
     mat = corpus(3000).astype(np.uint16)
     seg = model.segment(mat)[0]
-    assert routes["_column_merge"] > 0 and routes["_sweep_merge"] > 0, routes
+    assert routes["fixed offset"] > 0 and routes["binary search"] > 0, routes
     assert _rows(seg) == [reference_segment(model, row) for row in mat]
 
 
