@@ -31,6 +31,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from domaintok.errors import DomaintokError
 
@@ -629,7 +630,24 @@ def distinct_rows(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first, inverse): the index of the first occurrence of each distinct row of a 2-D integer matrix (in order of
     first occurrence), and for every row the position of its distinct row, so `mat[first][inverse]` equals `mat`.
 
-    Exact and vectorized: each column is densified to codes 0..k-1 (a bincount over its values), the codes are
+    Exact and vectorized: each row's bytes are one fixed-size binary value, hashed by Arrow's dictionary encoding
+    (linear time; it numbers values in order of first occurrence, which is checked, with the sorting method below
+    as the fallback)."""
+    n = len(mat)
+    if n and mat.shape[1]:
+        rows = np.ascontiguousarray(mat)
+        width = rows.shape[1] * rows.itemsize
+        values = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(rows)])
+        inverse = values.dictionary_encode().indices.to_numpy().astype(np.int64)
+        newest = np.maximum.accumulate(inverse)
+        step = np.diff(newest, prepend=-1)
+        if step.max() <= 1:  # each new code is the next number: code c first occurs where the running max reaches c
+            return np.flatnonzero(step), inverse
+    return _distinct_rows_sorted(mat)
+
+
+def _distinct_rows_sorted(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """distinct_rows by sorting: each column is densified to codes 0..k-1 (a bincount over its values), the codes are
     packed into one int64 key per row (mixed radix; when the next column would overflow 62 bits, the key so far is
     densified the same way first), and the keys are sorted once."""
     n = len(mat)
@@ -764,7 +782,7 @@ class ActionPiece:
 
     def _input(self, events: Any, what: str) -> np.ndarray:
         mat = _id_matrix(events, what, top=self.end - 1)
-        if self.n_merges and mat.size and ((mat >= self.base) & (mat < self.end)).any():
+        if self.n_merges and mat.size and int(mat.max()) >= self.base and ((mat >= self.base) & (mat < self.end)).any():
             raise DomaintokError(f"{what}: the events hold merged ids ({self.base}..{self.end - 1}); segment the "
                                  "original ids")
         return mat
@@ -795,8 +813,10 @@ class ActionPiece:
             else:
                 self._segment_sweep(rows, origin=first)
         rows = np.sort(rows, axis=1)[:, ::-1]  # ids decreasing (merged first), zeros last
-        out = np.ascontiguousarray(rows if inverse is None else rows[inverse])
-        return out, (out != 0).sum(axis=1)
+        lengths = (rows != 0).sum(axis=1)
+        if inverse is None:
+            return np.ascontiguousarray(rows), lengths
+        return rows[inverse], lengths[inverse]
 
     def _segment_sweep(self, mat: np.ndarray, origin: np.ndarray | None = None) -> None:
         """Every merge once, in rank order, over all rows (in place): the cost follows the rows each merge touches,

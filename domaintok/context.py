@@ -13,7 +13,7 @@ its day, while the line items of one basket emit no calendar token and no gap to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,34 +89,38 @@ class EventContext:
         (NO_PREVIOUS for a first event); prev_state: (n, n_state) that event's `state_cells` (UNKNOWN_CELL where
         not known). The rows need not be sorted: each row's predecessor is given.
         """
+        self._apply(matrix, ts, prev_ts, lambda f, j: prev_state[:, f.state.start + j])
+
+    def apply_sorted(self, matrix: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> None:
+        """`apply` to rows already in (user, time) order, each user's rows starting at `starts`: a row's predecessor
+        is the row above (a user's first row emits every part, so what lies above it is never read)."""
+        prev_ts = np.empty(len(ts), np.int64)
+        prev_ts[1:] = ts[:-1]
+        prev_ts[starts] = NO_PREVIOUS
+
+        def above(f: _TemporalColumns, j: int) -> np.ndarray:
+            col = matrix[:, f.first + j]
+            return np.concatenate([col[:1], col[:-1]])
+
+        self._apply(matrix, ts, prev_ts, above)
+
+    def _apply(self, matrix: np.ndarray, ts: np.ndarray, prev_ts: np.ndarray,
+               previous: Callable[[_TemporalColumns, int], np.ndarray]) -> None:
+        """`previous(f, j)`: the previous event's cell of part j of field f, for every row (read before the part's
+        cells change). Column by column: an accumulate along rows of a few cells is slower than a loop over them."""
         first = prev_ts == NO_PREVIOUS
         gap = np.where(first, -1, ts - np.where(first, 0, prev_ts))
         bins = None
         for f in self._fields:
             null = matrix[:, f.first] == f.null_id
             if f.only_changes and f.n_parts:
-                block = matrix[:, f.first : f.first + f.n_parts]
-                changed = block[:, f.coarse_order] != prev_state[:, f.state][:, f.coarse_order]
-                emit = np.logical_or.accumulate(changed, axis=1)
-                emit[first] = True
-                keep = np.empty_like(emit)
-                keep[:, f.coarse_order] = emit
-                block[~keep & ~null[:, None]] = 0
-                block[null, 0] = f.null_id  # a null time stays its single [F_NULL]
+                emit = first | null  # null: a null time stays its single [F_NULL]
+                for j in f.coarse_order.tolist():  # a part emits once it or a coarser part changed
+                    col = matrix[:, f.first + j]
+                    emit |= col != previous(f, j)
+                    np.copyto(col, 0, where=~emit)
             if f.gap_col is not None:
                 bins = TemporalEncoder.gap_bins(gap) if bins is None else bins
                 cell = (bins + f.gap_first_id).astype(matrix.dtype)
                 silent = null | (f.only_changes & (gap == 0))
                 matrix[:, f.gap_col] = np.where(silent, 0, cell)
-
-    def apply_sorted(self, matrix: np.ndarray, ts: np.ndarray, starts: np.ndarray) -> None:
-        """`apply` to rows already in (user, time) order, each user's rows starting at `starts`."""
-        n = len(ts)
-        prev_ts = np.empty(n, np.int64)
-        prev_ts[1:] = ts[:-1]
-        prev_ts[starts] = NO_PREVIOUS
-        state = self.state_cells(matrix)
-        prev_state = np.empty_like(state)
-        prev_state[1:] = state[:-1]
-        prev_state[starts] = UNKNOWN_CELL
-        self.apply(matrix, ts, prev_ts, prev_state)

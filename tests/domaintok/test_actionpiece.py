@@ -17,6 +17,7 @@ from domaintok.actionpiece import (
     ActionPiece,
     EventMergeTrainer,
     SequenceMergeTrainer,
+    _distinct_rows_sorted,
     distinct_rows,
     fit_actionpiece,
     pair_key,
@@ -556,13 +557,19 @@ def test_segmentation_of_a_column_slice_of_a_wider_matrix():
     del rng
 
 
-@pytest.mark.parametrize("shape, high", [((500, 6), 4), ((300, 12), 2**20), ((50, 3), 2**40), ((0, 4), 5)])
-def test_distinct_rows_by_hand_and_past_64_bits_of_key(shape, high):
-    # (300, 12) values up to 2**20: the packed key passes 62 bits and is densified on the way; 2**40: no table
+@pytest.mark.parametrize("method", [distinct_rows, _distinct_rows_sorted])
+@pytest.mark.parametrize("shape, high, dtype", [((500, 6), 4, np.uint16), ((300, 12), 2**20, np.int64),
+                                                ((50, 3), 2**40, np.int64), ((0, 4), 5, np.int64),
+                                                ((40, 0), 1, np.int64)])
+def test_distinct_rows_by_hand_and_past_64_bits_of_key(method, shape, high, dtype):
+    # the hashed rows (Arrow) and the sorting fallback; (300, 12) values up to 2**20: the fallback's packed key passes
+    # 62 bits and is densified on the way; 2**40: no table; a Fortran-ordered column slice; rows of width 0
     rng = np.random.default_rng(3)
-    base = rng.integers(0, high, size=(max(shape[0] // 5, 1), shape[1]), dtype=np.int64)
-    mat = base[rng.integers(0, len(base), size=shape[0])] if shape[0] else np.zeros(shape, np.int64)
-    first, inverse = distinct_rows(mat)
+    base = rng.integers(0, high, size=(max(shape[0] // 5, 1), shape[1]), dtype=np.int64).astype(dtype)
+    mat = base[rng.integers(0, len(base), size=shape[0])] if shape[0] else np.zeros(shape, dtype)
+    if shape == (500, 6):
+        mat = np.asfortranarray(np.hstack([mat, mat]))[:, ::2]
+    first, inverse = method(mat)
     assert np.array_equal(mat[first][inverse], mat)
     want = {}
     for i, row in enumerate(map(tuple, mat.tolist())):
