@@ -176,6 +176,7 @@ class EvaluateSettings:
     extra_cutoffs: int | None = None
     extra_cutoff_days: int | None = None
     actionpiece_spr: float | None = None
+    actionpiece_compose: bool | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -194,6 +195,8 @@ class EvaluateSettings:
             p["pretrain"]["pooling"] = self.pooling
         if self.actionpiece_spr is not None:
             p["pretrain"]["actionpiece_spr"] = self.actionpiece_spr
+        if self.actionpiece_compose is not None:
+            p["pretrain"]["actionpiece_compose"] = self.actionpiece_compose
         if self.max_users is not None:
             p["max_users"] = self.max_users
         if self.bootstrap is not None:
@@ -548,7 +551,8 @@ def _build_language_models(s: EvaluateSettings, p: dict, schema, fold: _Fold, ev
         options = {**p["pretrain"], **LANGUAGE_MODELS[lm].pretrain}
         options.setdefault("save_steps", options.get("max_steps"))
         if kind != "domain":
-            options.pop("actionpiece_spr", None)  # the text serialization's BPE has no merges to permute
+            options.pop("actionpiece_spr", None)  # the text serialization's BPE has no merges to permute or compose
+            options.pop("actionpiece_compose", None)
         settings = PretrainSettings(sequences=fold.dir / f"{kind}_pretrain.parquet",
                                     tokenizer=fold.dir / f"{kind}_tokenizer", output=output, seed=s.seed, **options)
         shutil.rmtree(settings.resolved_checkpoint_dir(), ignore_errors=True)  # a rerun starts over
@@ -660,8 +664,9 @@ def run_evaluation(settings: EvaluateSettings) -> dict:
     spec: TasksFile = load_tasks(s.tasks)
     schema = load_schema(s.schema)
     _check_settings(s, p)
-    if p["pretrain"].get("actionpiece_spr") and schema.actionpiece is None:
-        raise DomaintokError(f"--actionpiece-spr: schema {schema.name!r} has no actionpiece merges to permute")
+    for option in ("actionpiece_spr", "actionpiece_compose"):
+        if p["pretrain"].get(option) and schema.actionpiece is None:
+            raise DomaintokError(f"--{option.replace('_', '-')}: schema {schema.name!r} has no actionpiece merges")
     cutoffs = _prediction_times(s, p, spec, schema)  # refused before any work
     out = Path(s.output)
     work = out / "work"
@@ -949,10 +954,13 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--actionpiece-spr", type=click.FloatRange(0, 1), default=None, metavar="RATE",
               help="With a schema with ActionPiece merges: pretrain the domain model with this share of its training "
                    "windows randomly segmented (set permutation regularization); preset: 0, off.")
+@click.option("--actionpiece-compose/--no-actionpiece-compose", default=None,
+              help="With a schema with ActionPiece merges: the domain model embeds each merged token as its own vector "
+                   "plus the mean of its parts' (pretrain --actionpiece-compose); preset: off.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
             context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, history_tokens,
-            extra_cutoffs, extra_cutoff_days, actionpiece_spr, seed):
+            extra_cutoffs, extra_cutoff_days, actionpiece_spr, actionpiece_compose, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -968,7 +976,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
         max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling,
         bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, as_of_token=as_of_token,
         history_tokens=history_tokens, extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days,
-        actionpiece_spr=actionpiece_spr, seed=seed,
+        actionpiece_spr=actionpiece_spr, actionpiece_compose=actionpiece_compose, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

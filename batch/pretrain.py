@@ -48,6 +48,7 @@ class TokenizerInfo:
     sep_token_id: int | None
     fingerprint: str | None
     max_length: int | None
+    merged_parts: tuple[int, list[list[int]]] | None = None  # ActionPiece: (first merged id, each one's original ids)
 
 
 def read_tokenizer(path: str | Path) -> TokenizerInfo:
@@ -57,10 +58,12 @@ def read_tokenizer(path: str | Path) -> TokenizerInfo:
     path = Path(path)
     if (path / ARTIFACT_FILE).is_file():
         tok = DomainTokenizer.from_pretrained(path)
+        ap = tok.merges
+        merged = (ap.base, [list(ap.covered(ap.base + r)) for r in range(ap.n_merges)]) if ap and ap.n_merges else None
         return TokenizerInfo(
             path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,
-            fingerprint=tok.fingerprint, max_length=tok.max_length,
+            fingerprint=tok.fingerprint, max_length=tok.max_length, merged_parts=merged,
         )
     # A plain HF tokenizer dir (no fitted domain state) still gives vocabulary and special ids; no fingerprint.
     from transformers import AutoTokenizer
@@ -132,6 +135,7 @@ class PretrainSettings(CheckpointDirs):
     eval_steps: int | None = None
     threads: int | None = None
     actionpiece_spr: float = 0.0  # share of training windows re-segmented by random set permutations (SPR)
+    actionpiece_compose: bool = False  # merged tokens embedded as their own vector + the mean of their parts'
 
 
 def pretrain(settings: PretrainSettings) -> dict:
@@ -158,7 +162,8 @@ def pretrain(settings: PretrainSettings) -> dict:
     config = _build_config(
         s, vocab_size=tok.vocab_size, max_position_embeddings=context_length, tokenizer_fingerprint=tok.fingerprint,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        sep_token_id=tok.sep_token_id, **({"pooling": s.pooling} if s.pooling else {}), **s.overrides,
+        sep_token_id=tok.sep_token_id, **({"pooling": s.pooling} if s.pooling else {}),
+        **_composition(s, tok), **s.overrides,
     )
     torch.manual_seed(s.seed)
     model = DomainTransformerForCausalLM(config)
@@ -218,6 +223,18 @@ def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
         return [{**item, "input_ids": ids} for item, ids in zip(items, windows, strict=True)]
 
     return augment
+
+
+def _composition(s: PretrainSettings, tok: TokenizerInfo) -> dict:
+    """With --actionpiece-compose: the config fields that embed each merged token with its parts (see
+    DomainTransformerConfig); refused for a tokenizer without merges."""
+    if not s.actionpiece_compose:
+        return {}
+    if tok.merged_parts is None:
+        raise DomaintokError(f"--actionpiece-compose: tokenizer {s.tokenizer} has no ActionPiece merges "
+                             "(schema `actionpiece: {merges: N}`)")
+    base, parts = tok.merged_parts
+    return {"merged_tokens_base": base, "merged_tokens_parts": parts}
 
 
 def _process_group():
@@ -381,6 +398,7 @@ def _metrics(s, tok, config, model, trainer, args, data: _Data, final_eval: dict
         "overrides": dict(s.overrides),
         "objective": s.objective,
         "actionpiece_spr": s.actionpiece_spr,
+        "actionpiece_compose": s.actionpiece_compose,
         "pooling": config.pooling,
         "parameters": n_params,
         "non_embedding_parameters": n_params - n_embedding,
@@ -543,10 +561,14 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
               help="With an ActionPiece tokenizer: this share of the training windows get random segmentations of "
                    "their events (set permutation regularization) instead of the deterministic one; eval and later "
                    "jobs keep the deterministic ids. Default 0: off.")
+@click.option("--actionpiece-compose", is_flag=True,
+              help="With an ActionPiece tokenizer: each merged token enters the model as its own embedding plus the "
+                   "mean of the embeddings of the original tokens it stands for (saved in config.json; fine-tuning, "
+                   "embedding and serving use it too).")
 def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
             coles_weight, coles_temperature, pooling, context_length, windows, max_steps, epochs, batch_size, grad_accum, lr,
             eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_,
-            actionpiece_spr):
+            actionpiece_spr, actionpiece_compose):
     """Pretrain the domain transformer (causal LM, CoLES, or both) on tokenized sequences.
 
     Writes OUTPUT/ with model.safetensors + config.json, the tokenizer files, metrics.json (train/eval loss,
@@ -560,7 +582,7 @@ def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, in
         seed=seed, gradient_checkpointing=gradient_checkpointing, compile=compile_,
         overrides=architecture_overrides(hidden_size, layers, heads, intermediate_size),
         objective=objective, coles_weight=coles_weight, coles_temperature=coles_temperature, pooling=pooling,
-        threads=threads, actionpiece_spr=actionpiece_spr,
+        threads=threads, actionpiece_spr=actionpiece_spr, actionpiece_compose=actionpiece_compose,
     )
     try:
         metrics = pretrain(settings)

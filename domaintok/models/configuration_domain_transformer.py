@@ -50,6 +50,10 @@ class DomainTransformerConfig(PretrainedConfig):
         pooling: how the user embedding reads the last hidden states: "last" (the final real token's state) or
             "mean" (the average over every real token).
         tokenizer_fingerprint: fingerprint of the tokenizer the model was trained with; loaders refuse another.
+        merged_tokens_base, merged_tokens_parts: composed embeddings of merged tokens (ActionPiece): the token
+            `merged_tokens_base + r` enters the model as its own embedding plus the mean of the embeddings of
+            `merged_tokens_parts[r]` (the original ids it stands for), so a rare merged token shares what its
+            parts learn. None: every token is its own embedding only.
         pad_token_id, bos_token_id, eos_token_id, sep_token_id: the tokenizer's special ids.
         tie_word_embeddings: whether the LM head shares the token embedding matrix.
     """
@@ -73,6 +77,8 @@ class DomainTransformerConfig(PretrainedConfig):
     embedding_layernorm: bool = False
     pooling: str = "last"
     tokenizer_fingerprint: str | None = None
+    merged_tokens_base: int | None = None
+    merged_tokens_parts: list[list[int]] | None = None
     pad_token_id: int | None = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -128,6 +134,15 @@ def _check_hyperparameters(config: DomainTransformerConfig) -> None:
         raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {config.hidden_act!r}")
     if not config.layer_norm_eps > 0 or not config.initializer_range > 0:
         raise ValueError("layer_norm_eps and initializer_range must be positive")
+    parts = config.merged_tokens_parts
+    if parts is not None:
+        base = config.merged_tokens_base
+        if not isinstance(base, int) or isinstance(base, bool) or not 0 < base or base + len(parts) > config.vocab_size:
+            raise ValueError(f"merged_tokens_base must be an id with base + {len(parts)} merged tokens <= vocab_size="
+                             f"{config.vocab_size}, got {base!r}")
+        for r, ids in enumerate(parts):
+            if not ids or any(not isinstance(i, int) or not 0 < i < base for i in ids):
+                raise ValueError(f"merged_tokens_parts[{r}] must list original ids in [1, {base}), got {ids!r}")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id"):
         value = getattr(config, name)
         if value is not None and not 0 <= value < config.vocab_size:

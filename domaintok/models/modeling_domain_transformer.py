@@ -170,6 +170,9 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
         self.layers = nn.ModuleList(DomainTransformerBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
         self.gradient_checkpointing = False
+        # merged tokens' parts as (index, weight) tensors, built from the config on first use on each device (plain
+        # attributes, not buffers: nothing extra in the weights file, and nothing for loading to skip or fill)
+        self._merged_parts: tuple[torch.Tensor, torch.Tensor] | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -215,7 +218,10 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
     def _input_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token (+ learned position) embeddings (B, T, H), after dropout: the input of the first block."""
         T = input_ids.shape[1]
-        hidden_states = self.embed_tokens(input_ids)  # (B, T, H)
+        if self.config.merged_tokens_parts:
+            hidden_states = F.embedding(input_ids, self.composed_embeddings())  # (B, T, H)
+        else:
+            hidden_states = self.embed_tokens(input_ids)  # (B, T, H)
         if self.embed_positions is not None:
             if T > self.config.max_position_embeddings:
                 raise ValueError(
@@ -225,6 +231,25 @@ class DomainTransformerModel(DomainTransformerPreTrainedModel):
             positions = torch.arange(T, device=input_ids.device)
             hidden_states = hidden_states + self.embed_positions(positions)[None]  # (1, T, H) broadcast over B
         return self.dropout(hidden_states)
+
+    def composed_embeddings(self) -> torch.Tensor:
+        """The input embedding table (V, H) with each merged token's row plus the mean of its parts' rows
+        (`config.merged_tokens_parts`); the tied LM head keeps the plain rows. (V, M, K parts at most: a gather of
+        M x K rows per forward, small beside the decoder.)"""
+        weight = self.embed_tokens.weight  # (V, H)
+        if self._merged_parts is None or self._merged_parts[0].device != weight.device:
+            parts = self.config.merged_tokens_parts
+            width = max(len(ids) for ids in parts)
+            index = torch.zeros(len(parts), width, dtype=torch.long)
+            share = torch.zeros(len(parts), width)
+            for r, ids in enumerate(parts):
+                index[r, : len(ids)] = torch.tensor(ids)
+                share[r, : len(ids)] = 1.0 / len(ids)
+            self._merged_parts = (index.to(weight.device), share.to(weight.device))
+        index, share = self._merged_parts
+        base = self.config.merged_tokens_base
+        merged = weight[base : base + len(index)] + (weight[index] * share.to(weight.dtype)[..., None]).sum(1)  # (M, H)
+        return torch.cat([weight[:base], merged, weight[base + len(index) :]])
 
     def _pool(self, embedding: torch.Tensor) -> torch.Tensor:
         if self.config.embedding_layernorm:

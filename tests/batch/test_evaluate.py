@@ -200,10 +200,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("domaintok evaluate: error: --extra-cutoffs: task 'segment' takes its labels from a file, which "
                    "holds them at the real cutoff only")
-    assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
-                 "--output", str(tmp_path / "o"), "--actionpiece-spr", "0.5"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("domaintok evaluate: error: --actionpiece-spr: schema ") and "no actionpiece merges" in err
+    for option in (["--actionpiece-spr", "0.5"], ["--actionpiece-compose"]):
+        assert main(["evaluate", "--schema", str(schema), "--events", str(events), "--tasks", str(tasks),
+                     "--output", str(tmp_path / "o"), *option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"domaintok evaluate: error: {option[0]}: schema ") and "no actionpiece merges" in err
 
 
 def test_scores_and_bootstrap():

@@ -1,5 +1,6 @@
-"""`domaintok pretrain --actionpiece-spr`: training batches (and only they) are re-segmented by random set
-permutations; a tokenizer without merges is refused in one line."""
+"""`domaintok pretrain`'s ActionPiece options: with `--actionpiece-spr` training batches (and only they) are
+re-segmented by random set permutations; with `--actionpiece-compose` merged tokens are embedded with their parts,
+through embedding too; a tokenizer without merges is refused in one line."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+import torch
 
 from batch.sequence_data import is_eval_user
 
 from domaintok.cli import main
+from domaintok.models.embedding import embed_sequences, load_encoder
 from domaintok.set_permutation import SetPermutation
 from domaintok.tokenizer import SEP_ID, DomainTokenizer
 from domaintok.window import truncate_window
@@ -56,12 +60,43 @@ def test_spr_reshapes_training_batches_only(tmp_path, monkeypatch, capsys):
     assert all(w in trains for w in seen) and not any(w in evals - trains for w in seen)
 
 
-def test_spr_refuses_a_tokenizer_without_merges(tmp_path, capsys):
+@pytest.mark.parametrize("option", [("--actionpiece-spr", 0.5), ("--actionpiece-compose",)])
+def test_actionpiece_options_refuse_a_tokenizer_without_merges(tmp_path, capsys, option):
     table = _toy_table(n=200, seed=3, users=10)
     tok = DomainTokenizer.fit(_schema(None), table, max_length=48)
     tok.save_pretrained(tmp_path / "tok")
     tok.tokenize_to_parquet(table, tmp_path / "seq.parquet")
     rc = run("pretrain", "--sequences", tmp_path / "seq.parquet", "--tokenizer", tmp_path / "tok",
-             "--output", tmp_path / "m", "--max-steps", 1, "--actionpiece-spr", 0.5)
+             "--output", tmp_path / "m", "--max-steps", 1, *option)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "has no ActionPiece merges" in err[-1]
+    assert rc == 2 and f"{option[0]}: tokenizer" in err[-1] and "has no ActionPiece merges" in err[-1]
+
+
+def test_compose_puts_the_merges_parts_in_the_config_and_embedding_reads_them(tmp_path, capsys):
+    table = _toy_table(n=900, seed=3, users=60)
+    tok = DomainTokenizer.fit(_schema(60), table, max_length=48)
+    tok.save_pretrained(tmp_path / "tok")
+    tok.tokenize_to_parquet(table, tmp_path / "seq.parquet")
+    rc = run("pretrain", "--sequences", tmp_path / "seq.parquet", "--tokenizer", tmp_path / "tok",
+             "--output", tmp_path / "m", "--max-steps", 3, "--batch-size", 8, "--threads", 1,
+             "--actionpiece-compose", "--actionpiece-spr", 1)
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["actionpiece_compose"] is True and np.isfinite(metrics["train_loss"])
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    ap = tok.merges
+    assert config["merged_tokens_base"] == ap.base == tok.vocab_size - ap.n_merges
+    assert config["merged_tokens_parts"] == [list(ap.covered(ap.base + r)) for r in range(ap.n_merges)]
+    assert all(len(parts) >= 2 for parts in config["merged_tokens_parts"])
+
+    # the embedding job's encoder composes: equal to a plain encoder whose table holds the composed rows
+    encoder = load_encoder(tmp_path / "m", device="cpu", expected_fingerprint=tok.fingerprint)
+    ids = pq.read_table(tmp_path / "seq.parquet").column("input_ids").to_pylist()
+    windows = [truncate_window(np.asarray(x), 48, SEP_ID) for x in ids[:6]]
+    assert any((w >= ap.base).any() for w in windows)
+    got = embed_sequences(encoder, windows, batch_size=3)
+    with torch.no_grad():
+        table = encoder.composed_embeddings().clone()
+        encoder.config.merged_tokens_parts = None
+        encoder.embed_tokens.weight.copy_(table)
+    np.testing.assert_allclose(got, embed_sequences(encoder, windows, batch_size=3), rtol=0, atol=1e-5)

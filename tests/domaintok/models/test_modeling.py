@@ -56,6 +56,10 @@ def test_preset_sizes_and_overrides():
         ({"hidden_act": "swish2"}, "hidden_act"),
         ({"pad_token_id": VOCAB}, "pad_token_id must be in"),
         ({"pooling": "max"}, "pooling must be one of"),
+        ({"merged_tokens_base": 58, "merged_tokens_parts": [[1, 2]] * 4}, "merged_tokens_base must be"),
+        ({"merged_tokens_base": None, "merged_tokens_parts": [[1, 2]]}, "merged_tokens_base must be"),
+        ({"merged_tokens_base": 50, "merged_tokens_parts": [[1, 50]]}, r"merged_tokens_parts\[0\] must list"),
+        ({"merged_tokens_base": 50, "merged_tokens_parts": [[3], []]}, r"merged_tokens_parts\[1\] must list"),
     ],
 )
 def test_config_rejects_bad_values(bad, message):
@@ -310,3 +314,45 @@ def test_presets_have_nuformer_sizes_at_a_20k_vocabulary(preset, low, high):
     with torch.device("meta"):  # shapes only, no memory
         model = DomainTransformerForCausalLM(DomainTransformerConfig.from_preset(preset, vocab_size=20_000))
     assert low < sum(p.numel() for p in model.parameters()) < high
+
+
+# --- composed embeddings of merged tokens (ActionPiece) ------------------------------------------------------------
+
+MERGED = {"merged_tokens_base": 55, "merged_tokens_parts": [[3, 4], [3, 4, 9], [7, 8], [10, 11, 12, 13], [5, 6]]}
+
+
+def test_merged_tokens_enter_as_their_row_plus_the_mean_of_their_parts(tmp_path):
+    torch.manual_seed(0)
+    lm = DomainTransformerForCausalLM(tiny(**MERGED)).eval()
+    encoder = lm.model
+    weight = encoder.embed_tokens.weight
+    table = encoder.composed_embeddings()
+    for r, parts in enumerate(MERGED["merged_tokens_parts"]):
+        want = weight[55 + r] + weight[parts].mean(0)
+        torch.testing.assert_close(table[55 + r], want)
+    torch.testing.assert_close(table[:55], weight[:55], rtol=0, atol=0)  # original ids and the id after the merges
+    torch.testing.assert_close(table[60:], weight[60:], rtol=0, atol=0)
+    assert lm.lm_head.weight is weight  # the tied head reads the plain rows
+
+    # the first block sees the composed row: a merged id gives what a plain model gives for that composed vector
+    ids = torch.tensor([[1, 3, 56, 59, 20]])
+    plain = DomainTransformerForCausalLM(tiny()).eval()
+    plain.load_state_dict(lm.state_dict())
+    with torch.no_grad():
+        plain.model.embed_tokens.weight.copy_(table)
+        torch.testing.assert_close(lm(ids).logits[..., :1], plain(ids).logits[..., :1])  # logit of id 0: same head
+        torch.testing.assert_close(encoder(ids).last_hidden_state, plain.model(ids).last_hidden_state)
+
+    # through the input (the tied head aside), a merged token trains its own row and its parts' rows, nothing else
+    encoder(ids).last_hidden_state.square().sum().backward()
+    used = weight.grad.abs().sum(1).gt(0)
+    assert torch.equal(used.nonzero().flatten(), torch.tensor([1, 3, 4, 5, 6, 9, 20, 56, 59]))  # 56: 3+4+9, 59: 5+6
+    lm.zero_grad()
+
+    # config.json carries the parts; the loaded model composes the same table (nothing else in the weights file)
+    lm.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["merged_tokens_parts"] == MERGED["merged_tokens_parts"]
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.composed_embeddings(), encoder.composed_embeddings(), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.embed(ids), encoder.embed(ids))

@@ -17,7 +17,8 @@ VOCAB = 53
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"position_embedding_type": "learned", "max_position_embeddings": 64, "embedding_layernorm": True}]
+    "overrides", [{}, {"position_embedding_type": "learned", "max_position_embeddings": 64, "embedding_layernorm": True},
+                  {"merged_tokens_base": 48, "merged_tokens_parts": [[1, 2], [3, 4, 5], [6, 7], [8, 9], [2, 10]]}],
 )
 def test_onnx_matches_torch_on_unseen_shapes(tmp_path, overrides):
     torch.manual_seed(0)
