@@ -72,18 +72,23 @@ def test_actionpiece_options_refuse_a_tokenizer_without_merges(tmp_path, capsys,
     assert rc == 2 and f"{option[0]}: tokenizer" in err[-1] and "has no ActionPiece merges" in err[-1]
 
 
-def test_compose_puts_the_merges_parts_in_the_config_and_embedding_reads_them(tmp_path, capsys):
+@pytest.mark.parametrize("flag, composed", [(None, True), ("--actionpiece-compose", True),
+                                             ("--no-actionpiece-compose", False)])
+def test_compose_puts_the_merges_parts_in_the_config_and_embedding_reads_them(tmp_path, capsys, flag, composed):
     table = _toy_table(n=900, seed=3, users=60)
     tok = DomainTokenizer.fit(_schema(60), table, max_length=48)
     tok.save_pretrained(tmp_path / "tok")
     tok.tokenize_to_parquet(table, tmp_path / "seq.parquet")
     rc = run("pretrain", "--sequences", tmp_path / "seq.parquet", "--tokenizer", tmp_path / "tok",
              "--output", tmp_path / "m", "--max-steps", 3, "--batch-size", 8, "--threads", 1,
-             "--actionpiece-compose", "--actionpiece-spr", 1)
+             "--actionpiece-spr", 1, *([flag] if flag else []))
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
-    assert metrics["actionpiece_compose"] is True and np.isfinite(metrics["train_loss"])
+    assert metrics["actionpiece_compose"] is composed and np.isfinite(metrics["train_loss"])
     config = json.loads((tmp_path / "m" / "config.json").read_text())
+    if not composed:
+        assert config.get("merged_tokens_parts") is None
+        return
     ap = tok.merges
     assert config["merged_tokens_base"] == ap.base == tok.vocab_size - ap.n_merges
     assert config["merged_tokens_parts"] == [list(ap.covered(ap.base + r)) for r in range(ap.n_merges)]
