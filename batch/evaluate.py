@@ -956,7 +956,7 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
                    "windows randomly segmented (set permutation regularization); preset: 0, off.")
 @click.option("--actionpiece-compose/--no-actionpiece-compose", default=None,
               help="With a schema with ActionPiece merges: the domain model embeds each merged token as its own vector "
-                   "plus the mean of its parts' (pretrain --actionpiece-compose); default: on with merges.")
+                   "plus the mean of its parts' (pretrain --actionpiece-compose); preset: off.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
             context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, history_tokens,

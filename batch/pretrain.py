@@ -135,7 +135,7 @@ class PretrainSettings(CheckpointDirs):
     eval_steps: int | None = None
     threads: int | None = None
     actionpiece_spr: float = 0.0  # share of training windows re-segmented by random set permutations (SPR)
-    actionpiece_compose: bool | None = None  # merged tokens embedded with their parts (None: when there are merges)
+    actionpiece_compose: bool = False  # merged tokens embedded as their own row + the mean of their parts' rows
 
 
 def pretrain(settings: PretrainSettings) -> dict:
@@ -226,10 +226,9 @@ def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
 
 
 def _composition(s: PretrainSettings, tok: TokenizerInfo) -> dict:
-    """The config fields that embed each merged token with its parts (see DomainTransformerConfig): by default
-    whenever the tokenizer has ActionPiece merges; --actionpiece-compose insists (refused without merges),
-    --no-actionpiece-compose turns it off."""
-    if s.actionpiece_compose is False or (s.actionpiece_compose is None and tok.merged_parts is None):
+    """With --actionpiece-compose: the config fields that embed each merged token with its parts (see
+    DomainTransformerConfig); refused for a tokenizer without merges."""
+    if not s.actionpiece_compose:
         return {}
     if tok.merged_parts is None:
         raise DomaintokError(f"--actionpiece-compose: tokenizer {s.tokenizer} has no ActionPiece merges "
@@ -562,10 +561,10 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
               help="With an ActionPiece tokenizer: this share of the training windows get random segmentations of "
                    "their events (set permutation regularization) instead of the deterministic one; eval and later "
                    "jobs keep the deterministic ids. Default 0: off.")
-@click.option("--actionpiece-compose/--no-actionpiece-compose", default=None,
+@click.option("--actionpiece-compose", is_flag=True,
               help="With an ActionPiece tokenizer: each merged token enters the model as its own embedding plus the "
                    "mean of the embeddings of the original tokens it stands for (saved in config.json; fine-tuning, "
-                   "embedding and serving use it too). Default: on when the tokenizer has merges.")
+                   "embedding and serving use it too). Default: off.")
 def command(sequences, tokenizer, output, preset, hidden_size, layers, heads, intermediate_size, objective,
             coles_weight, coles_temperature, pooling, context_length, windows, max_steps, epochs, batch_size, grad_accum, lr,
             eval_fraction, save_steps, checkpoint_dir, resume, seed, gradient_checkpointing, threads, compile_,

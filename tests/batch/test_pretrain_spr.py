@@ -72,8 +72,7 @@ def test_actionpiece_options_refuse_a_tokenizer_without_merges(tmp_path, capsys,
     assert rc == 2 and f"{option[0]}: tokenizer" in err[-1] and "has no ActionPiece merges" in err[-1]
 
 
-@pytest.mark.parametrize("flag, composed", [(None, True), ("--actionpiece-compose", True),
-                                             ("--no-actionpiece-compose", False)])
+@pytest.mark.parametrize("flag, composed", [(None, False), ("--actionpiece-compose", True)])
 def test_compose_puts_the_merges_parts_in_the_config_and_embedding_reads_them(tmp_path, capsys, flag, composed):
     table = _toy_table(n=900, seed=3, users=60)
     tok = DomainTokenizer.fit(_schema(60), table, max_length=48)
