@@ -59,7 +59,7 @@ def read_tokenizer(path: str | Path) -> TokenizerInfo:
     if (path / ARTIFACT_FILE).is_file():
         tok = DomainTokenizer.from_pretrained(path)
         ap = tok.merges
-        merged = (ap.base, [list(ap.covered(ap.base + r)) for r in range(ap.n_merges)]) if ap and ap.n_merges else None
+        merged = (ap.base, [list(ids) for ids in ap.merged_parts]) if ap and ap.n_merges else None
         return TokenizerInfo(
             path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,

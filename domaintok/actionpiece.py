@@ -747,6 +747,11 @@ class ActionPiece:
     def n_merges(self) -> int:
         return len(self.merges)
 
+    @property
+    def merged_parts(self) -> list[tuple[int, ...]]:
+        """For each merged id in rank order (`base + r`), the original ids it stands for, sorted."""
+        return list(self._covered)
+
     def covered(self, token: int) -> tuple[int, ...]:
         """The original ids a token stands for, sorted (itself for an original id)."""
         if not 1 <= token < self.end:

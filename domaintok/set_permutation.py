@@ -34,7 +34,7 @@ class SetPermutation:
         self.text_ranges = [(int(lo), int(hi)) for lo, hi in text_ranges]
         self.n_special, self.sep, self.lead, self.width = int(n_special), int(sep_token_id), int(lead), int(width)
         # merged id - base -> the original ids it covers (0-padded), for a vectorized decode
-        covered = [merges.covered(merges.base + r) for r in range(merges.n_merges)]
+        covered = merges.merged_parts
         self._cover = np.zeros((merges.n_merges, max((len(c) for c in covered), default=1)), np.int64)
         for r, ids in enumerate(covered):
             self._cover[r, : len(ids)] = ids
