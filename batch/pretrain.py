@@ -49,6 +49,7 @@ class TokenizerInfo:
     fingerprint: str | None
     max_length: int | None
     merged_parts: tuple[int, list[list[int]]] | None = None  # ActionPiece: (first merged id, each one's original ids)
+    domain: object | None = field(default=None, repr=False, compare=False)  # the fitted DomainTokenizer, when there
 
 
 def read_tokenizer(path: str | Path) -> TokenizerInfo:
@@ -63,7 +64,7 @@ def read_tokenizer(path: str | Path) -> TokenizerInfo:
         return TokenizerInfo(
             path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,
-            fingerprint=tok.fingerprint, max_length=tok.max_length, merged_parts=merged,
+            fingerprint=tok.fingerprint, max_length=tok.max_length, merged_parts=merged, domain=tok,
         )
     # A plain HF tokenizer dir (no fitted domain state) still gives vocabulary and special ids; no fingerprint.
     from transformers import AutoTokenizer
@@ -168,7 +169,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     torch.manual_seed(s.seed)
     model = DomainTransformerForCausalLM(config)
     data = _data(s, tok, context_length, world, rank, echo)
-    augment = _spr_augment(s, context_length, rank)
+    augment = _spr_augment(s, tok, context_length, rank)
     args = _training_args(s, checkpoint_dir, data, cuda)
     trainer = PretrainTrainer(
         model=model,
@@ -202,7 +203,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     return metrics
 
 
-def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
+def _spr_augment(s: PretrainSettings, tok: TokenizerInfo, context_length: int, rank: int):
     """With --actionpiece-spr RATE: items -> items, each training window re-segmented by random set permutations
     with probability RATE (fresh draws each batch, from a generator seeded by the seed and rank); else None."""
     if not s.actionpiece_spr:
@@ -210,9 +211,8 @@ def _spr_augment(s: PretrainSettings, context_length: int, rank: int):
     if not 0 < s.actionpiece_spr <= 1:
         raise DomaintokError(f"--actionpiece-spr: a share of the training windows in (0, 1], got {s.actionpiece_spr}")
     from domaintok.set_permutation import SetPermutation
-    from domaintok.tokenizer import DomainTokenizer
 
-    spr = SetPermutation.from_tokenizer(DomainTokenizer.from_pretrained(s.tokenizer))
+    spr = SetPermutation.from_tokenizer(tok.domain) if tok.domain is not None else None
     if spr is None:
         raise DomaintokError(f"--actionpiece-spr: tokenizer {s.tokenizer} has no ActionPiece merges "
                              "(schema `actionpiece: {merges: N}`)")
