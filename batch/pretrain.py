@@ -212,10 +212,8 @@ def _spr_augment(s: PretrainSettings, tok: TokenizerInfo, context_length: int, r
         raise DomaintokError(f"--actionpiece-spr: a share of the training windows in (0, 1], got {s.actionpiece_spr}")
     from domaintok.set_permutation import SetPermutation
 
-    spr = SetPermutation.from_tokenizer(tok.domain) if tok.domain is not None else None
-    if spr is None:
-        raise DomaintokError(f"--actionpiece-spr: tokenizer {s.tokenizer} has no ActionPiece merges "
-                             "(schema `actionpiece: {merges: N}`)")
+    _require_merges("--actionpiece-spr", s, tok)
+    spr = SetPermutation.from_tokenizer(tok.domain)
     rng = np.random.default_rng([s.seed, rank, 0x5B2])
 
     def augment(items: list[dict]) -> list[dict]:
@@ -225,14 +223,19 @@ def _spr_augment(s: PretrainSettings, tok: TokenizerInfo, context_length: int, r
     return augment
 
 
+def _require_merges(option: str, s: PretrainSettings, tok: TokenizerInfo) -> None:
+    """Refuse an ActionPiece option for a tokenizer without merges (none fitted, or a plain HF tokenizer dir)."""
+    if tok.merged_parts is None or tok.domain is None:
+        raise DomaintokError(f"{option}: tokenizer {s.tokenizer} has no ActionPiece merges "
+                             "(schema `actionpiece: {merges: N}`)")
+
+
 def _composition(s: PretrainSettings, tok: TokenizerInfo) -> dict:
     """With --actionpiece-compose: the config fields that embed each merged token with its parts (see
     DomainTransformerConfig); refused for a tokenizer without merges."""
     if not s.actionpiece_compose:
         return {}
-    if tok.merged_parts is None:
-        raise DomaintokError(f"--actionpiece-compose: tokenizer {s.tokenizer} has no ActionPiece merges "
-                             "(schema `actionpiece: {merges: N}`)")
+    _require_merges("--actionpiece-compose", s, tok)
     base, parts = tok.merged_parts
     return {"merged_tokens_base": base, "merged_tokens_parts": parts}
 
