@@ -177,6 +177,7 @@ class EvaluateSettings:
     extra_cutoff_days: int | None = None
     actionpiece_spr: float | None = None
     actionpiece_compose: bool | None = None
+    lm_weight: float | None = None
     progress: bool = True
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -197,6 +198,8 @@ class EvaluateSettings:
             p["pretrain"]["actionpiece_spr"] = self.actionpiece_spr
         if self.actionpiece_compose is not None:
             p["pretrain"]["actionpiece_compose"] = self.actionpiece_compose
+        if self.lm_weight is not None:
+            p["finetune_sequence"]["lm_weight"] = self.lm_weight
         if self.max_users is not None:
             p["max_users"] = self.max_users
         if self.bootstrap is not None:
@@ -957,10 +960,13 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--actionpiece-compose/--no-actionpiece-compose", default=None,
               help="With a schema with ActionPiece merges: the domain model embeds each merged token as its own vector "
                    "plus the mean of its parts' (pretrain --actionpiece-compose); preset: off.")
+@click.option("--lm-weight", type=click.FloatRange(min=0), default=None,
+              help="Fine-tuned sequence rows keep their next-token loss at this weight beside the task loss "
+                   "(finetune --lm-weight); preset: 0, off.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed (the split's seed is in TASKS.yaml).")
 def command(schema, events, tasks_file, output, preset, methods, features, folds, max_users, max_steps,
             context_length, pretrain_windows, pooling, bootstrap, threads, lightgbm_grid, as_of_token, history_tokens,
-            extra_cutoffs, extra_cutoff_days, actionpiece_spr, actionpiece_compose, seed):
+            extra_cutoffs, extra_cutoff_days, actionpiece_spr, actionpiece_compose, lm_weight, seed):
     """Compare LightGBM on generic aggregates with the domain transformer (alone, fused, frozen embeddings) and a
     text-serialization transformer, on your schema, events and tasks. Writes OUTPUT/results.md, results.json and
     results.png.
@@ -976,7 +982,7 @@ def command(schema, events, tasks_file, output, preset, methods, features, folds
         max_steps=max_steps, context_length=context_length, pretrain_windows=pretrain_windows, pooling=pooling,
         bootstrap=bootstrap, threads=threads, lightgbm_grid=lightgbm_grid, as_of_token=as_of_token,
         history_tokens=history_tokens, extra_cutoffs=extra_cutoffs, extra_cutoff_days=extra_cutoff_days,
-        actionpiece_spr=actionpiece_spr, actionpiece_compose=actionpiece_compose, seed=seed,
+        actionpiece_spr=actionpiece_spr, actionpiece_compose=actionpiece_compose, lm_weight=lm_weight, seed=seed,
         progress=preset not in ("quick", "tiny"), log=lambda m: click.echo(m, err=True),
     )
     report = run_evaluation(settings)

@@ -449,6 +449,7 @@ class FinetuneSettings(CheckpointDirs):
     max_length: int | None = None
     dropout: float = 0.1  # head and DCNv2 deep tower
     sequence_dropout: float = 0.0  # drop a row's whole user embedding in training
+    lm_weight: float = 0.0  # auxiliary next-token loss on the input sequences, weighted into the task loss
     sequence_gate: str = "none"  # "none", "zero" (a zero-initialized projection into the head) or "scalar"
     staged: bool = True
     stage1_epochs: int = 30
@@ -602,12 +603,16 @@ def _build_model(s: FinetuneSettings, encoder, stats: dict, extra: dict, max_len
     from domaintok.models.fusion import JointFusionConfig, JointFusionModel
 
     lora = {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0} if s.lora else None
+    if s.lm_weight and not s.use_sequence:
+        raise DomaintokError("--lm-weight: a tabular-only model has no sequence to predict")
+    if s.lm_weight and not encoder.config.tie_word_embeddings:
+        raise DomaintokError(f"--lm-weight: model {s.model} has no tied LM head (tie_word_embeddings is false)")
     if s.use_sequence:
         return JointFusionModel.from_encoder(
             encoder, task=s.task, lora=lora, max_length=max_length, dropout=s.dropout,
             # The gate starts the fused model as its tabular path; without features there is nothing to start from.
             sequence_gate=s.sequence_gate if s.features is not None else "none", sequence_dropout=s.sequence_dropout,
-            embedding_layernorm=s.embedding_layernorm, **stats, **extra,
+            lm_loss_weight=s.lm_weight, embedding_layernorm=s.embedding_layernorm, **stats, **extra,
         )
     if s.features is None:
         raise DomaintokError("a tabular-only model needs --features")
@@ -817,6 +822,9 @@ def _metrics(s, metric, model, run: FusionRun, data: JoinedData, counts, class_n
               help="Dropout of the head and the DCNv2 deep tower.")
 @click.option("--sequence-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Probability of dropping a row's whole user embedding in training.")
+@click.option("--lm-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep the encoder's next-token loss on the input sequences while fine-tuning, at this weight "
+                   "beside the task loss (GPT-1 used 0.5); 0: the task loss alone.")
 @click.option("--sequence-gate", type=click.Choice(SEQUENCE_GATES), default="none", show_default=True,
               help="none: the user embedding enters the head like any input; zero: through a projection that starts "
                    "at 0; scalar: scaled by a learned gate that starts at 0 (zero/scalar start the fused model as its "
@@ -853,7 +861,7 @@ def _metrics(s, metric, model, run: FusionRun, data: JoinedData, counts, class_n
 @click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints once the output is written.")
 def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
             lora, lora_r, epochs, max_steps, batch_size, encoder_lr, head_lr, weight_decay, warmup, warmup_steps,
-            dropout, sequence_dropout, sequence_gate, staged, stage1_epochs, stage1_patience, stage2_from, stage2,
+            dropout, sequence_dropout, lm_weight, sequence_gate, staged, stage1_epochs, stage1_patience, stage2_from, stage2,
             metric, evals_per_epoch, patience, min_epochs, min_delta, max_length, seed, checkpoint_dir, resume,
             keep_checkpoints):
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
@@ -867,7 +875,7 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         label_column=label_column, split=split, valid_fraction=valid_fraction, test_fraction=test_fraction,
         lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, encoder_lr=encoder_lr,
         head_lr=head_lr, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps, dropout=dropout,
-        sequence_dropout=sequence_dropout, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
+        sequence_dropout=sequence_dropout, lm_weight=lm_weight, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
         stage1_patience=stage1_patience, stage2_from=stage2_from, stage2=stage2, metric=metric,
         evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs, min_delta=min_delta,
         max_length=max_length, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,

@@ -44,6 +44,11 @@ class JointFusionConfig(PretrainedConfig):
             what its tabular path computes, and the sequence only contributes as far as training moves them.
         sequence_dropout: probability of zeroing a row's whole user embedding in training (the head learns to
             predict from the tabular branch alone too); 0 disables it.
+        lm_loss_weight: weight of an auxiliary next-token loss on the input sequence while fine-tuning (the task
+            loss plus this times the language model's mean cross-entropy over the real tokens, through the
+            encoder's tied embedding matrix: the objective the encoder was pretrained on keeps training beside the
+            task, as GPT-1 fine-tuned with lambda 0.5); 0 disables it. Training only; needs the sequence branch and
+            an encoder with tied word embeddings.
         embedding_layernorm: standardize the user embedding with a parameter-free LayerNorm before fusion.
         transformer_config: `DomainTransformerConfig.to_dict()` of the encoder (None when use_sequence is False).
         tokenizer_fingerprint: the fingerprint of the tokenizer that made the input sequences.
@@ -76,6 +81,7 @@ class JointFusionConfig(PretrainedConfig):
     use_sequence: bool = True
     sequence_gate: str = "none"
     sequence_dropout: float = 0.0
+    lm_loss_weight: float = 0.0
     embedding_layernorm: bool = True
     transformer_config: dict[str, Any] | None = None
     tokenizer_fingerprint: str | None = None
@@ -99,6 +105,10 @@ class JointFusionConfig(PretrainedConfig):
             raise ValueError('sequence_gate "zero" needs tabular features (it starts the model as its tabular path)')
         if not 0.0 <= self.sequence_dropout < 1.0:
             raise ValueError(f"sequence_dropout must be in [0, 1), got {self.sequence_dropout}")
+        if not self.lm_loss_weight >= 0.0:
+            raise ValueError(f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}")
+        if self.lm_loss_weight and not self.use_sequence:
+            raise ValueError("lm_loss_weight needs the sequence branch (use_sequence)")
         super().__post_init__(**kwargs)
 
     @property

@@ -43,11 +43,13 @@ UNKNOWN_INDEX = 0
 
 @dataclass
 class JointFusionOutput(ModelOutput):
-    """loss (scalar, when labels are given), logits (B, C), user_embedding (B, H) or None."""
+    """loss (scalar, when labels are given), logits (B, C), user_embedding (B, H) or None, lm_loss (scalar: the
+    auxiliary next-token loss already weighted into `loss`, when `lm_loss_weight` is on in training)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     user_embedding: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
 
 
 # --- tabular inputs: fitting stats and encoding Arrow columns ------------------------------------------------------
@@ -155,6 +157,8 @@ class JointFusionModel(PreTrainedModel):
                 self._inject_lora(config.lora)
             if config.sequence_gate != "zero":
                 width += transformer.config.hidden_size
+            if config.lm_loss_weight and not transformer.config.tie_word_embeddings:
+                raise ValueError("lm_loss_weight needs an encoder with tied word embeddings (its LM head)")
         scalar = config.use_sequence and config.sequence_gate == "scalar"
         self.sequence_gate = nn.Parameter(torch.zeros(())) if scalar else None
         self.sequence_open = True
@@ -272,13 +276,16 @@ class JointFusionModel(PreTrainedModel):
     ) -> JointFusionOutput:
         """Logits (B, C) (standardized prediction for regression); the task's loss when `labels` (B,) are given."""
         parts = []
-        embedding = sequence = None
+        embedding = sequence = lm_loss = None
         if self.transformer is not None:
             if input_ids is None:
                 raise ValueError("this model reads token sequences: input_ids is required")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            if self.sequence_open:
+            if self.sequence_open and self.training and self.config.lm_loss_weight and labels is not None:
+                embedding, lm_loss = self._embedding_and_lm_loss(input_ids, attention_mask)
+                sequence = self.gated(embedding)
+            elif self.sequence_open:
                 embedding = self.user_embedding(input_ids, attention_mask)  # (B, H)
                 sequence = self.gated(embedding)
             else:
@@ -299,7 +306,24 @@ class JointFusionModel(PreTrainedModel):
             hidden = self.head[0](torch.cat(parts, dim=-1)) + self.sequence_proj(sequence)  # (B, head_hidden)
             logits = self.head[1:](hidden)  # (B, C)
         loss = None if labels is None else self.loss(logits, labels)
-        return JointFusionOutput(loss=loss, logits=logits, user_embedding=embedding)
+        if lm_loss is not None:
+            loss = loss + self.config.lm_loss_weight * lm_loss
+        return JointFusionOutput(loss=loss, logits=logits, user_embedding=embedding, lm_loss=lm_loss)
+
+    def _embedding_and_lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Right-padded ids (B, T) -> the user embedding (B, H), as `user_embedding` gives it, and the mean
+        next-token cross-entropy over the real tokens through the tied embedding matrix, from one decoder pass."""
+        # Right padding: no mask needed for the real positions; the pad positions are read by neither term.
+        states = self.transformer(input_ids, return_dict=True).last_hidden_state  # (B, T, H)
+        embedding = self.transformer.user_embedding(states, attention_mask)  # (B, H)
+        if self.config.embedding_layernorm and not self.transformer.config.embedding_layernorm:
+            embedding = F.layer_norm(embedding, (embedding.shape[-1],))
+        logits = states[:, :-1] @ self.transformer.embed_tokens.weight.T  # (B, T-1, V): the tied LM head
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, T-1)
+        if not bool((targets != -100).any()):  # one-token sequences only: nothing to predict
+            return embedding, logits.sum() * 0.0
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return embedding, lm_loss
 
     def gated(self, embedding: torch.Tensor) -> torch.Tensor:
         """User embeddings (B, H) as the head sees them: times the gate, and row-wise sequence dropout in training."""

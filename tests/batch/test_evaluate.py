@@ -186,6 +186,16 @@ def test_method_table_options_are_checked(monkeypatch):
     assert ev.selected_methods(("domain",)) == ["lightgbm", "domain"]  # the reference always runs
 
 
+def test_lm_weight_reaches_the_fine_tuned_sequence_rows_only(tmp_path):
+    settings = ev.EvaluateSettings(schema="online_retail", events=(), tasks=tmp_path / "t.yaml", output=tmp_path,
+                                   preset="small", lm_weight=0.5)
+    p = settings.resolved_preset()
+    assert p["finetune_sequence"]["lm_weight"] == 0.5 and "lm_weight" not in p["finetune_tabular"]
+    ev.check_options(ev.FinetuneSettings, p["finetune_sequence"], "preset")  # a FinetuneSettings option
+    assert "lm_weight" not in ev.EvaluateSettings(schema="x", events=(), tasks=tmp_path, output=tmp_path
+                                                  ).resolved_preset()["finetune_sequence"]
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["evaluate"]) == 2
     err = capsys.readouterr().err.strip()

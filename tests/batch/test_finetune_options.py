@@ -247,3 +247,31 @@ def test_cli_takes_the_new_options(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:-6] + ["--metric", "rmse", "--output", str(tmp_path / "x")]) == 2
     assert "metric 'rmse' does not apply to a binary task" in capsys.readouterr().err
+
+
+def test_lm_weight_trains_with_the_auxiliary_loss_and_is_recorded(tiny, tmp_path, capsys):
+    out = tmp_path / "lm"
+    args = ["finetune", "--model", str(tiny / "model"), "--sequences", str(tiny / "seq.parquet"), "--labels",
+            str(tiny / "labels.parquet"), "--features", str(tiny / "features.parquet"), "--output", str(out),
+            "--batch-size", "16", "--epochs", "1", "--stage1-epochs", "1", "--lm-weight", "0.5"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["lm_weight"] == 0.5
+    assert json.loads((out / "config.json").read_text())["lm_loss_weight"] == 0.5
+    # the task loss alone from the same start is lower than task + 0.5 x LM (the LM loss of a random encoder
+    # over 20 tokens is about ln 20)
+    plain = finetune(_settings(tiny, tmp_path / "plain", epochs=1, stage1_epochs=1))
+    lm = finetune(_settings(tiny, tmp_path / "lm2", epochs=1, stage1_epochs=1, lm_weight=0.5))
+    first = {name: [h for h in m["history"] if h["stage"] == "fusion"][0]["train_loss"] for name, m in
+             (("plain", plain), ("lm", lm))}
+    assert first["lm"] > first["plain"] + 0.5
+
+
+def test_lm_weight_is_refused_without_a_sequence_or_a_tied_head(tiny, tmp_path):
+    with pytest.raises(DomaintokError, match="--lm-weight: a tabular-only model"):
+        finetune(_settings(tiny, tmp_path / "t", use_sequence=False, lm_weight=0.5))
+    config = DomainTransformerConfig.from_preset("tiny", vocab_size=20, pad_token_id=PAD, bos_token_id=BOS,
+                                                 sep_token_id=SEP, tie_word_embeddings=False)
+    DomainTransformerModel(config).save_pretrained(tmp_path / "untied")
+    with pytest.raises(DomaintokError, match="no tied LM head"):
+        finetune(_settings(tiny, tmp_path / "u", model=tmp_path / "untied", lm_weight=0.5))
