@@ -861,8 +861,8 @@ def _metrics(s, metric, model, run: FusionRun, data: JoinedData, counts, class_n
 @click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints once the output is written.")
 def command(model, sequences, labels, features, output, task, label_column, split, valid_fraction, test_fraction,
             lora, lora_r, epochs, max_steps, batch_size, encoder_lr, head_lr, weight_decay, warmup, warmup_steps,
-            dropout, sequence_dropout, lm_weight, sequence_gate, staged, stage1_epochs, stage1_patience, stage2_from, stage2,
-            metric, evals_per_epoch, patience, min_epochs, min_delta, max_length, seed, checkpoint_dir, resume,
+            dropout, sequence_dropout, lm_weight, sequence_gate, staged, stage1_epochs, stage1_patience, stage2_from,
+            stage2, metric, evals_per_epoch, patience, min_epochs, min_delta, max_length, seed, checkpoint_dir, resume,
             keep_checkpoints):
     """Fine-tune a pretrained domain transformer with joint fusion (transformer + PLR/DCNv2 over features).
 
@@ -875,10 +875,10 @@ def command(model, sequences, labels, features, output, task, label_column, spli
         label_column=label_column, split=split, valid_fraction=valid_fraction, test_fraction=test_fraction,
         lora=lora, lora_r=lora_r, epochs=epochs, max_steps=max_steps, batch_size=batch_size, encoder_lr=encoder_lr,
         head_lr=head_lr, weight_decay=weight_decay, warmup=warmup, warmup_steps=warmup_steps, dropout=dropout,
-        sequence_dropout=sequence_dropout, lm_weight=lm_weight, sequence_gate=sequence_gate, staged=staged, stage1_epochs=stage1_epochs,
-        stage1_patience=stage1_patience, stage2_from=stage2_from, stage2=stage2, metric=metric,
-        evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs, min_delta=min_delta,
-        max_length=max_length, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+        sequence_dropout=sequence_dropout, lm_weight=lm_weight, sequence_gate=sequence_gate, staged=staged,
+        stage1_epochs=stage1_epochs, stage1_patience=stage1_patience, stage2_from=stage2_from, stage2=stage2,
+        metric=metric, evals_per_epoch=evals_per_epoch, patience=patience, min_epochs=min_epochs,
+        min_delta=min_delta, max_length=max_length, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
         keep_checkpoints=keep_checkpoints,
     )
     try:

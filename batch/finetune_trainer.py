@@ -126,8 +126,8 @@ RESUME_MUST_MATCH = (
     "model", "sequences", "labels", "features", "task", "label_column", "split", "valid_fraction", "test_fraction",
     "lora", "lora_r", "lora_alpha", "epochs", "max_steps", "batch_size", "encoder_lr", "head_lr", "weight_decay",
     "warmup", "warmup_steps", "metric", "patience", "min_epochs", "min_delta", "evals_per_epoch", "max_length",
-    "dropout", "sequence_dropout", "lm_weight", "sequence_gate", "staged", "stage1_epochs", "stage1_patience", "stage2_from",
-    "stage2", "embedding_layernorm", "use_sequence", "seed",
+    "dropout", "sequence_dropout", "lm_weight", "sequence_gate", "staged", "stage1_epochs", "stage1_patience",
+    "stage2_from", "stage2", "embedding_layernorm", "use_sequence", "seed",
 )
 
 
