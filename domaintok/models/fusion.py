@@ -261,7 +261,11 @@ class JointFusionModel(PreTrainedModel):
         """Right-padded token ids (B, T) and mask -> user embeddings (B, H) from the last hidden states."""
         # Right padding: a causal query never sees a later pad key, so no padding mask is needed for the final
         # real token, and SDPA keeps its fused causal kernel; the last block runs for that token only.
-        embedding = self.transformer.embed(input_ids, attention_mask, right_padded=True)  # (B, H)
+        return self._standardized(self.transformer.embed(input_ids, attention_mask, right_padded=True))  # (B, H)
+
+    def _standardized(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The encoder's user embeddings (B, H), LayerNorm'd without parameters when `embedding_layernorm` asks for
+        it and the encoder does not already do it."""
         if self.config.embedding_layernorm and not self.transformer.config.embedding_layernorm:
             embedding = F.layer_norm(embedding, (embedding.shape[-1],))
         return embedding
@@ -282,11 +286,11 @@ class JointFusionModel(PreTrainedModel):
                 raise ValueError("this model reads token sequences: input_ids is required")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            if self.sequence_open and self.training and self.config.lm_loss_weight and labels is not None:
-                embedding, lm_loss = self._embedding_and_lm_loss(input_ids, attention_mask)
-                sequence = self.gated(embedding)
-            elif self.sequence_open:
-                embedding = self.user_embedding(input_ids, attention_mask)  # (B, H)
+            if self.sequence_open:
+                if self.training and self.config.lm_loss_weight and labels is not None:
+                    embedding, lm_loss = self._embedding_and_lm_loss(input_ids, attention_mask)
+                else:
+                    embedding = self.user_embedding(input_ids, attention_mask)  # (B, H)
                 sequence = self.gated(embedding)
             else:
                 hidden = self.transformer.config.hidden_size
@@ -315,9 +319,7 @@ class JointFusionModel(PreTrainedModel):
         next-token cross-entropy over the real tokens through the tied embedding matrix, from one decoder pass."""
         # Right padding: no mask needed for the real positions; the pad positions are read by neither term.
         states = self.transformer(input_ids, return_dict=True).last_hidden_state  # (B, T, H)
-        embedding = self.transformer.user_embedding(states, attention_mask)  # (B, H)
-        if self.config.embedding_layernorm and not self.transformer.config.embedding_layernorm:
-            embedding = F.layer_norm(embedding, (embedding.shape[-1],))
+        embedding = self._standardized(self.transformer.user_embedding(states, attention_mask))  # (B, H)
         logits = states[:, :-1] @ self.transformer.embed_tokens.weight.T  # (B, T-1, V): the tied LM head
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, T-1)
         if not bool((targets != -100).any()):  # one-token sequences only: nothing to predict
