@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,13 @@ class TokenizerInfo:
     sep_token_id: int | None
     fingerprint: str | None
     max_length: int | None
-    merged_parts: tuple[int, list[list[int]]] | None = None  # ActionPiece: (first merged id, each one's original ids)
     domain: object | None = field(default=None, repr=False, compare=False)  # the fitted DomainTokenizer, when there
+
+    @cached_property
+    def merged_parts(self) -> tuple[int, list[list[int]]] | None:
+        """ActionPiece: (the first merged id, each merged id's original ids); None without merges."""
+        ap = self.domain.merges if self.domain is not None else None
+        return (ap.base, [list(ids) for ids in ap.merged_parts]) if ap and ap.n_merges else None
 
 
 def read_tokenizer(path: str | Path) -> TokenizerInfo:
@@ -59,12 +65,10 @@ def read_tokenizer(path: str | Path) -> TokenizerInfo:
     path = Path(path)
     if (path / ARTIFACT_FILE).is_file():
         tok = DomainTokenizer.from_pretrained(path)
-        ap = tok.merges
-        merged = (ap.base, [list(ids) for ids in ap.merged_parts]) if ap and ap.n_merges else None
         return TokenizerInfo(
             path=path, vocab_size=int(tok.vocab_size), pad_token_id=int(tok.pad_token_id),
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id,
-            fingerprint=tok.fingerprint, max_length=tok.max_length, merged_parts=merged, domain=tok,
+            fingerprint=tok.fingerprint, max_length=tok.max_length, domain=tok,
         )
     # A plain HF tokenizer dir (no fitted domain state) still gives vocabulary and special ids; no fingerprint.
     from transformers import AutoTokenizer
@@ -225,7 +229,7 @@ def _spr_augment(s: PretrainSettings, tok: TokenizerInfo, context_length: int, r
 
 def _require_merges(option: str, s: PretrainSettings, tok: TokenizerInfo) -> None:
     """Refuse an ActionPiece option for a tokenizer without merges (none fitted, or a plain HF tokenizer dir)."""
-    if tok.merged_parts is None or tok.domain is None:
+    if tok.merged_parts is None:
         raise DomaintokError(f"{option}: tokenizer {s.tokenizer} has no ActionPiece merges "
                              "(schema `actionpiece: {merges: N}`)")
 
